@@ -1,0 +1,29 @@
+"""VICReg on ImageNet-1k: the paper's recipe (Bardes, Ponce & LeCun, ICLR 2022; official code's defaults).
+
+  python -m vicreg_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/vicreg_r50 \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+ResNet-50, projector 8192-8192-8192, global batch 2048, LARS (base_lr 0.2 → peak 1.6, wd 1e-6, eta 0.001,
+momentum 0.9; biases and BatchNorm excluded), 10 warmup epochs then cosine to 0.001·peak, 1000 epochs,
+loss coefficients 25/25/1, the official two-view augmentations (vicreg_jax.defaults.imagenet_views).
+Expected: 73.2% top-1 with the linear-evaluation job (paper, Table 1); 54.8% / 69.5% with 1% / 10% labels.
+ImageNet must be prepared for TFDS beforehand (manual download): see README.
+"""
+
+from vicreg_jax.defaults import base_config
+
+
+def get_config():
+  c = base_config()
+  c.batch_size = 2048
+  c.epochs = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2500
+  c.model.update(arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192',
+                 dtype='bfloat16')
+  c.loss.update(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0)
+  c.optim.update(base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10)
+  c.data.update(source='tfds', name='imagenet2012', train_split='train', image_size=224, channels=3,
+                shuffle_buffer=50_000)
+  c.eval.update(final_probe=False, test_split='validation')
+  return c

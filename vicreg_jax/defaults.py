@@ -1,0 +1,50 @@
+"""Every configuration key with its default; the files in configs/ start from :func:`base_config`.
+
+The returned ConfigDict is locked, so a misspelt key in a config file or an unknown ``--config.key=value``
+fails at start instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vicreg_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS
+
+
+def imagenet_views(size: int = 224) -> tuple[dict, dict]:
+  """The official VICReg ImageNet recipe: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
+  common = dict(RECIPE_DEFAULTS, crop_size=size, crop_scale=(0.08, 1.0), crop_method='bicubic', flip_p=0.5, jitter_p=0.8,
+                jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.2, blur_sigma=(0.1, 2.0), blur_kernel_fraction=0.1,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  return dict(common, blur_p=1.0, solarize_p=0.0), dict(common, blur_p=0.1, solarize_p=0.2)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = 'pretrain'
+  c.seed = 0
+  c.batch_size = 256          # global, over all devices and hosts
+  c.epochs = 100
+  c.num_steps = 0             # > 0 overrides epochs
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+
+  c.model = ml_collections.ConfigDict(dict(
+      arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32'))
+  c.loss = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet2012', train_split='train', data_dir=ml_collections.FieldReference(
+          None, field_type=str), image_size=224, channels=3, shuffle_buffer=10_000, threadpool_size=0,
+      prefetch=2))
+  view1, view2 = imagenet_views()
+  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      final_probe=False, test_split='validation', labels_per_class=5, draws=5, batch_size=256,
+      max_train_examples=0, max_test_examples=0))
+  c.lock()
+  return c

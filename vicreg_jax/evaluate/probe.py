@@ -1,0 +1,73 @@
+"""Linear probes on frozen features for small datasets (scikit-learn), and feature extraction."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from vicreg_jax import parallel
+from vicreg_jax.evaluate.diagnostics import rankme  # noqa: F401  (re-exported for the trainer)
+
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def extract(apply_fn, variables, images: np.ndarray, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Runs ``apply_fn(variables, x) -> (h, z)`` over ``images`` in batches sharded over the mesh; returns
+  numpy (representations, embeddings). The last batch is zero-padded and the padding dropped."""
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, batch_size // n_dev * n_dev)
+  sharding = parallel.data_sharding(mesh)
+  hs, zs = [], []
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    pad = batch_size - len(x)
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    h, z = apply_fn(variables, jax.device_put(x, sharding))
+    hs.append(np.asarray(h)[:len(x) - pad])
+    zs.append(np.asarray(z)[:len(x) - pad])
+  return np.concatenate(hs), np.concatenate(zs)
+
+
+def _fit(h: np.ndarray, y: np.ndarray, folds: int, seed: int):
+  """Multinomial logistic regression on (h, y), C chosen by stratified k-fold CV on (h, y) alone."""
+  search = GridSearchCV(LogisticRegression(max_iter=1000), {'C': C_GRID},
+                        cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', ConvergenceWarning)
+    search.fit(h, y)
+  return search
+
+
+def standardize(h_tr: np.ndarray, h_te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Scales every feature by the mean and std of the (unlabelled) training features."""
+  scaler = StandardScaler().fit(h_tr)
+  return scaler.transform(h_tr), scaler.transform(h_te)
+
+
+def linear_probe(h_tr, y_tr, h_te, y_te, seed: int = 0) -> float:
+  """Test top-1 of a linear classifier on standardised features, trained on all training labels (C by
+  5-fold CV on train)."""
+  h_tr, h_te = standardize(h_tr, h_te)
+  return float(_fit(h_tr, y_tr, 5, seed).score(h_te, y_te))
+
+
+def few_label_probe(h_tr, y_tr, h_te, y_te, per_class: int, draws: int, seed: int = 0) -> float:
+  """Mean test top-1 over ``draws`` seeded draws of ``per_class`` labelled training examples per class.
+
+  Features are standardised with all (unlabelled) training features; C is chosen by stratified CV within each
+  labelled subset, so no other label is used.
+  """
+  h_tr, h_te = standardize(h_tr, h_te)
+  accs = []
+  for d in range(draws):
+    rng = np.random.default_rng(seed + d)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y_tr == c), per_class, replace=False)
+                          for c in np.unique(y_tr)])
+    accs.append(_fit(h_tr[idx], y_tr[idx], min(per_class, 5), seed + d).score(h_te, y_te))
+  return float(np.mean(accs))

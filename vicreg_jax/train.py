@@ -1,0 +1,208 @@
+"""VICReg pretraining: state, the sharded jit step, the loop with metrics and checkpoints, the final probe."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import PartitionSpec as P
+
+from vicreg_jax import losses, optim, parallel
+from vicreg_jax.data import pipeline, sources
+from vicreg_jax.evaluate import probe
+from vicreg_jax.models import heads, resnet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS) -> nn.Module:
+  """Backbone + projector from ``config.model``; BatchNorm statistics synchronised over ``axis_name``."""
+  m = config.model
+  dtype = DTYPES[m.dtype]
+  backbone = resnet.resnet(m.arch, width_multiplier=m.width_multiplier, stem=m.stem, axis_name=axis_name,
+                           dtype=dtype)
+  projector = heads.Projector(m.projector, axis_name=axis_name, dtype=dtype)
+  return heads.SSLModel(backbone, projector)
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  size = config.data.image_size
+  return (1, size, size, config.data.channels)
+
+
+def train_examples(config: ml_collections.ConfigDict) -> int:
+  if config.data.source == 'digits':
+    return sources.digits(config.data.train_split).num_examples
+  return sources.num_examples(config.data.name, config.data.train_split, config.data.data_dir)
+
+
+def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """(total steps, warmup steps) from epochs over ``num_examples``, unless ``config.num_steps`` is set."""
+  steps_per_epoch = max(num_examples // config.batch_size, 1)
+  total = config.num_steps or int(config.epochs * steps_per_epoch)
+  warmup = int(config.optim.warmup_epochs * steps_per_epoch)
+  return total, min(warmup, total)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
+  o = config.optim
+  schedule = optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup_steps, o.end_lr_factor)
+  return optim.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta), schedule
+
+
+def init_state(config, model, tx, rng) -> TrainState:
+  variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(params))
+
+
+def make_train_step(config, model, tx, schedule, mesh):
+  """The jit-compiled global step: ``shard_map`` over ``'data'``, each device one shard of the batch.
+
+  Each device runs the model on its shard (BatchNorm statistics averaged over all devices, as SyncBN), the
+  loss gathers the embeddings of all devices, and gradients are averaged; the state stays replicated.
+  """
+  coeffs = dict(config.loss)
+  axis = parallel.AXIS
+
+  def per_device(state: TrainState, batch):
+    def loss_fn(params):
+      (_, z1), upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['view1'],
+                                 train=True, mutable=['batch_stats'])
+      (_, z2), upd = model.apply({'params': params, 'batch_stats': upd['batch_stats']}, batch['view2'],
+                                 train=True, mutable=['batch_stats'])
+      loss, metrics = losses.vicreg_loss(z1, z2, axis_name=axis, **coeffs)
+      return loss, (metrics, upd['batch_stats'], z1)
+
+    grads, (metrics, batch_stats, z1) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, embedding_std=losses.embedding_std(z1, axis), learning_rate=schedule(state.step))
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
+
+
+def save_config(workdir: str, config) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def _format_metrics(step: int, total: int, m: dict) -> str:
+  return (f'step {step}/{total}  loss {m["loss"]:.4f}  inv {m["invariance"]:.4f}  var {m["variance"]:.4f}  '
+          f'cov {m["covariance"]:.4f}  emb_std {m["embedding_std"]:.3f}  lr {m["learning_rate"]:.4g}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
+  start_time = time.time()
+  if not jax.process_index():
+    os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  total_steps, warmup_steps = schedule_steps(config, train_examples(config))
+  model = build_model(config)
+  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
+
+  rng = jax.random.key(config.seed)
+  state = jax.jit(functools.partial(init_state, config, build_model(config, None), tx),
+                  out_shardings=parallel.replicated(mesh))(rng)
+  mngr = checkpoint_manager(workdir, config)
+  if mngr.latest_step() is not None:
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('Resumed from %s at step %d.', mngr.directory, int(state.step))
+  save_config(workdir, config)
+  start_step = int(state.step)
+
+  train_step = make_train_step(config, model, tx, schedule, mesh)
+  ds = pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count())
+  batches = pipeline.global_batches(ds, parallel.data_sharding(mesh))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)]
+  logging.info('Training %d steps (%d warmup) of global batch %d on %d devices.', total_steps, warmup_steps,
+               config.batch_size, mesh.devices.size)
+  pending = None
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = train_step(state, next(batches))
+    for h in hooks:
+      h(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      pending = jax.device_get(metrics)
+      if not math.isfinite(float(pending['loss'])):
+        raise FloatingPointError(f'Loss became {pending["loss"]} at step {step}; lower base_lr or check data.')
+      writer.write_scalars(step, pending)
+      logging.info(_format_metrics(step, total_steps, pending))
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      mngr.save(step, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+  writer.flush()
+
+  summary = {'steps': int(state.step)}
+  if config.eval.final_probe:
+    summary.update(final_probe(config, state, mesh))
+    writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in summary.items() if k != 'steps'})
+  summary['wall_seconds'] = round(time.time() - start_time, 1)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    logging.info('Summary: %s', json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+  writer.close()
+  return summary
+
+
+def final_probe(config, state: TrainState, mesh) -> dict:
+  """Linear probes on frozen representations (all labels; k labels per class over several draws), RankMe of
+  the representations and the std of the embeddings, on the train/test splits named in ``config.eval``."""
+  model = build_model(config, axis_name=None)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  x_tr, y_tr = pipeline.eval_images(config, config.data.train_split, config.eval.max_train_examples)
+  x_te, y_te = pipeline.eval_images(config, config.eval.test_split, config.eval.max_test_examples)
+  h_tr, z_tr = probe.extract(apply, variables, x_tr, config.eval.batch_size, mesh)
+  h_te, _ = probe.extract(apply, variables, x_te, config.eval.batch_size, mesh)
+  result = {
+      'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
+      f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
+          h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
+      'rankme': probe.rankme(h_tr),
+      'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
+  }
+  return {k: round(float(v), 4) for k, v in result.items()}
