@@ -1,52 +1,105 @@
 """Command line: ``python -m vicreg_jax.main --config=configs/digits.py --workdir=runs/digits``.
 
 ``--config`` defaults to configs/digits.py; ``--config.key=value`` overrides any key. Errors a user can cause
-(missing dataset, bad config value, batch size that does not split over devices) end in one line on stderr
-and exit status 1.
+(unknown config key, missing config file or dataset, a batch size that does not split over devices) end in
+one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported anywhere
+
+import logging as pylogging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
-
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Training configuration file.',
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where checkpoints, logs and summary.json go '
                                '(local path or gs://).')
 
 
+def fail(msg: str, status: int = 1):
+  """Ends the program with one line on stderr."""
+  logging.flush()
+  print(f'error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  # TF is only the input pipeline: keep it off accelerators so it does not take their memory.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+    fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
+  try:
+    config = flags.FLAGS['config'].value
+    config.job  # pylint: disable=pointless-statement  (a config file that failed to load raises here)
+  except OSError as e:
+    fail(str(e).splitlines()[0] + ': ' + ' '.join(str(e).split()[-6:]), 2)
 
+  import tensorflow as tf  # the input pipeline only: keep it off accelerators
+  tf.config.set_visible_devices([], 'GPU')
   from vicreg_jax import parallel, train
   from vicreg_jax.data.sources import DataNotFoundError
 
   parallel.maybe_initialize_distributed()
-  config = _CONFIG.value
   jobs = {'pretrain': train.train_and_evaluate}
   try:
     if config.job not in jobs:
-      raise ValueError(f'Unknown job {config.job!r}; choose one of {sorted(jobs)}.')
+      raise ValueError(f'unknown job {config.job!r}; choose one of {sorted(jobs)}')
     jobs[config.job](config, _WORKDIR.value)
   except (DataNotFoundError, ValueError, FloatingPointError) as e:
-    logging.flush()
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    fail(str(e))
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of orbax and of JAX's backend probing; warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in ('orbax', 'xla_bridge'))
+
+
+def _import_tensorflow_quietly():
+  """Imports TensorFlow with stderr closed: its C++ start-up banner ignores TF_CPP_MIN_LOG_LEVEL and would
+  bury the one line a user needs. Python errors from the import still surface."""
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as null:
+      os.dup2(null.fileno(), 2)
+      import tensorflow  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _config_error(e: Exception):
+  if isinstance(e, (AttributeError, KeyError)):
+    key = str(e).strip(chr(34) + chr(39))
+    fail(f'unknown config key {key}: see the config file or vicreg_jax/defaults.py for the keys', 2)
+  fail(f'bad config override: {e}', 2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _config_error(e)
+  except flags.Error as e:
+    fail(f'bad command line: {e}', 2)
 
 
 def run():
+  _import_tensorflow_quietly()
+  # ml_collections reads --config.key=value overrides both while defining the flag (default config) and
+  # while parsing (explicit --config); an unknown key must end in one line either way, not a traceback.
+  try:
+    config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _config_error(e)
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

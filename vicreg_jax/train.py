@@ -158,21 +158,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            every_steps=config.log_every_steps, every_secs=None)]
   logging.info('Training %d steps (%d warmup) of global batch %d on %d devices.', total_steps, warmup_steps,
                config.batch_size, mesh.devices.size)
-  pending = None
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = train_step(state, next(batches))
-    for h in hooks:
-      h(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      pending = jax.device_get(metrics)
-      if not math.isfinite(float(pending['loss'])):
-        raise FloatingPointError(f'Loss became {pending["loss"]} at step {step}; lower base_lr or check data.')
-      writer.write_scalars(step, pending)
-      logging.info(_format_metrics(step, total_steps, pending))
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      mngr.save(step, args=ocp.args.StandardSave(state))
-  mngr.wait_until_finished()
-  writer.flush()
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = train_step(state, next(batches))
+      for h in hooks:
+        h(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        m = jax.device_get(metrics)
+        if not math.isfinite(float(m['loss'])):
+          raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
+        writer.write_scalars(step, m)
+        logging.info(_format_metrics(step, total_steps, m))
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+  finally:  # also on interruption: let the checkpoint in flight land
+    mngr.wait_until_finished()
+    writer.flush()
 
   summary = {'steps': int(state.step)}
   if config.eval.final_probe:

@@ -61,14 +61,14 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
           max_index=n - 1)
       return pos, tf.gather(images, idx)
 
-    ds = tf.data.experimental.Counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=parallel)
+    ds = tf.data.Dataset.counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=parallel)
   elif config.data.source == 'tfds':
     ds = sources.tfds_split(config.data.name, config.data.train_split, data_dir=config.data.data_dir,
                             process_index=process_index, process_count=process_count, shuffle_files=True,
                             seed=config.seed + start_step)
     ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=config.seed + start_step)
     ds = ds.map(lambda ex: tf.image.convert_image_dtype(ex['image'], tf.float32), num_parallel_calls=parallel)
-    ds = tf.data.Dataset.zip(tf.data.experimental.Counter(start=start, dtype=tf.int64), ds)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds)
   else:
     raise ValueError(f"Unknown data.source {config.data.source!r}: use 'digits' or 'tfds'.")
 

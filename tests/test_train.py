@@ -1,0 +1,156 @@
+"""End-to-end trainer tests: sharded step vs one device, resume, the ImageNet config on mocked TFDS, the CLI."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh
+
+from conftest import REPO
+from vicreg_jax import parallel, train
+from vicreg_jax.data import pipeline
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_digits(**overrides):
+  c = load_config('digits')
+  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
+  c.batch_size = 64
+  c.eval.final_probe = False
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def restore_params(workdir, step):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'default')
+  return ocp.StandardCheckpointer().restore(path)['params']
+
+
+def test_sharded_step_equals_single_device_step():
+  """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch."""
+  config = tiny_digits(num_steps=10)
+  ds = pipeline.pretrain_dataset(config)
+  host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
+    tx, schedule = train.make_optimizer(config, 10, 2)
+    state = train.init_state(config, train.build_model(config, None), tx, jax.random.key(0))
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh)
+    for b in host_batches:
+      state, metrics = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (s1, m1), (s8, m8) = results
+  assert len(jax.devices()) == 8
+  for k in ('loss', 'invariance', 'variance', 'covariance', 'embedding_std'):
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.params, s1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.batch_stats,
+               s1.batch_stats)
+  # The steps did move the parameters (the comparison above is not between two initial states).
+  p0 = train.init_state(config, train.build_model(config, None), train.make_optimizer(config, 10, 2)[0],
+                        jax.random.key(0)).params
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), s1.params, p0))
+  assert max(moved) > 1e-4
+
+
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
+  """N steps, interruption, resume to 2N gives the parameters of 2N uninterrupted steps."""
+  n = 3
+  config = tiny_digits(num_steps=2 * n, checkpoint_every_steps=n)
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(config, full)
+
+  interrupted = str(tmp_path / 'interrupted')
+  original = pipeline.global_batches
+
+  def stop_after_n(ds, sharding):
+    for i, batch in enumerate(original(ds, sharding)):
+      if i == n:
+        raise KeyboardInterrupt('simulated preemption')
+      yield batch
+
+  monkeypatch.setattr(pipeline, 'global_batches', stop_after_n)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, interrupted)
+  monkeypatch.setattr(pipeline, 'global_batches', original)
+  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == [str(n)]
+  summary = train.train_and_evaluate(config, interrupted)
+  assert summary['steps'] == 2 * n
+
+  a, b = restore_params(full, 2 * n), restore_params(interrupted, 2 * n)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  halfway = restore_params(interrupted, n)
+  assert any(np.abs(x - y).max() > 1e-5 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(halfway)))
+
+
+def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
+  config = load_config('imagenet')
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
+  config.batch_size = 16
+  config.num_steps = 2
+  config.log_every_steps = 1
+  config.data.shuffle_buffer = 16
+  config.data.data_dir = str(tmp_path / 'tfds')
+  workdir = str(tmp_path / 'run')
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 1_281_167, 'validation': 50_000}, 32):
+    assert train.train_examples(config) == 1_281_167  # read from the prepared dataset's metadata
+    summary = train.train_and_evaluate(config, workdir)
+  assert summary['steps'] == 2
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def run_cli(*args, env_extra=None, timeout=120):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, '-m', 'vicreg_jax.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_missing_imagenet_is_one_line(tmp_path):
+  r = run_cli('--config=configs/imagenet.py', f'--workdir={tmp_path}/run',
+              env_extra={'TFDS_DATA_DIR': str(tmp_path / 'empty')}, timeout=60)
+  assert r.returncode != 0
+  lines = r.stderr.strip().splitlines()
+  assert 'Traceback' not in r.stderr
+  assert lines[-1].startswith('error: ') and 'imagenet2012' in lines[-1] and 'manual_dir' in lines[-1]
+  assert len([line for line in lines if line.startswith('error')]) == 1
+
+
+def test_cli_unknown_config_key_is_one_line(tmp_path):
+  r = run_cli('--config=configs/digits.py', '--config.model.widht=2', f'--workdir={tmp_path}')
+  assert r.returncode != 0
+  assert 'Traceback' not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith('error: unknown config key widht')
+
+
+def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
+  workdir = tmp_path / 'run'
+  r = run_cli('--config.num_steps=2', '--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32',
+              '--config.eval.draws=1', f'--workdir={workdir}', timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert set(summary) == {'linear_top1', 'linear_top1_5_per_class', 'rankme', 'embedding_std', 'steps',
+                          'wall_seconds'}
+  assert summary['steps'] == 2 and 0.1 < summary['linear_top1'] <= 1.0
+  assert (workdir / 'checkpoints' / '2').is_dir()
+  assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
