@@ -1,0 +1,71 @@
+"""ResNet backbones and the projector: shapes, official initialisation, spec parsing."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vicreg_jax.models import heads, resnet
+
+
+@pytest.mark.parametrize('arch,stem,size,width,out', [
+    ('resnet18', 'small', 8, 0.25, 128),    # 16 → 128 channels after 4 stages
+    ('resnet34', 'small', 16, 0.125, 64),
+    ('resnet50', 'imagenet', 64, 0.0625, 128),  # bottleneck: 4 · (4 · 2³)
+])
+def test_backbone_output_dims(arch, stem, size, width, out):
+  model = resnet.resnet(arch, width_multiplier=width, stem=stem)
+  x = jnp.ones((2, size, size, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  h = model.apply(variables, x, train=False)
+  assert h.shape == (2, out) and h.dtype == jnp.float32
+
+
+def test_imagenet_stem_downsamples_by_32():
+  model = resnet.resnet('resnet18', width_multiplier=0.0625, stem='imagenet')
+  x = jnp.ones((1, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
+  last = inter['intermediates']['stage4_block2']['__call__'][0]
+  assert last.shape == (1, 2, 2, 32)
+
+
+def test_last_bn_scale_of_every_residual_block_is_zero():
+  model = resnet.resnet('resnet50', width_multiplier=0.0625)
+  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)['params']
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  blocks = sorted({k.split('/')[0] for k in flat if k.startswith('stage')})
+  assert len(blocks) == 16
+  for b in blocks:
+    bn_scales = sorted(k for k in flat if k.startswith(b + '/BatchNorm_') and k.endswith('/scale'))
+    assert len(bn_scales) == 3
+    last = flat[bn_scales[-1]]
+    assert np.all(last == 0), b
+    assert all(np.all(flat[k] == 1) for k in bn_scales[:-1])
+  # With zero-initialised residual branches each block starts as the identity (+ ReLU) on its shortcut.
+
+
+def test_projector_layers_follow_official_spec():
+  proj = heads.Projector('64-64-32')
+  variables = proj.init(jax.random.key(0), jnp.ones((4, 16)), train=False)
+  p = variables['params']
+  assert set(p) == {'dense0', 'bn0', 'dense1', 'bn1', 'dense2'}
+  assert p['dense0']['kernel'].shape == (16, 64) and 'bias' in p['dense0']
+  assert p['dense2']['kernel'].shape == (64, 32) and 'bias' not in p['dense2']
+  z = proj.apply(variables, jnp.ones((4, 16)), train=False)
+  assert z.shape == (4, 32)
+  # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  k = np.asarray(p['dense1']['kernel'])
+  assert np.abs(k).max() <= 1 / np.sqrt(64) + 1e-6 and np.abs(k).max() > 0.8 / np.sqrt(64)
+
+
+@pytest.mark.parametrize('spec', ['', '8192-x', '0-8', 'abc'])
+def test_bad_projector_spec_raises_one_line(spec):
+  with pytest.raises(ValueError, match='Projector spec'):
+    heads.parse_mlp_spec(spec)
+
+
+def test_unknown_arch_raises():
+  with pytest.raises(ValueError, match='resnet50'):
+    resnet.resnet('resnet51')

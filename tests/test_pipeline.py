@@ -1,0 +1,86 @@
+"""Two-view pipeline: shapes, determinism, resume, the digits split, and a few augmentation properties."""
+
+import numpy as np
+import tensorflow as tf
+
+from test_train import load_config
+from vicreg_jax.data import augment, pipeline, sources
+
+
+def batches(config, start_step, count, **kw):
+  ds = pipeline.pretrain_dataset(config, start_step, **kw)
+  return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
+
+
+def test_digits_split_is_stratified_70_30():
+  tr, te = sources.digits('train'), sources.digits('test')
+  assert (tr.num_examples, te.num_examples) == (1257, 540)
+  assert tr.images.shape[1:] == (8, 8, 1) and 0 <= tr.images.min() and tr.images.max() <= 1
+  np.testing.assert_allclose(np.bincount(tr.labels) / 1257, np.bincount(te.labels) / 540, atol=0.01)
+
+
+def test_digits_views_shapes_and_values():
+  config = load_config('digits')
+  (b,) = batches(config, 0, 1)
+  assert b['view1'].shape == (256, 8, 8, 1) and b['view1'].dtype == np.float32
+  assert 0 <= b['view1'].min() and b['view1'].max() <= 1
+  assert np.abs(b['view1'] - b['view2']).mean() > 0.01  # two different augmentations
+
+
+def test_resumed_pipeline_sees_the_same_batches():
+  config = load_config('digits')
+  fresh = batches(config, 0, 7)
+  resumed = batches(config, 5, 2)  # crosses an epoch boundary: 1257 / 256 < 5
+  for a, b in zip(fresh[5:], resumed):
+    np.testing.assert_array_equal(a['view1'], b['view1'])
+    np.testing.assert_array_equal(a['view2'], b['view2'])
+  assert not np.array_equal(fresh[0]['view1'], fresh[1]['view1'])
+  config.seed = 1
+  assert not np.array_equal(batches(config, 0, 1)[0]['view1'], fresh[0]['view1'])
+
+
+def test_two_processes_read_disjoint_halves_of_digits():
+  config = load_config('digits')
+  config.augment.view1 = dict(augment.RECIPE_DEFAULTS)  # identity views: recover the raw images
+  config.augment.view2 = dict(augment.RECIPE_DEFAULTS)
+  train = sources.digits('train').images.reshape(1257, -1)
+  seen = []
+  for p in range(2):
+    (b,) = batches(config, 0, 1, process_index=p, process_count=2)
+    assert b['view1'].shape[0] == 128
+    rows = b['view1'].reshape(128, -1)
+    idx = [int(np.flatnonzero((train == r).all(1))[0]) for r in rows]
+    assert all(i % 2 == p for i in idx)  # process p owns examples p, p + 2, ...
+    seen.append(set(idx))
+  assert not seen[0] & seen[1]
+
+
+def test_ops_agree_eagerly_and_in_tf_function():
+  image = tf.random.stateless_uniform((32, 32, 3), seed=[1, 2])
+  view1, view2 = (dict(v) for v in __import__('vicreg_jax.defaults', fromlist=['x']).imagenet_views(24))
+  seed = tf.constant([3, 4], tf.int64)
+  eager = augment.augment_view(image, seed, view2)
+  graph = tf.function(lambda x, s: augment.augment_view(x, s, view2))(image, seed)
+  np.testing.assert_allclose(eager.numpy(), graph.numpy(), atol=1e-5)
+  assert eager.shape == (24, 24, 3)
+
+
+def test_solarize_and_blur_properties():
+  x = tf.linspace(0.0, 1.0, 64)[:, None, None] * tf.ones((64, 64, 3))
+  s = augment.solarize(x).numpy()
+  assert np.allclose(s[x.numpy() < 0.5], x.numpy()[x.numpy() < 0.5])
+  assert s.max() <= 0.5 + 1e-6
+  noisy = tf.random.stateless_uniform((64, 64, 3), seed=[0, 1])
+  blurred = augment.gaussian_blur(noisy, tf.constant([5, 6]), sigma=(1.5, 2.0))
+  assert blurred.shape == noisy.shape
+  assert float(tf.math.reduce_std(blurred)) < 0.5 * float(tf.math.reduce_std(noisy))
+  np.testing.assert_allclose(float(tf.reduce_mean(blurred)), float(tf.reduce_mean(noisy)), atol=0.01)
+
+
+def test_grayscale_rate_is_about_its_probability():
+  image = tf.random.stateless_uniform((8, 8, 3), seed=[1, 1])
+  recipe = dict(augment.RECIPE_DEFAULTS, gray_p=0.2)
+  fn = tf.function(lambda s: augment.augment_view(image, s, recipe))
+  gray = [np.allclose(v[..., 0], v[..., 1]) and np.allclose(v[..., 1], v[..., 2])
+          for v in (fn(tf.constant([7, i], tf.int64)).numpy() for i in range(1000))]
+  assert 0.16 <= np.mean(gray) <= 0.24
