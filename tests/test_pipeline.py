@@ -84,3 +84,22 @@ def test_grayscale_rate_is_about_its_probability():
   gray = [np.allclose(v[..., 0], v[..., 1]) and np.allclose(v[..., 1], v[..., 2])
           for v in (fn(tf.constant([7, i], tf.int64)).numpy() for i in range(1000))]
   assert 0.16 <= np.mean(gray) <= 0.24
+
+
+def test_random_affine_identity_and_rotation():
+  x = tf.constant(sources.digits('train').images[3])
+  same = augment.random_affine(x, tf.constant([0, 1]), 0.0, (1.0, 1.0), 0.0)
+  np.testing.assert_allclose(same.numpy(), x.numpy(), atol=1e-6)
+  # Rotations by U[-180, 180] degrees move one bright pixel around a circle about the centre.
+  square = np.zeros((8, 8, 1), np.float32)
+  square[1, 2] = 1.0  # row 1, column 2
+  rotations = set()
+  for i in range(200):
+    y = augment.random_affine(tf.constant(square), tf.constant([i, 0]), 180.0).numpy()
+    assert 0.0 <= y.min() and y.max() <= 1.0 + 1e-6
+    assert abs(y.sum() - 1.0) < 0.6  # mass is moved, not created (bilinear, zero fill)
+    rotations.add(tuple(np.unravel_index(np.argmax(y[..., 0]), (8, 8))))
+  assert len(rotations) > 8  # the pixel lands in many places around the centre
+  centre = np.array([3.5, 3.5])
+  radii = [np.linalg.norm(np.array(r) - centre) for r in rotations]
+  assert max(radii) - min(radii) < 1.5  # ... at its distance from the centre: a rotation

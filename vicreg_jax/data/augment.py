@@ -123,6 +123,29 @@ def random_translate(image, seed, pad: int):
   return out
 
 
+def random_affine(image, seed, degrees: float = 0.0, scale=(1.0, 1.0), shear: float = 0.0):
+  """Rotation by U[-degrees, degrees], isotropic zoom by U[scale], shear by U[-shear, shear] degrees, about
+  the image centre, bilinear, zeros outside (the classic augmentation for handwritten digits)."""
+  s = tf.random.experimental.stateless_split(seed, 3)
+  rad = 3.141592653589793 / 180.0
+  a = _uniform(s[0], -degrees, degrees) * rad
+  k = _uniform(s[1], scale[0], scale[1])
+  sh = _uniform(s[2], -shear, shear) * rad
+  # Output pixel (x, y) samples input at M·(x - c) + c, M the inverse of zoom·rotation·shear.
+  cos, sin, tan = tf.cos(a), tf.sin(a), tf.tan(sh)
+  m00, m01 = cos / k, (sin + cos * tan) / k
+  m10, m11 = -sin / k, (cos - sin * tan) / k
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  transform = tf.stack([m00, m01, cx - m00 * cx - m01 * cy, m10, m11, cy - m10 * cx - m11 * cy, 0.0, 0.0])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2], fill_value=0.0,
+      interpolation='BILINEAR', fill_mode='CONSTANT')[0]
+  out.set_shape(image.shape)
+  return out
+
+
 def normalize(image, mean: Sequence[float], std: Sequence[float]):
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
@@ -134,6 +157,9 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
     crop_ratio=(3 / 4, 4 / 3),
     crop_method='bicubic',
     translate=0,            # pad-and-crop shift in pixels (small images)
+    affine_degrees=0.0,     # random rotation / zoom / shear (small images, digits)
+    affine_scale=(1.0, 1.0),
+    affine_shear=0.0,
     flip_p=0.0,
     jitter_p=0.0,
     jitter=(0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
@@ -150,7 +176,7 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
 def augment_view(image, seed, recipe: Mapping[str, Any]):
   """One augmented view of ``image`` (float [H, W, C] in [0, 1]) following ``recipe`` (keys of
   :data:`RECIPE_DEFAULTS`), in the official order: crop, flip, colour jitter, grayscale, blur, solarize,
-  normalise."""
+  normalise. Small-image recipes may add a random affine map and a pixel shift after the crop."""
   unknown = set(recipe) - set(RECIPE_DEFAULTS)
   if unknown:
     raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
@@ -158,6 +184,8 @@ def augment_view(image, seed, recipe: Mapping[str, Any]):
   s = tf.random.experimental.stateless_split(seed, 10)
   if r['crop_size']:
     image = random_resized_crop(image, s[0], r['crop_size'], r['crop_scale'], r['crop_ratio'], r['crop_method'])
+  if r['affine_degrees'] or r['affine_shear'] or tuple(r['affine_scale']) != (1.0, 1.0):
+    image = random_affine(image, s[9], r['affine_degrees'], r['affine_scale'], r['affine_shear'])
   if r['translate']:
     image = random_translate(image, s[1], r['translate'])
   image = random_flip(image, s[2], r['flip_p'])
