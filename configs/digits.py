@@ -4,11 +4,12 @@
 
 Augmentations suit 8×8 digits: crops of 40–100% of the area (aspect 3/4–4/3) resized back to 8×8 and a
 ±1-pixel shift move strokes the way handwriting varies; brightness/contrast jitter stands in for pen
-pressure. No flips (they change a digit's identity), no hue/saturation (one channel), no blur (at 8×8 it
-erases strokes).
+pressure (without jitter: 0.954 linear top-1). No flips (they change a digit's identity), no hue/saturation
+(one channel); the official asymmetric blur/solarize views were tried and were no better (0.978 / 0.890).
 
-Expected (measured, see README): linear_top1 ≈ 0.99, linear_top1_5_per_class ≈ 0.9, in a few minutes on
-2 CPU cores.
+Measured (README): linear_top1 0.980, linear_top1_5_per_class 0.894, RankMe 43.5, embedding_std 0.47 in
+about 5 minutes on 2 CPU cores (seed 1: 0.970 / 0.888). With --config.loss.std_coeff=0
+--config.loss.cov_coeff=0 the run collapses: embedding_std 0.0001, 5-per-class 0.377.
 """
 
 from vicreg_jax.data.augment import RECIPE_DEFAULTS

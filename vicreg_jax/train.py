@@ -206,4 +206,4 @@ def final_probe(config, state: TrainState, mesh) -> dict:
       'rankme': probe.rankme(h_tr),
       'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
   }
-  return {k: round(float(v), 4) for k, v in result.items()}
+  return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
