@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from vicreg_jax import losses, optim, parallel
 from vicreg_jax.data import pipeline, sources
-from vicreg_jax.evaluate import probe
+from vicreg_jax.evaluate import diagnostics, probe
 from vicreg_jax.models import heads, resnet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -203,7 +203,7 @@ def final_probe(config, state: TrainState, mesh) -> dict:
       'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
       f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
           h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
-      'rankme': probe.rankme(h_tr),
+      'rankme': diagnostics.rankme(h_tr),
       'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
   }
   return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible

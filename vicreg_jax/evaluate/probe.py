@@ -12,7 +12,6 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from vicreg_jax import parallel
-from vicreg_jax.evaluate.diagnostics import rankme  # noqa: F401  (re-exported for the trainer)
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
