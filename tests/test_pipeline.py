@@ -103,3 +103,10 @@ def test_random_affine_identity_and_rotation():
   centre = np.array([3.5, 3.5])
   radii = [np.linalg.norm(np.array(r) - centre) for r in rotations]
   assert max(radii) - min(radii) < 1.5  # ... at its distance from the centre: a rotation
+
+
+def test_eval_images_honours_max_examples():
+  config = load_config('digits')
+  x, y = pipeline.eval_images(config, 'test', max_examples=100)
+  assert x.shape == (100, 8, 8, 1) and y.shape == (100,)
+  assert pipeline.eval_images(config, 'test')[0].shape[0] == 540

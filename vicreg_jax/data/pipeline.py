@@ -90,13 +90,13 @@ def eval_images(config: ml_collections.ConfigDict, split: str, max_examples: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Un-augmented images and labels of a whole split, normalised as the views are, for probes on frozen features.
 
-  digits: the arrays; TFDS: resize the shorter side to ``image_size·8/7`` and centre-crop ``image_size``.
+  At most ``max_examples`` (0: all). digits: the arrays; TFDS: resize the shorter side to ``image_size·8/7`` and centre-crop ``image_size``.
   """
   recipe = dict(config.augment.view1)
   mean, std = recipe.get('mean'), recipe.get('std')
   if config.data.source == 'digits':
     arrays = sources.digits(split)
-    x, y = arrays.images, arrays.labels
+    x, y = arrays.images[:max_examples or None], arrays.labels[:max_examples or None]
   else:
     size = config.data.image_size
 
