@@ -2,7 +2,11 @@
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# The simulated devices are threads; on a busy 2-core machine (tests that run two jobs at once) a collective can
+# wait on a starved thread far longer than XLA's default before it aborts the process, so allow 10 minutes.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+                           ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
+                           ' --xla_cpu_collective_timeout_seconds=600').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow (tf.data in the input pipeline) off any GPU without paying for its import here; JAX is on

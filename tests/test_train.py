@@ -53,19 +53,22 @@ def test_sharded_step_equals_single_device_step():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
     tx, schedule = train.make_optimizer(config, 10, 2)
-    state = train.init_state(config, train.build_model(config, None), tx, jax.random.key(0))
+    online = train.make_probe(config, 10)
+    state = train.init_state(config, train.build_model(config, None), tx, jax.random.key(0), online)
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh)
+    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
     for b in host_batches:
-      state, metrics = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
+      state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (s1, m1), (s8, m8) = results
   assert len(jax.devices()) == 8
-  for k in ('loss', 'invariance', 'variance', 'covariance', 'embedding_std'):
+  for k in ('loss', 'invariance', 'variance', 'covariance', 'embedding_std', 'online_probe_top1'):
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.params, s1.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.batch_stats,
                s1.batch_stats)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.probe_params,
+               s1.probe_params)
   # The steps did move the parameters (the comparison above is not between two initial states).
   p0 = train.init_state(config, train.build_model(config, None), train.make_optimizer(config, 10, 2)[0],
                         jax.random.key(0)).params
@@ -149,8 +152,10 @@ def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
               '--config.eval.draws=1', f'--workdir={workdir}', timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads((workdir / 'summary.json').read_text())
-  assert set(summary) == {'linear_top1', 'linear_top1_5_per_class', 'rankme', 'embedding_std', 'steps',
-                          'wall_seconds'}
+  assert set(summary) == {'linear_top1', 'linear_top1_5_per_class', 'knn_top1_20', 'knn_top1_200', 'rankme',
+                          'rankme_embeddings', 'embedding_std', 'steps', 'wall_seconds'}
+  spectra = np.load(workdir / 'spectra.npz')
+  assert spectra['representations'].ndim == 1 and np.all(np.diff(spectra['representations']) <= 0)
   assert summary['steps'] == 2 and 0.1 < summary['linear_top1'] <= 1.0
   assert (workdir / 'checkpoints' / '2').is_dir()
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())

@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
+  # A linear classifier on stop-gradient representations, trained alongside (never touches the backbone);
+  # its train top-1 per epoch is an early collapse warning.
+  c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1, momentum=0.9))
 
   c.model = ml_collections.ConfigDict(dict(
       arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32'))
@@ -46,5 +50,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       final_probe=False, test_split='validation', labels_per_class=5, draws=5, batch_size=256,
       max_train_examples=0, max_test_examples=0))
+  c.lock()
+  return c
+
+
+def eval_job_config() -> ml_collections.ConfigDict:
+  """Keys of the linear-evaluation (``job='linear'``) and fine-tuning (``job='finetune'``) jobs, defaulting to
+  the official ImageNet linear protocol. The backbone comes from the pretraining run's own config.json."""
+  c = ml_collections.ConfigDict()
+  c.job = 'linear'
+  c.seed = 0
+  c.pretrain_workdir = ''     # the pretraining run's --workdir (required)
+  c.checkpoints = 'all'       # 'all': each checkpoint as it lands; 'latest': skip to the newest; 'final' only
+  c.poll_seconds = 60.0
+  c.timeout_seconds = 0.0     # give up after this long without a new checkpoint (0: wait for ever)
+  c.batch_size = 256
+  c.epochs = 100
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.head_init_std = 0.01
+  c.optim = ml_collections.ConfigDict(dict(head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9))
+  c.features = ml_collections.ConfigDict(dict(
+      cache=False,            # extract frozen features once (no train augmentation): small datasets
+      standardize=False))     # scale cached features by the training features' mean/std (BN without affine)
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet2012', train_split='train', test_split='validation',
+      data_dir=ml_collections.FieldReference(None, field_type=str), labels_per_class=0, channels=3,
+      shuffle_buffer=10_000, threadpool_size=0, prefetch=2))
+  c.augment = ml_collections.ConfigDict(dict(
+      # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) + CenterCrop(224).
+      train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method='bilinear', flip_p=0.5,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD),
+      eval=dict(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)))
   c.lock()
   return c

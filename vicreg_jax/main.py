@@ -42,14 +42,15 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   from vicreg_jax import parallel, train
   from vicreg_jax.data.sources import DataNotFoundError
+  from vicreg_jax.evaluate import finetune, linear
 
   parallel.maybe_initialize_distributed()
-  jobs = {'pretrain': train.train_and_evaluate}
+  jobs = {'pretrain': train.train_and_evaluate, 'linear': linear.run, 'finetune': finetune.run}
   try:
     if config.job not in jobs:
       raise ValueError(f'unknown job {config.job!r}; choose one of {sorted(jobs)}')
     jobs[config.job](config, _WORKDIR.value)
-  except (DataNotFoundError, ValueError, FloatingPointError) as e:
+  except (DataNotFoundError, ValueError, FloatingPointError, TimeoutError) as e:
     fail(str(e))
 
 

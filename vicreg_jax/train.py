@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from vicreg_jax import losses, optim, parallel
 from vicreg_jax.data import pipeline, sources
-from vicreg_jax.evaluate import diagnostics, probe
+from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
 from vicreg_jax.models import heads, resnet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -35,6 +35,8 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  probe_params: Any = None     # the online linear probe ({} when disabled)
+  probe_opt_state: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS) -> nn.Module:
@@ -72,40 +74,69 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_s
   return optim.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta), schedule
 
 
-def init_state(config, model, tx, rng) -> TrainState:
+def make_probe(config, num_classes: int):
+  """The online probe's head and optimiser (SGD with momentum, constant lr), or (None, None) when disabled."""
+  if not config.online_probe.enabled:
+    return None, None
+  return (classifier.Head(num_classes),
+          optax.sgd(config.online_probe.lr, momentum=config.online_probe.momentum))
+
+
+def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
   variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
   params = variables['params']
+  head, probe_tx = online_probe
+  probe_params, probe_opt_state = {}, {}
+  if head is not None:
+    h, _ = model.apply(variables, jnp.zeros(input_shape(config), jnp.float32), train=False)
+    probe_params = head.init(jax.random.fold_in(rng, 1), h)['params']
+    probe_opt_state = probe_tx.init(probe_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state)
 
 
-def make_train_step(config, model, tx, schedule, mesh):
-  """The jit-compiled global step: ``shard_map`` over ``'data'``, each device one shard of the batch.
+def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
+  """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
+  ``'data'``, each device one shard of the batch.
 
   Each device runs the model on its shard (BatchNorm statistics averaged over all devices, as SyncBN), the
-  loss gathers the embeddings of all devices, and gradients are averaged; the state stays replicated.
+  loss gathers the embeddings of all devices, and gradients are averaged; the state stays replicated. The
+  online probe (if any) trains on the stop-gradient representations of view 1 and the labels. The first view's
+  representations and embeddings come back sharded, for the collapse diagnostics.
   """
   coeffs = dict(config.loss)
   axis = parallel.AXIS
+  head, probe_tx = online_probe
 
   def per_device(state: TrainState, batch):
     def loss_fn(params):
-      (_, z1), upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['view1'],
-                                 train=True, mutable=['batch_stats'])
+      (h1, z1), upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['view1'],
+                                  train=True, mutable=['batch_stats'])
       (_, z2), upd = model.apply({'params': params, 'batch_stats': upd['batch_stats']}, batch['view2'],
                                  train=True, mutable=['batch_stats'])
       loss, metrics = losses.vicreg_loss(z1, z2, axis_name=axis, **coeffs)
-      return loss, (metrics, upd['batch_stats'], z1)
+      return loss, (metrics, upd['batch_stats'], h1, z1)
 
-    grads, (metrics, batch_stats, z1) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (metrics, batch_stats, h1, z1) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, embedding_std=losses.embedding_std(z1, axis), learning_rate=schedule(state.step))
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if head is not None:
+      def probe_loss(p):
+        logits = head.apply({'params': p}, jax.lax.stop_gradient(h1))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+        return ce, jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+      (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(probe_params)
+      upd, probe_opt_state = probe_tx.update(jax.lax.pmean(g, axis), probe_opt_state, probe_params)
+      probe_params = optax.apply_updates(probe_params, upd)
+      metrics['online_probe_top1'] = jax.lax.pmean(top1, axis)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                           probe_params=probe_params, probe_opt_state=probe_opt_state)
+    return new_state, metrics, (h1, z1)
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()),
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
@@ -121,9 +152,16 @@ def save_config(workdir: str, config) -> None:
       f.write(config.to_json(indent=2))
 
 
+def collapse_metrics(h, z) -> dict:
+  """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``)."""
+  return {f'{name}/{k}': v for name, x in (('repr', h), ('emb', z))
+          for k, v in diagnostics.collapse_stats(x).items()}
+
+
 def _format_metrics(step: int, total: int, m: dict) -> str:
   return (f'step {step}/{total}  loss {m["loss"]:.4f}  inv {m["invariance"]:.4f}  var {m["variance"]:.4f}  '
-          f'cov {m["covariance"]:.4f}  emb_std {m["embedding_std"]:.3f}  lr {m["learning_rate"]:.4g}')
+          f'cov {m["covariance"]:.4f}  emb_std {m["embedding_std"]:.3f}  emb_rankme {m["emb/rankme"]:.1f}  '
+          f'lr {m["learning_rate"]:.4g}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -133,12 +171,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  total_steps, warmup_steps = schedule_steps(config, train_examples(config))
+  n_train = train_examples(config)
+  total_steps, warmup_steps = schedule_steps(config, n_train)
+  steps_per_epoch = max(n_train // config.batch_size, 1)
   model = build_model(config)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
+  online = make_probe(config, classifier.num_classes(config.data))
 
   rng = jax.random.key(config.seed)
-  state = jax.jit(functools.partial(init_state, config, build_model(config, None), tx),
+  state = jax.jit(functools.partial(init_state, config, build_model(config, None), tx, online_probe=online),
                   out_shardings=parallel.replicated(mesh))(rng)
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
@@ -147,7 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   save_config(workdir, config)
   start_step = int(state.step)
 
-  train_step = make_train_step(config, model, tx, schedule, mesh)
+  train_step = make_train_step(config, model, tx, schedule, mesh, online)
+  diagnose = jax.jit(collapse_metrics)
+  spectra = jax.jit(lambda h, z: (diagnostics.spectrum(h), diagnostics.spectrum(z)))
+  spectrum_every = config.spectrum_every_steps or config.checkpoint_every_steps
+  probe_sum, probe_n = 0.0, 0
+  metrics = None
   ds = pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count())
   batches = pipeline.global_batches(ds, parallel.data_sharding(mesh))
 
@@ -160,15 +206,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.batch_size, mesh.devices.size)
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches))
+      previous = metrics
+      state, metrics, (h1, z1) = train_step(state, next(batches))
+      # At most two steps in flight: the host prepares the next batch while the devices run, without an
+      # unbounded dispatch queue (which can also starve XLA:CPU's collective threads on small machines).
+      jax.block_until_ready(previous)
       for h in hooks:
         h(step)
+      if online[0] is not None:  # mean train top-1 of the online probe over each epoch (summed on device)
+        probe_sum, probe_n = probe_sum + metrics['online_probe_top1'], probe_n + 1
+        if step % steps_per_epoch == 0 or step == total_steps:
+          top1 = float(probe_sum) / probe_n
+          writer.write_scalars(step, {'online_probe/epoch_top1': top1})
+          logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / steps_per_epoch), top1)
+          probe_sum, probe_n = 0.0, 0
       if step % config.log_every_steps == 0 or step == total_steps:
         m = jax.device_get(metrics)
         if not math.isfinite(float(m['loss'])):
           raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
+        m.update(jax.device_get(diagnose(h1, z1)))
         writer.write_scalars(step, m)
         logging.info(_format_metrics(step, total_steps, m))
+      if step % spectrum_every == 0 or step == total_steps:
+        s_h, s_z = jax.device_get(spectra(h1, z1))
+        image = diagnostics.spectrum_plot({'representations': s_h, 'embeddings': s_z}, title=f'step {step}')
+        writer.write_images(step, {'spectrum': image[None]})
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         mngr.save(step, args=ocp.args.StandardSave(state))
   finally:  # also on interruption: let the checkpoint in flight land
@@ -177,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   summary = {'steps': int(state.step)}
   if config.eval.final_probe:
-    summary.update(final_probe(config, state, mesh))
+    summary.update(final_probe(config, state, mesh, workdir))
     writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in summary.items() if k != 'steps'})
   summary['wall_seconds'] = round(time.time() - start_time, 1)
   if jax.process_index() == 0:
@@ -189,9 +251,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def final_probe(config, state: TrainState, mesh) -> dict:
-  """Linear probes on frozen representations (all labels; k labels per class over several draws), RankMe of
-  the representations and the std of the embeddings, on the train/test splits named in ``config.eval``."""
+def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
+  """Linear probes on frozen representations (all labels; k labels per class over several draws), weighted
+  k-NN (k = 20, 200), RankMe of representations and embeddings and the std of the embeddings, on the
+  train/test splits named in ``config.eval``. Writes the singular values of the training set's
+  representations and embeddings to ``workdir/spectra.npz`` (for ``python -m vicreg_jax.evaluate.diagnostics``)."""
   model = build_model(config, axis_name=None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   apply = jax.jit(functools.partial(model.apply, train=False))
@@ -199,11 +263,18 @@ def final_probe(config, state: TrainState, mesh) -> dict:
   x_te, y_te = pipeline.eval_images(config, config.eval.test_split, config.eval.max_test_examples)
   h_tr, z_tr = probe.extract(apply, variables, x_tr, config.eval.batch_size, mesh)
   h_te, _ = probe.extract(apply, variables, x_te, config.eval.batch_size, mesh)
+  s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, 'spectra.npz'), representations=s_h, embeddings=s_z)
+  knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
   result = {
       'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
       f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
           h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
-      'rankme': diagnostics.rankme(h_tr),
+      'knn_top1_20': knn_acc[20],
+      'knn_top1_200': knn_acc[200],
+      'rankme': diagnostics.rankme_from_spectrum(s_h),
+      'rankme_embeddings': diagnostics.rankme_from_spectrum(s_z),
       'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
   }
   return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible

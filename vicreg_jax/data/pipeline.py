@@ -1,4 +1,8 @@
-"""Two-view tf.data pipelines, one per process, feeding global ``jax.Array`` batches.
+"""tf.data pipelines, one per process, feeding global ``jax.Array`` batches.
+
+- :func:`pretrain_dataset`: two augmented views (and the label, for the online probe) per example.
+- :func:`labelled_dataset`: one augmented view and its label, for linear evaluation and fine-tuning.
+- :func:`eval_dataset` / :func:`eval_images`: un-augmented, centre-cropped images with labels, one pass.
 
 Randomness is stateless: the example order and every augmentation are functions of (seed, process, position
 in this process's example stream), where position = step·local_batch + slot. In-memory sources (digits) are
@@ -8,7 +12,7 @@ step k. Streaming TFDS sources restart their file order and shuffle buffer from 
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import jax
 import ml_collections
@@ -24,60 +28,90 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
+def _options(data: ml_collections.ConfigDict) -> tf.data.Options:
   opts = tf.data.Options()
   opts.deterministic = True
-  opts.threading.private_threadpool_size = config.data.get('threadpool_size', 0) or 0
+  opts.threading.private_threadpool_size = data.get('threadpool_size', 0) or 0
   opts.autotune.enabled = True
   return opts
 
 
-def _two_views(image, seed, config):
-  s = tf.random.experimental.stateless_split(seed, 2)
-  return {'view1': augment.augment_view(image, s[0], dict(config.augment.view1)),
-          'view2': augment.augment_view(image, s[1], dict(config.augment.view2))}
-
-
-def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, process_index: int = 0,
-                     process_count: int = 1) -> tf.data.Dataset:
-  """This process's infinite stream of two-view batches ``{'view1', 'view2'}`` starting at ``start_step``.
-
-  Each batch holds ``config.batch_size / process_count`` examples: this process's rows of the global batch.
-  """
-  local_b = local_batch_size(config.batch_size, process_count)
-  start = start_step * local_b
-  base_seed = tf.constant([config.seed, process_index], tf.int64)
-  parallel = tf.data.AUTOTUNE
-
-  if config.data.source == 'digits':
-    arrays = sources.digits(config.data.train_split)
-    images = tf.constant(arrays.images[process_index::process_count])
+def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, process_index: int,
+            process_count: int, indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
+  """Infinite shuffled ``(position, image float [0, 1], label)`` of this process's share of ``split``,
+  starting at stream position ``start``. ``indices`` restricts an in-memory split to those examples."""
+  if data.source == 'digits':
+    arrays = sources.digits(split)
+    images, labels = arrays.images, arrays.labels
+    if indices is not None:
+      images, labels = images[indices], labels[indices]
+    images = tf.constant(images[process_index::process_count])
+    labels = tf.constant(labels[process_index::process_count])
     n = int(images.shape[0])
 
     def load(pos):
       epoch = pos // n
       idx = tf.random.experimental.index_shuffle(
-          pos % n, seed=tf.stack([tf.constant(config.seed, tf.int64), epoch * process_count + process_index]),
+          pos % n, seed=tf.stack([tf.constant(seed, tf.int64), epoch * process_count + process_index]),
           max_index=n - 1)
-      return pos, tf.gather(images, idx)
+      return pos, tf.gather(images, idx), tf.gather(labels, idx)
 
-    ds = tf.data.Dataset.counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=parallel)
-  elif config.data.source == 'tfds':
-    ds = sources.tfds_split(config.data.name, config.data.train_split, data_dir=config.data.data_dir,
-                            process_index=process_index, process_count=process_count, shuffle_files=True,
-                            seed=config.seed + start_step)
-    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=config.seed + start_step)
-    ds = ds.map(lambda ex: tf.image.convert_image_dtype(ex['image'], tf.float32), num_parallel_calls=parallel)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds)
-  else:
-    raise ValueError(f"Unknown data.source {config.data.source!r}: use 'digits' or 'tfds'.")
+    return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+  if data.source == 'tfds':
+    if indices is not None:
+      raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
+                       "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
+    ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                            process_count=process_count, shuffle_files=True, seed=seed + start)
+    ds = ds.repeat().shuffle(data.shuffle_buffer, seed=seed + start)
+    ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds).map(
+        lambda pos, ex: (pos, ex[0], ex[1]))
+  raise ValueError(f"Unknown data.source {data.source!r}: use 'digits' or 'tfds'.")
 
-  def views(pos, image):
-    return _two_views(image, tf.random.experimental.stateless_fold_in(base_seed, pos), config)
 
-  ds = ds.map(views, num_parallel_calls=parallel)
-  ds = ds.batch(local_b, drop_remainder=True, num_parallel_calls=parallel)
-  return ds.prefetch(config.data.get('prefetch', 2)).with_options(_options(config))
+def _finish(ds, data, local_b):
+  ds = ds.batch(local_b, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(data.get('prefetch', 2)).with_options(_options(data))
+
+
+def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, process_index: int = 0,
+                     process_count: int = 1) -> tf.data.Dataset:
+  """This process's infinite stream of batches ``{'view1', 'view2', 'label'}`` starting at ``start_step``.
+
+  Each batch holds ``config.batch_size / process_count`` examples: this process's rows of the global batch.
+  The label only feeds the online probe; the self-supervised loss never sees it.
+  """
+  local_b = local_batch_size(config.batch_size, process_count)
+  base_seed = tf.constant([config.seed, process_index], tf.int64)
+  ds = _stream(config.data, config.data.train_split, config.seed, start_step * local_b, process_index,
+               process_count)
+
+  def views(pos, image, label):
+    s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base_seed, pos), 2)
+    return {'view1': augment.augment_view(image, s[0], dict(config.augment.view1)),
+            'view2': augment.augment_view(image, s[1], dict(config.augment.view2)),
+            'label': tf.cast(label, tf.int32)}
+
+  return _finish(ds.map(views, num_parallel_calls=tf.data.AUTOTUNE), config.data, local_b)
+
+
+def labelled_dataset(data: ml_collections.ConfigDict, recipe: dict, batch_size: int, seed: int,
+                     start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                     indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
+  """Infinite batches ``{'image', 'label'}`` of ``data.train_split`` with one view augmented by ``recipe``
+  (keys of :data:`augment.RECIPE_DEFAULTS`), from ``start_step`` on; same determinism as the pretraining
+  stream."""
+  local_b = local_batch_size(batch_size, process_count)
+  base_seed = tf.constant([seed, process_index], tf.int64)
+  ds = _stream(data, data.train_split, seed, start_step * local_b, process_index, process_count, indices)
+
+  def view(pos, image, label):
+    seed_ = tf.random.experimental.stateless_fold_in(base_seed, pos)
+    return {'image': augment.augment_view(image, seed_, recipe), 'label': tf.cast(label, tf.int32)}
+
+  return _finish(ds.map(view, num_parallel_calls=tf.data.AUTOTUNE), data, local_b)
 
 
 def global_batches(ds: tf.data.Dataset, sharding: jax.sharding.Sharding) -> Iterator[dict]:
@@ -86,33 +120,64 @@ def global_batches(ds: tf.data.Dataset, sharding: jax.sharding.Sharding) -> Iter
     yield jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def eval_images(config: ml_collections.ConfigDict, split: str, max_examples: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Un-augmented images and labels of a whole split, normalised as the views are, for probes on frozen features.
+def _resize_centre_crop(image, resize: int, crop: int):
+  """Shorter side to ``resize`` (bicubic, clipped to [0, 1]), then the central ``crop``×``crop``."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  scale = tf.cast(resize, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+  new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
+  image = tf.clip_by_value(tf.image.resize(image, new, method='bicubic'), 0.0, 1.0)
+  return tf.image.resize_with_crop_or_pad(image, crop, crop)
 
-  At most ``max_examples`` (0: all). digits: the arrays; TFDS: resize the shorter side to ``image_size·8/7`` and centre-crop ``image_size``.
+
+def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *, crop: int, resize: int = 0,
+                 mean=None, std=None, process_index: int = 0, process_count: int = 1,
+                 max_examples: int = 0) -> tf.data.Dataset:
+  """One pass over this process's share of ``split`` in batches ``{'image', 'label', 'mask'}`` of
+  ``batch_size / process_count``; the last batch is padded (mask 0) so every process yields full batches.
+
+  TFDS images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224), centre crop ``crop``.
+  In-memory (digits) images are used as they are. Then normalised by ``mean``/``std`` if given.
   """
-  recipe = dict(config.augment.view1)
-  mean, std = recipe.get('mean'), recipe.get('std')
-  if config.data.source == 'digits':
+  local_b = local_batch_size(batch_size, process_count)
+  if data.source == 'digits':
     arrays = sources.digits(split)
     x, y = arrays.images[:max_examples or None], arrays.labels[:max_examples or None]
+    ds = tf.data.Dataset.from_tensor_slices((x[process_index::process_count], y[process_index::process_count]))
+    total = len(y)
   else:
-    size = config.data.image_size
+    resize = resize or crop * 8 // 7
+    ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                            process_count=process_count)
+    if max_examples:
+      ds = ds.take(max_examples // process_count)
 
     def prep(ex):
-      img = tf.image.convert_image_dtype(ex['image'], tf.float32)
-      h, w = tf.shape(img)[0], tf.shape(img)[1]
-      scale = tf.cast(size * 8 // 7, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
-      new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
-      img = tf.clip_by_value(tf.image.resize(img, new, method='bicubic'), 0.0, 1.0)
-      return tf.image.resize_with_crop_or_pad(img, size, size), ex['label']
+      image = _resize_centre_crop(tf.image.convert_image_dtype(ex['image'], tf.float32), resize, crop)
+      return tf.ensure_shape(image, [crop, crop, data.channels]), ex['label']
 
-    ds = sources.tfds_split(config.data.name, split, data_dir=config.data.data_dir)
-    if max_examples:
-      ds = ds.take(max_examples)
-    xs, ys = zip(*ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator())
-    x, y = np.stack(xs), np.asarray(ys)
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+    total = max_examples or sources.num_examples(data.name, split, data.data_dir)
   if mean is not None:
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    ds = ds.map(lambda x, y: (augment.normalize(x, mean, std), y))
+  ds = ds.map(lambda x, y: {'image': x, 'label': tf.cast(y, tf.int32), 'mask': tf.constant(1.0)})
+  # Same number of batches on every process (collectives must match): pad to the largest share.
+  per_process = -(-total // process_count)
+  batches = -(-per_process // local_b)
+  pad = {'image': tf.zeros(ds.element_spec['image'].shape, tf.float32), 'label': tf.constant(0),
+         'mask': tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(batches * local_b)
+  return ds.batch(local_b).prefetch(2).with_options(_options(data))
+
+
+def eval_images(config: ml_collections.ConfigDict, split: str, max_examples: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Un-augmented images and labels of a whole split as numpy (for probes on small datasets), normalised as
+  the pretraining views are. At most ``max_examples`` (0: all)."""
+  recipe = dict(config.augment.view1)
+  ds = eval_dataset(config.data, split, 256, crop=config.data.image_size, mean=recipe.get('mean'),
+                    std=recipe.get('std'), max_examples=max_examples)
+  batches = list(ds.as_numpy_iterator())
+  keep = np.concatenate([b['mask'] for b in batches]) > 0
+  x = np.concatenate([b['image'] for b in batches])[keep]
+  y = np.concatenate([b['label'] for b in batches])[keep]
   return x.astype(np.float32), y.astype(np.int32)

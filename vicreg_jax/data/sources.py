@@ -44,6 +44,13 @@ def digits(split: str) -> ArraySplit:
   raise ValueError(f"digits has splits 'train' and 'test', not {split!r}.")
 
 
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+  """Indices of ``per_class`` examples of every class in ``labels``, drawn without replacement by ``seed``."""
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                         for c in np.unique(labels)])
+
+
 # How to provide datasets that TFDS cannot download by itself.
 _MANUAL = {
     'imagenet2012': ('download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into '

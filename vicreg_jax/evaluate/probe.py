@@ -12,6 +12,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from vicreg_jax import parallel
+from vicreg_jax.data import sources
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -65,8 +66,6 @@ def few_label_probe(h_tr, y_tr, h_te, y_te, per_class: int, draws: int, seed: in
   h_tr, h_te = standardize(h_tr, h_te)
   accs = []
   for d in range(draws):
-    rng = np.random.default_rng(seed + d)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y_tr == c), per_class, replace=False)
-                          for c in np.unique(y_tr)])
+    idx = sources.per_class_subset(y_tr, per_class, seed + d)
     accs.append(_fit(h_tr[idx], y_tr[idx], min(per_class, 5), seed + d).score(h_te, y_te))
   return float(np.mean(accs))

@@ -1,0 +1,186 @@
+"""The evaluation jobs: linear evaluation alongside pretraining (two processes), the ImageNet linear and
+semi-supervised configs on mocked TFDS, the sharded classifier step, resuming a half-trained head."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh
+
+from conftest import REPO
+from test_train import load_config
+from vicreg_jax import parallel, train
+from vicreg_jax.evaluate import classifier, linear
+
+TINY = ['--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32']
+
+
+def cli(*args):
+  return [sys.executable, '-m', 'vicreg_jax.main', *args]
+
+
+def test_linear_job_alongside_pretraining(tmp_path):
+  """Pretraining and the linear job start together; the job evaluates every checkpoint as it lands, skips a
+  half-written one, stops after the last, and agrees with the pretraining run's own probe."""
+  pre, lin = tmp_path / 'pre', tmp_path / 'lin'
+  # A checkpoint still being written: orbax writes into a temporary directory and renames it when complete.
+  half = pre / 'checkpoints' / '10.orbax-checkpoint-tmp-1790000000000000'
+  half.mkdir(parents=True)
+  (half / '_CHECKPOINT_METADATA').write_text('{"partial')
+  env = dict(os.environ)
+  pretrain = subprocess.Popen(
+      cli(f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
+          '--config.log_every_steps=30', '--config.eval.draws=1'),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  evaluate = subprocess.Popen(
+      cli('--config=configs/digits_linear.py', f'--workdir={lin}', f'--config.pretrain_workdir={pre}',
+          '--config.poll_seconds=0.5', '--config.timeout_seconds=400'),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out_p, err_p = pretrain.communicate(timeout=500)
+  pretrain_done = time.time()
+  out_e, err_e = evaluate.communicate(timeout=500)
+  assert pretrain.returncode == 0, err_p[-3000:]
+  assert evaluate.returncode == 0, err_e[-3000:]
+
+  results = json.loads((lin / 'results.json').read_text())
+  assert sorted(results, key=int) == ['30', '60', '90']   # every checkpoint, not the half-written one
+  # The first checkpoints were evaluated while pretraining was still running.
+  assert results['30']['finished_at'] < pretrain_done
+  summary = json.loads((pre / 'summary.json').read_text())
+  assert abs(results['90']['top1'] - summary['linear_top1']) <= 0.01, (results['90'], summary)
+  assert results['90']['top1'] > 0.5  # and the features are not chance (10 classes)
+  assert any(p.name.startswith('events.out.tfevents') for p in lin.iterdir())
+
+  # A restart finds everything done and leaves the results as they were.
+  again = subprocess.run(cli('--config=configs/digits_linear.py', f'--workdir={lin}',
+                             f'--config.pretrain_workdir={pre}'), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert json.loads((lin / 'results.json').read_text()) == results
+
+
+def tiny_imagenet_pretraining(tmp_path):
+  config = load_config('imagenet')
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
+  config.update(batch_size=16, num_steps=2, log_every_steps=1)
+  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'pre')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def eval_overrides(config, tmp_path, pre):
+  config.update(pretrain_workdir=pre, batch_size=16, epochs=1, log_every_steps=1, poll_seconds=0.1,
+                timeout_seconds=60.0, checkpoint_every_steps=2)
+  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
+  return config
+
+
+def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
+  """configs/imagenet_linear.py and imagenet_semi.py run end to end on mock data, as the real jobs do."""
+  splits = {'train': 32, 'validation': 24}
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', splits, 32), \
+       mock_tfds('imagenet2012_subset/10pct', tmp_path / 'tfds', splits, 32):
+    pre = tiny_imagenet_pretraining(tmp_path)
+    lin = eval_overrides(load_config('imagenet_linear'), tmp_path, pre)
+    assert lin.augment.train['crop_size'] == 224 and lin.augment.eval['resize'] == 256
+    results = linear.run(lin, str(tmp_path / 'lin'))
+    spec = __import__('importlib').util.spec_from_file_location('semi', REPO / 'configs' / 'imagenet_semi.py')
+    module = __import__('importlib').util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    semi = eval_overrides(module.get_config('10'), tmp_path, pre)
+    assert semi.data.name == 'imagenet2012_subset/10pct' and semi.optim.backbone_lr == 0.01
+    semi_results = linear.run(semi, str(tmp_path / 'semi'), finetune=True)
+  for r in (results, semi_results):
+    assert list(r) == ['2'] and 0.0 <= r['2']['top1'] <= r['2']['top5'] <= 1.0
+  # Fine-tuning trained the backbone; the linear job kept it frozen (its state holds only the head).
+  def saved(job):
+    path = tmp_path / job / 'heads' / '2' / '2' / 'default'
+    return ocp.PyTreeCheckpointer().restore(str(path))['params']
+  assert set(saved('lin')) == {'head'}
+  tuned = saved('semi')['backbone']
+  pre_params = ocp.PyTreeCheckpointer().restore(os.path.join(pre, 'checkpoints', '2', 'default'))['params']
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(pre_params['backbone']))]
+  assert max(moved) > 1e-6
+
+
+def test_finetune_step_on_8_devices_equals_1_device():
+  """The whole-network step (SyncBN, global-mean loss, averaged gradients) is the same on 8 devices and 1."""
+  pre = load_config('digits')
+  pre.model.update(width_multiplier=1 / 16)
+  backbone0 = classifier.build_backbone(pre)
+  variables = backbone0.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  head = classifier.Head(10)
+  dim = backbone0.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
+  params = {'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'],
+            'backbone': variables['params']}
+  params, variables = jax.device_get((params, variables))  # host copies: the step donates its input state
+  cfg = load_config('digits_semi')
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
+    tx = classifier.make_optimizer(cfg.optim, params, 2, 3)
+    state = classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                                       batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+    step = classifier.make_train_step(head, classifier.build_backbone(pre, parallel.AXIS), tx, mesh, True)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    for _ in range(2):
+      state, metrics = step(state, {}, jax.device_put(batch, parallel.data_sharding(mesh)))
+    out.append(jax.device_get((state.params, state.batch_stats, metrics)))
+  (p1, b1, m1), (p8, b8, m8) = out
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), (p8, b8), (p1, b1))
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1['backbone']),
+                                                            jax.tree.leaves(params['backbone'])))
+  assert moved > 1e-5  # the backbone is trained, not frozen
+
+
+def test_epoch_cosine_matches_cosine_annealing():
+  """lr of epoch e = base·(1 + cos(π e / E)) / 2, constant within an epoch (torch CosineAnnealingLR)."""
+  s = classifier.epoch_cosine(0.3, steps_per_epoch=4, epochs=10)
+  for step, epoch in ((0, 0), (3, 0), (4, 1), (21, 5), (39, 9)):
+    assert float(s(step)) == pytest.approx(0.3 * (1 + np.cos(np.pi * epoch / 10)) / 2, rel=1e-6)
+
+
+def test_linear_head_training_resumes_exactly(tmp_path, monkeypatch):
+  """A head training interrupted after a checkpoint and restarted ends with the uninterrupted result."""
+  pre = str(tmp_path / 'pre')
+  c = load_config('digits')
+  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
+  c.update(batch_size=64, num_steps=2, log_every_steps=1)
+  c.eval.final_probe = False
+  train.train_and_evaluate(c, pre)
+  cfg = load_config('digits_linear')
+  cfg.update(pretrain_workdir=pre, epochs=4, checkpoint_every_steps=5, log_every_steps=5)
+  full = linear.run(cfg, str(tmp_path / 'full'))
+
+  original = classifier.feature_batches
+
+  def stop_after_7(*args, **kw):
+    for i, b in enumerate(original(*args, **kw)):
+      if i == 7:
+        raise KeyboardInterrupt('simulated preemption')
+      yield b
+
+  monkeypatch.setattr(classifier, 'feature_batches', stop_after_7)
+  with pytest.raises(KeyboardInterrupt):
+    linear.run(cfg, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(classifier, 'feature_batches', original)
+  assert os.listdir(tmp_path / 'resumed' / 'heads' / '2') == ['5']
+  resumed = linear.run(cfg, str(tmp_path / 'resumed'))
+  assert resumed['2']['top1'] == full['2']['top1'] and resumed['2']['top5'] == full['2']['top5']
+
+
+def test_linear_job_needs_pretrain_workdir(tmp_path):
+  with pytest.raises(ValueError, match='pretrain_workdir'):
+    linear.run(load_config('digits_linear'), str(tmp_path))

@@ -1,0 +1,319 @@
+"""Supervised training of a linear head on a pretrained backbone, shared by the linear-evaluation job (frozen
+backbone, BatchNorm in inference mode) and semi-supervised fine-tuning (whole network, SyncBN in train mode).
+
+The protocol is the official VICReg evaluate.py: head N(0, 0.01) weights and zero bias; SGD with momentum,
+weight decay added to the gradient (as torch.optim.SGD), one learning rate for the head and one for the
+backbone, each annealed by a cosine over epochs (stepped once per epoch, as CosineAnnealingLR).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from vicreg_jax import parallel
+from vicreg_jax.data import pipeline, sources
+from vicreg_jax.models import resnet
+
+
+@flax.struct.dataclass
+class ClassifierState:
+  step: jax.Array
+  params: Any        # {'head': ...} (+ 'backbone' when fine-tuning)
+  batch_stats: Any   # the backbone's BatchNorm statistics when fine-tuning, else {}
+  opt_state: Any
+
+
+class Head(nn.Module):
+  """The linear classifier: weights N(0, 0.01), bias 0 (official evaluate.py)."""
+  num_classes: int
+  init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, h):
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.init_std),
+                    bias_init=nn.initializers.zeros, name='fc')(h.astype(jnp.float32))
+
+
+# --- the pretrained backbone --------------------------------------------------------------------------------
+
+def read_pretrain_config(pretrain_workdir: str) -> Optional[ml_collections.ConfigDict]:
+  """The pretraining run's ``config.json`` as a ConfigDict, or None if the run has not written it yet."""
+  path = os.path.join(pretrain_workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def build_backbone(pre_config, axis_name: Optional[str] = None) -> nn.Module:
+  m = pre_config.model
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
+  return resnet.resnet(m.arch, width_multiplier=m.width_multiplier, stem=m.stem, axis_name=axis_name,
+                       dtype=dtype)
+
+
+def pretrain_checkpoints(pretrain_workdir: str) -> ocp.CheckpointManager:
+  """A reader of the pretraining run's checkpoints (it never writes or deletes there)."""
+  return ocp.CheckpointManager(os.path.join(pretrain_workdir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def restore_backbone(mngr: ocp.CheckpointManager, step: int, mesh) -> dict:
+  """``{'params', 'batch_stats'}`` of the backbone in pretraining checkpoint ``step``, replicated over ``mesh``.
+
+  Reads only those two subtrees (not the optimiser state), laid out for this job's devices, which may differ
+  in number from the pretraining run's.
+  """
+  path = os.path.join(str(mngr.directory), str(step), 'default')
+  meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+  sharding = parallel.replicated(mesh)
+  target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta[k])
+            for k in ('params', 'batch_stats')}
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  return {k: restored[k]['backbone'] for k in ('params', 'batch_stats')}
+
+
+# --- optimiser and steps ------------------------------------------------------------------------------------
+
+def epoch_cosine(base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
+  """``base_lr·(1 + cos(π·epoch/epochs))/2`` with epoch = step // steps_per_epoch (CosineAnnealingLR)."""
+  def schedule(step):
+    epoch = jnp.minimum(step // steps_per_epoch, epochs)
+    return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+  return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, params: dict, steps_per_epoch: int, epochs: int):
+  """SGD (momentum, weight decay on the gradient) with its own cosine learning rate per top-level group."""
+  def sgd(lr):
+    return optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                       optax.sgd(epoch_cosine(lr, steps_per_epoch, epochs), momentum=optim.momentum))
+  lrs = {'head': optim.head_lr, 'backbone': optim.backbone_lr}
+  return optax.multi_transform({k: sgd(lrs[k]) for k in params}, {k: k for k in params})
+
+
+def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool):
+  """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
+
+  ``backbone=None``: the batch holds features (cached extraction). Frozen backbone: ``frozen`` holds its
+  variables and it runs in inference mode. Fine-tuning: its params are in ``state`` and BatchNorm uses the
+  global batch statistics. Each replica's loss is the global mean cross-entropy, so the averaged gradients
+  are those of one device on the whole batch.
+  """
+  axis = parallel.AXIS
+
+  def per_device(state: ClassifierState, frozen, batch):
+    def loss_fn(params):
+      x, batch_stats = batch['image'], state.batch_stats
+      if backbone is None:
+        h = x
+      elif finetune:
+        h, upd = backbone.apply({'params': params['backbone'], 'batch_stats': batch_stats}, x, train=True,
+                                mutable=['batch_stats'])
+        batch_stats = upd['batch_stats']
+      else:
+        h = jax.lax.stop_gradient(backbone.apply(frozen, x, train=False))
+      logits = head.apply({'params': params['head']}, h)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+      return jax.lax.pmean(ce, axis), (batch_stats, logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = ClassifierState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+    top1 = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch['label']), axis)
+    return state, {'loss': loss, 'train_top1': top1}
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def make_eval_step(head: nn.Module, backbone: Optional[nn.Module]):
+  """Jitted ``(state, frozen, batch) -> (top-1 hits, top-5 hits, count)`` summed over the global batch."""
+  def step(state, frozen, batch):
+    h = batch['image']
+    if backbone is not None:
+      variables = frozen if 'backbone' not in state.params else {
+          'params': state.params['backbone'], 'batch_stats': state.batch_stats}
+      h = backbone.apply(variables, h, train=False)
+    logits = head.apply({'params': state.params['head']}, h)
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == batch['label'][:, None], axis=-1)
+    top1 = jnp.argmax(logits, -1) == batch['label']
+    m = batch['mask']
+    return jnp.sum(top1 * m), jnp.sum(top5 * m), jnp.sum(m)
+  return jax.jit(step)
+
+
+def evaluate(eval_step, state, frozen, batches) -> dict:
+  """Top-1 and top-5 accuracy (in [0, 1]) over ``batches`` of ``{'image', 'label', 'mask'}``."""
+  hits1 = hits5 = count = 0.0
+  for batch in batches:
+    a, b, c = jax.device_get(eval_step(state, frozen, batch))
+    hits1, hits5, count = hits1 + a, hits5 + b, count + c
+  return {'top1': float(hits1 / max(count, 1)), 'top5': float(hits5 / max(count, 1))}
+
+
+# --- features for the cached path ---------------------------------------------------------------------------
+
+def extract_features(backbone, variables, batches) -> tuple[np.ndarray, np.ndarray]:
+  """Frozen-backbone features (inference mode) and labels of every real (mask 1) example in ``batches``."""
+  apply = jax.jit(functools.partial(backbone.apply, train=False))
+  hs, ys = [], []
+  for batch in batches:
+    keep = np.asarray(jax.device_get(batch['mask'])) > 0
+    hs.append(np.asarray(jax.device_get(apply(variables, batch['image'])))[keep])
+    ys.append(np.asarray(jax.device_get(batch['label']))[keep])
+  return np.concatenate(hs), np.concatenate(ys)
+
+
+def feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, seed: int, start_step: int, sharding):
+  """Infinite global batches of cached features, reshuffled each epoch by (seed, epoch); resumable at a step."""
+  n = len(y)
+  per_epoch = max(n // batch_size, 1)
+  step = start_step
+  while True:
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = order[(i * batch_size + np.arange(batch_size)) % n]
+    yield {'image': jax.device_put(h[idx], sharding), 'label': jax.device_put(y[idx], sharding)}
+    step += 1
+
+
+def padded_feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, sharding):
+  """One pass over cached features in full global batches with a mask (the last one padded)."""
+  for i in range(0, len(y), batch_size):
+    hb, yb = h[i:i + batch_size], y[i:i + batch_size]
+    pad = batch_size - len(yb)
+    mask = np.concatenate([np.ones(len(yb), np.float32), np.zeros(pad, np.float32)])
+    hb = np.concatenate([hb, np.zeros((pad,) + hb.shape[1:], hb.dtype)])
+    yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+    yield {k: jax.device_put(v, sharding) for k, v in (('image', hb), ('label', yb), ('mask', mask))}
+
+
+# --- the training loop --------------------------------------------------------------------------------------
+
+def num_classes(data: ml_collections.ConfigDict) -> int:
+  if data.source == 'digits':
+    return 10
+  return sources.tfds_builder(data.name, data.data_dir).info.features['label'].num_classes
+
+
+def train_examples(config, indices) -> int:
+  if indices is not None:
+    return len(indices)
+  if config.data.source == 'digits':
+    return sources.digits(config.data.train_split).num_examples
+  return sources.num_examples(config.data.name, config.data.train_split, config.data.data_dir)
+
+
+def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collections.ConfigDict,
+                     pretrained: dict, ckpt_dir: str, writer, tag: str, finetune: bool) -> dict:
+  """Trains the head (and the backbone when ``finetune``) on ``config.data.train_split`` for
+  ``config.epochs``, resuming from ``ckpt_dir``; returns top-1/top-5 on ``config.data.test_split``."""
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  sharding = parallel.data_sharding(mesh)
+  pi, pc = jax.process_index(), jax.process_count()
+  indices = None
+  if config.data.labels_per_class:
+    indices = sources.per_class_subset(sources.digits(config.data.train_split).labels,
+                                       config.data.labels_per_class, config.seed)
+  n_train = train_examples(config, indices)
+  steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
+  total_steps = config.epochs * steps_per_epoch
+  cached = config.features.cache and not finetune
+  eval_backbone = build_backbone(pre_config)
+  ev = config.augment.eval
+
+  def eval_batches():
+    ds = pipeline.eval_dataset(config.data, config.data.test_split, config.batch_size, crop=ev.crop,
+                               resize=ev.resize, mean=ev.mean, std=ev.std, process_index=pi, process_count=pc)
+    return pipeline.global_batches(ds, sharding)
+
+  frozen = pretrained
+  if cached:  # features of un-augmented images, extracted once
+    ds = pipeline.eval_dataset(config.data, config.data.train_split, config.batch_size, crop=ev.crop,
+                               resize=ev.resize, mean=ev.mean, std=ev.std, process_index=pi, process_count=pc)
+    h_tr, y_tr = extract_features(eval_backbone, frozen, pipeline.global_batches(ds, sharding))
+    h_te, y_te = extract_features(eval_backbone, frozen, eval_batches())
+    if config.features.standardize:  # BatchNorm without affine, statistics of the training features
+      mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
+      h_tr, h_te = (h_tr - mu) / sd, (h_te - mu) / sd
+    feat_dim = h_tr.shape[1]
+    train_backbone = None
+  else:
+    if config.features.standardize:
+      raise ValueError('features.standardize needs features.cache=True (statistics of fixed features).')
+    feat_dim = eval_backbone.apply(pretrained, jnp.zeros((1, ev.crop, ev.crop, pre_config.data.channels)),
+                                   train=False).shape[-1]
+    train_backbone = build_backbone(pre_config, parallel.AXIS if finetune else None)
+
+  head = Head(num_classes(config.data), config.head_init_std)
+  params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
+  batch_stats = {}
+  if finetune:
+    params['backbone'], batch_stats = pretrained['params'], pretrained['batch_stats']
+  tx = make_optimizer(config.optim, params, steps_per_epoch, config.epochs)
+  state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  if mngr.latest_step() is not None:
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('%s: resumed head training at step %d.', tag, int(state.step))
+  start = int(state.step)
+
+  if cached:
+    batches = feature_batches(h_tr, y_tr, config.batch_size, config.seed, start, sharding)
+  else:
+    ds = pipeline.labelled_dataset(config.data, dict(config.augment.train), config.batch_size, config.seed,
+                                   start, pi, pc, indices)
+    batches = pipeline.global_batches(ds, sharding)
+  train_step = make_train_step(head, train_backbone, tx, mesh, finetune)
+  t0, last = time.time(), start
+  try:
+    metrics = None
+    for step in range(start + 1, total_steps + 1):
+      previous = metrics
+      state, metrics = train_step(state, frozen, next(batches))
+      jax.block_until_ready(previous)  # at most two steps in flight (see train.py)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        m = jax.device_get(metrics)
+        rate = (step - last) / max(time.time() - t0, 1e-9)
+        t0, last = time.time(), step
+        writer.write_scalars(step, {f'{tag}/{k}': v for k, v in m.items()})
+        logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', tag,
+                     step, total_steps, math.ceil(step / steps_per_epoch), config.epochs, m['loss'],
+                     m['train_top1'], rate, (total_steps - step) / max(rate, 1e-9))
+      if step % config.checkpoint_every_steps == 0:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+  finally:
+    mngr.wait_until_finished()
+
+  eval_step = make_eval_step(head, None if cached else eval_backbone)
+  if cached:
+    result = evaluate(eval_step, state, frozen, padded_feature_batches(h_te, y_te, config.batch_size, sharding))
+  else:
+    result = evaluate(eval_step, state, frozen, eval_batches())
+  result['epochs'] = config.epochs
+  return result

@@ -1,0 +1,108 @@
+"""The linear-evaluation job: watches a pretraining run's checkpoints and evaluates each one as it lands.
+
+  python -m vicreg_jax.main --config=configs/imagenet_linear.py --workdir=EVAL --config.pretrain_workdir=PRE
+
+For every new checkpoint in ``PRE/checkpoints`` (or only the newest, ``checkpoints='latest'``, or only the
+last step's, ``'final'``) it trains a
+linear head on the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and appends top-1/top-5 to
+``EVAL/results.json`` and TensorBoard. It stops once the checkpoint of the pretraining run's last step is
+evaluated. A restart skips the checkpoints already in results.json and resumes a half-trained head from
+``EVAL/heads/<step>``. Only checkpoints orbax has finalised are listed, so a half-written one is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers
+
+from vicreg_jax import parallel, train
+from vicreg_jax.evaluate import classifier
+
+
+def load_results(workdir: str) -> dict:
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_results(workdir: str, results: dict) -> None:
+  """Writes results.json atomically (a reader never sees half a file)."""
+  if jax.process_index():
+    return
+  tmp = os.path.join(workdir, 'results.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(dict(sorted(results.items(), key=lambda kv: int(kv[0]))), f, indent=2)
+  os.replace(tmp, os.path.join(workdir, 'results.json'))
+
+
+def _wait(what: str, started: float, config) -> None:
+  if config.timeout_seconds and time.time() - started > config.timeout_seconds:
+    raise TimeoutError(f'gave up after {config.timeout_seconds} s waiting for {what}')
+  time.sleep(config.poll_seconds)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False) -> dict:
+  """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step; returns results by step."""
+  if not config.pretrain_workdir:
+    raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
+  os.makedirs(workdir, exist_ok=True)
+  pre = config.pretrain_workdir
+  started = time.time()
+  while (pre_config := classifier.read_pretrain_config(pre)) is None:
+    logging.log_every_n_seconds(logging.INFO, 'Waiting for %s/config.json ...', 60, pre)
+    _wait(f'{pre}/config.json', started, config)
+  final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2))
+
+  results = load_results(workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  mngr = classifier.pretrain_checkpoints(pre)
+  mesh = parallel.make_mesh()
+  failures: dict[int, int] = {}
+  last_new = time.time()
+  while str(final_step) not in results:
+    mngr.reload()
+    todo = [s for s in mngr.all_steps() if str(s) not in results]
+    if config.checkpoints == 'latest':
+      todo = todo[-1:]
+    elif config.checkpoints == 'final':
+      todo = [s for s in todo if s == final_step]
+    elif config.checkpoints != 'all':
+      raise ValueError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
+    if not todo:
+      _wait(f'checkpoint {final_step} in {pre}/checkpoints', last_new, config)
+      continue
+    step = sorted(todo)[0]
+    last_new = time.time()
+    try:
+      pretrained = classifier.restore_backbone(mngr, step, mesh)
+    except Exception as e:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
+      failures[step] = failures.get(step, 0) + 1
+      if failures[step] >= 3:
+        raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {type(e).__name__}: {e}') from e
+      logging.warning('Could not read checkpoint %d (%s: %s); retrying.', step, type(e).__name__, e)
+      time.sleep(config.poll_seconds)
+      continue
+    logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)
+    t0 = time.time()
+    result = classifier.train_classifier(config, pre_config, pretrained, os.path.join(workdir, 'heads', str(step)),
+                                         writer, f'ckpt{step}', finetune)
+    result.update(seconds=round(time.time() - t0, 1), finished_at=round(time.time(), 1))
+    results[str(step)] = result
+    save_results(workdir, results)
+    writer.write_scalars(step, {'top1': result['top1'], 'top5': result['top5']})
+    writer.flush()
+    logging.info('Checkpoint %d: top-1 %.4f, top-5 %.4f (%.0f s).', step, result['top1'], result['top5'],
+                 result['seconds'])
+  writer.close()
+  print(json.dumps(results), flush=True)
+  return results
