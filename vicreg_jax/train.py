@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -148,7 +149,7 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 def save_config(workdir: str, config) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
 
 
@@ -168,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
   if not jax.process_index():
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)  # local path or gs://
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   n_train = train_examples(config)
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in summary.items() if k != 'steps'})
   summary['wall_seconds'] = round(time.time() - start_time, 1)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
     logging.info('Summary: %s', json.dumps(summary))
     print(json.dumps(summary), flush=True)
@@ -265,7 +266,8 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   h_te, _ = probe.extract(apply, variables, x_te, config.eval.batch_size, mesh)
   s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, 'spectra.npz'), representations=s_h, embeddings=s_z)
+    with tf.io.gfile.GFile(os.path.join(workdir, 'spectra.npz'), 'wb') as f:
+      np.savez(f, representations=s_h, embeddings=s_z)
   knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
   result = {
       'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),

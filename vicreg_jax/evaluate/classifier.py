@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
@@ -55,9 +56,9 @@ class Head(nn.Module):
 def read_pretrain_config(pretrain_workdir: str) -> Optional[ml_collections.ConfigDict]:
   """The pretraining run's ``config.json`` as a ConfigDict, or None if the run has not written it yet."""
   path = os.path.join(pretrain_workdir, 'config.json')
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     return None
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 

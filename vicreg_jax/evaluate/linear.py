@@ -18,6 +18,7 @@ import time
 
 import jax
 import ml_collections
+import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
@@ -27,9 +28,9 @@ from vicreg_jax.evaluate import classifier
 
 def load_results(workdir: str) -> dict:
   path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     return {}
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return json.load(f)
 
 
@@ -38,9 +39,9 @@ def save_results(workdir: str, results: dict) -> None:
   if jax.process_index():
     return
   tmp = os.path.join(workdir, 'results.json.tmp')
-  with open(tmp, 'w') as f:
+  with tf.io.gfile.GFile(tmp, 'w') as f:
     json.dump(dict(sorted(results.items(), key=lambda kv: int(kv[0]))), f, indent=2)
-  os.replace(tmp, os.path.join(workdir, 'results.json'))
+  tf.io.gfile.rename(tmp, os.path.join(workdir, 'results.json'), overwrite=True)
 
 
 def _wait(what: str, started: float, config) -> None:
@@ -53,14 +54,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step; returns results by step."""
   if not config.pretrain_workdir:
     raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
-  os.makedirs(workdir, exist_ok=True)
+  tf.io.gfile.makedirs(workdir)  # local path or gs://
   pre = config.pretrain_workdir
   started = time.time()
   while (pre_config := classifier.read_pretrain_config(pre)) is None:
     logging.log_every_n_seconds(logging.INFO, 'Waiting for %s/config.json ...', 60, pre)
     _wait(f'{pre}/config.json', started, config)
   final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json(indent=2))
 
   results = load_results(workdir)
