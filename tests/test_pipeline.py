@@ -110,3 +110,45 @@ def test_eval_images_honours_max_examples():
   x, y = pipeline.eval_images(config, 'test', max_examples=100)
   assert x.shape == (100, 8, 8, 1) and y.shape == (100,)
   assert pipeline.eval_images(config, 'test')[0].shape[0] == 540
+
+
+def folder_config(root, size=16):
+  config = load_config('imagenet')
+  config.batch_size = 8
+  config.data.update(source='folder', data_dir=str(root), image_size=size)
+  config.augment.view1 = dict(config.augment.view1, crop_size=size)
+  config.augment.view2 = dict(config.augment.view2, crop_size=size)
+  return config
+
+
+def test_resumed_folder_pipeline_sees_the_same_batches(tmp_path):
+  from test_sources import write_folder
+  write_folder(tmp_path, {'a': 6, 'b': 5}, shape=(12, 16))
+  config = folder_config(tmp_path)
+  fresh = batches(config, 0, 4)
+  resumed = batches(config, 2, 2)  # 11 examples, batch 8: crosses an epoch boundary
+  for a, b in zip(fresh[2:], resumed):
+    for k in ('view1', 'view2', 'label'):
+      np.testing.assert_array_equal(a[k], b[k])
+  assert fresh[0]['view1'].shape == (8, 16, 16, 3)
+  assert not np.array_equal(fresh[0]['view1'], fresh[1]['view1'])
+
+
+def test_imagenet_config_trains_two_steps_on_an_image_folder(tmp_path):
+  from vicreg_jax import train
+  rng = np.random.default_rng(0)
+  for k in range(32):  # ImageNet-like JPEGs: 500×375 (some portrait), smooth random content, 2 classes
+    low = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
+    size = (375, 500) if k % 4 else (500, 375)
+    image = tf.cast(tf.image.resize(low, size, method='bilinear'), tf.uint8)
+    (tmp_path / 'images' / f'class{k % 2}').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'images' / f'class{k % 2}' / f'{k}.jpeg').write_bytes(tf.io.encode_jpeg(image).numpy())
+  config = folder_config(tmp_path / 'images', size=64)
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
+  config.batch_size = 16
+  config.num_steps = 2
+  config.log_every_steps = 1
+  assert train.train_examples(config) == 32
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 2
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == ['2']

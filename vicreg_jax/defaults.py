@@ -40,10 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
 
+  # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', or 'folder' (``data_dir`` holds
+  # CLASS/*.jpg|jpeg|png, or train/CLASS/... and val/CLASS/...; without val/, ``val_fraction`` of every class is
+  # held out as 'validation'). tf.data: ``threadpool_size`` is the private thread pool per pipeline (0: TF's
+  # shared pool), ``shuffle_buffer`` examples (TFDS; encoded bytes when the views crop), ``prefetch`` batches.
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', train_split='train', data_dir=ml_collections.FieldReference(
-          None, field_type=str), image_size=224, channels=3, shuffle_buffer=10_000, threadpool_size=0,
-      prefetch=2))
+          None, field_type=str), val_fraction=0.0, image_size=224, channels=3, shuffle_buffer=10_000,
+      threadpool_size=0, prefetch=2))
   view1, view2 = imagenet_views()
   c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2))
 
@@ -75,7 +79,7 @@ def eval_job_config() -> ml_collections.ConfigDict:
       standardize=False))     # scale cached features by the training features' mean/std (BN without affine)
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', train_split='train', test_split='validation',
-      data_dir=ml_collections.FieldReference(None, field_type=str), labels_per_class=0, channels=3,
+      data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, labels_per_class=0, channels=3,
       shuffle_buffer=10_000, threadpool_size=0, prefetch=2))
   c.augment = ml_collections.ConfigDict(dict(
       # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) + CenterCrop(224).

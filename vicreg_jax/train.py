@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -56,9 +57,7 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def train_examples(config: ml_collections.ConfigDict) -> int:
-  if config.data.source == 'digits':
-    return sources.digits(config.data.train_split).num_examples
-  return sources.num_examples(config.data.name, config.data.train_split, config.data.data_dir)
+  return sources.split_examples(config.data, config.data.train_split)
 
 
 def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -177,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = max(n_train // config.batch_size, 1)
   model = build_model(config)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
-  online = make_probe(config, classifier.num_classes(config.data))
+  online = make_probe(config, sources.num_classes(config.data))
 
   rng = jax.random.key(config.seed)
   state = jax.jit(functools.partial(init_state, config, build_model(config, None), tx, online_probe=online),
@@ -266,8 +265,10 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   h_te, _ = probe.extract(apply, variables, x_te, config.eval.batch_size, mesh)
   s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
   if jax.process_index() == 0:
+    buffer = io.BytesIO()  # np.savez seeks, which GFile (gs://) does not support for writing
+    np.savez(buffer, representations=s_h, embeddings=s_z)
     with tf.io.gfile.GFile(os.path.join(workdir, 'spectra.npz'), 'wb') as f:
-      np.savez(f, representations=s_h, embeddings=s_z)
+      f.write(buffer.getvalue())
   knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
   result = {
       'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),

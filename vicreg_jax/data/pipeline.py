@@ -7,7 +7,9 @@
 Randomness is stateless: the example order and every augmentation are functions of (seed, process, position
 in this process's example stream), where position = step·local_batch + slot. In-memory sources (digits) are
 therefore exactly resumable: a pipeline started at step k yields the batches an uninterrupted one yields from
-step k. Streaming TFDS sources restart their file order and shuffle buffer from a seed folded with k.
+step k. Image folders are in-memory lists of files and resume exactly too. When every view starts with a random
+resized crop (ImageNet), file-backed sources keep images encoded and each view decodes only its crop window of
+a JPEG (:func:`augment.decode_random_resized_crop`). Streaming TFDS sources restart their file order and shuffle buffer from a seed folded with k.
 """
 
 from __future__ import annotations
@@ -36,25 +38,47 @@ def _options(data: ml_collections.ConfigDict) -> tf.data.Options:
   return opts
 
 
+def _encoded(data: ml_collections.ConfigDict, recipes) -> bool:
+  """Whether images stay encoded until the views decode them: file-backed sources (TFDS, image folders) when
+  every view starts with a random resized crop, so each view decodes only its crop window (JPEG)."""
+  return data.source in ('tfds', 'folder') and all(dict(r).get('crop_size') for r in recipes)
+
+
 def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, process_index: int,
-            process_count: int, indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
-  """Infinite shuffled ``(position, image float [0, 1], label)`` of this process's share of ``split``,
-  starting at stream position ``start``. ``indices`` restricts an in-memory split to those examples."""
-  if data.source == 'digits':
-    arrays = sources.digits(split)
-    images, labels = arrays.images, arrays.labels
+            process_count: int, indices: Optional[np.ndarray] = None, encoded: bool = False) -> tf.data.Dataset:
+  """Infinite shuffled ``(position, image, label)`` of this process's share of ``split``, starting at stream
+  position ``start``; the image is float [H, W, C] in [0, 1], or its encoded bytes when ``encoded`` and the
+  source is file-backed. ``indices`` restricts an in-memory split (digits, image folder) to those examples.
+
+  In-memory sources (digits arrays, an image folder's file list) draw example ``pos`` of the stream from a
+  stateless permutation of this process's examples per epoch, so any start position is exactly resumable.
+  """
+  if data.source in ('digits', 'folder'):
+    if data.source == 'digits':
+      arrays = sources.digits(split)
+      items, labels = arrays.images, arrays.labels
+    else:
+      files = sources.folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
+      items, labels = files.paths, files.labels
     if indices is not None:
-      images, labels = images[indices], labels[indices]
-    images = tf.constant(images[process_index::process_count])
+      items, labels = items[indices], labels[indices]
+    items = tf.constant(items[process_index::process_count])
     labels = tf.constant(labels[process_index::process_count])
-    n = int(images.shape[0])
+    n = int(items.shape[0])
+    if n == 0:
+      raise ValueError(f'Split {split!r} has no examples for process {process_index} of {process_count}.')
 
     def load(pos):
       epoch = pos // n
       idx = tf.random.experimental.index_shuffle(
           pos % n, seed=tf.stack([tf.constant(seed, tf.int64), epoch * process_count + process_index]),
           max_index=n - 1)
-      return pos, tf.gather(images, idx), tf.gather(labels, idx)
+      item = tf.gather(items, idx)
+      if data.source == 'folder':
+        item = tf.io.read_file(item)
+        if not encoded:
+          item = augment.decode(item, data.channels)
+      return pos, item, tf.gather(labels, idx)
 
     return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
   if data.source == 'tfds':
@@ -62,13 +86,16 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, 
       raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
                        "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
     ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                            process_count=process_count, shuffle_files=True, seed=seed + start)
+                            process_count=process_count, shuffle_files=True, seed=seed + start, decode=not encoded)
     ds = ds.repeat().shuffle(data.shuffle_buffer, seed=seed + start)
-    ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    if encoded:
+      ds = ds.map(lambda ex: (ex['image'], ex['label']))
+    else:
+      ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
+                  num_parallel_calls=tf.data.AUTOTUNE)
     return tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds).map(
         lambda pos, ex: (pos, ex[0], ex[1]))
-  raise ValueError(f"Unknown data.source {data.source!r}: use 'digits' or 'tfds'.")
+  raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
 
 
 def _finish(ds, data, local_b):
@@ -85,13 +112,15 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
   """
   local_b = local_batch_size(config.batch_size, process_count)
   base_seed = tf.constant([config.seed, process_index], tf.int64)
+  view1, view2 = dict(config.augment.view1), dict(config.augment.view2)
   ds = _stream(config.data, config.data.train_split, config.seed, start_step * local_b, process_index,
-               process_count)
+               process_count, encoded=_encoded(config.data, (view1, view2)))
+  channels = config.data.channels
 
   def views(pos, image, label):
     s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base_seed, pos), 2)
-    return {'view1': augment.augment_view(image, s[0], dict(config.augment.view1)),
-            'view2': augment.augment_view(image, s[1], dict(config.augment.view2)),
+    return {'view1': augment.augment_view(image, s[0], view1, channels),
+            'view2': augment.augment_view(image, s[1], view2, channels),
             'label': tf.cast(label, tf.int32)}
 
   return _finish(ds.map(views, num_parallel_calls=tf.data.AUTOTUNE), config.data, local_b)
@@ -105,11 +134,12 @@ def labelled_dataset(data: ml_collections.ConfigDict, recipe: dict, batch_size: 
   stream."""
   local_b = local_batch_size(batch_size, process_count)
   base_seed = tf.constant([seed, process_index], tf.int64)
-  ds = _stream(data, data.train_split, seed, start_step * local_b, process_index, process_count, indices)
+  ds = _stream(data, data.train_split, seed, start_step * local_b, process_index, process_count, indices,
+               encoded=_encoded(data, (recipe,)))
 
   def view(pos, image, label):
     seed_ = tf.random.experimental.stateless_fold_in(base_seed, pos)
-    return {'image': augment.augment_view(image, seed_, recipe), 'label': tf.cast(label, tf.int32)}
+    return {'image': augment.augment_view(image, seed_, recipe, data.channels), 'label': tf.cast(label, tf.int32)}
 
   return _finish(ds.map(view, num_parallel_calls=tf.data.AUTOTUNE), data, local_b)
 
@@ -135,7 +165,7 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   """One pass over this process's share of ``split`` in batches ``{'image', 'label', 'mask'}`` of
   ``batch_size / process_count``; the last batch is padded (mask 0) so every process yields full batches.
 
-  TFDS images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224), centre crop ``crop``.
+  TFDS and image-folder images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224), centre crop ``crop``.
   In-memory (digits) images are used as they are. Then normalised by ``mean``/``std`` if given.
   """
   local_b = local_batch_size(batch_size, process_count)
@@ -146,17 +176,27 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
     total = len(y)
   else:
     resize = resize or crop * 8 // 7
-    ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                            process_count=process_count)
+    if data.source == 'folder':
+      files = sources.folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
+      ds = sources.folder_dataset(files, process_index, process_count)
+      total = min(max_examples or files.num_examples, files.num_examples)
+    elif data.source == 'tfds':
+      ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                              process_count=process_count)
+      total = max_examples or sources.num_examples(data.name, split, data.data_dir)
+    else:
+      raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
     if max_examples:
       ds = ds.take(max_examples // process_count)
 
     def prep(ex):
-      image = _resize_centre_crop(tf.image.convert_image_dtype(ex['image'], tf.float32), resize, crop)
+      image = ex['image']
+      if image.dtype == tf.string:
+        image = augment.decode(image, data.channels)
+      image = _resize_centre_crop(tf.image.convert_image_dtype(image, tf.float32), resize, crop)
       return tf.ensure_shape(image, [crop, crop, data.channels]), ex['label']
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
-    total = max_examples or sources.num_examples(data.name, split, data.data_dir)
   if mean is not None:
     ds = ds.map(lambda x, y: (augment.normalize(x, mean, std), y))
   ds = ds.map(lambda x, y: {'image': x, 'label': tf.cast(y, tf.int32), 'mask': tf.constant(1.0)})

@@ -1,8 +1,10 @@
-"""Datasets: scikit-learn's embedded digits, and any TFDS dataset by name."""
+"""Datasets: scikit-learn's embedded digits, any TFDS dataset by name, and image folders
+(``root/class_name/*.jpg|jpeg|png``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -80,16 +82,159 @@ def tfds_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Dataset
 
 
 def tfds_split(name: str, split: str, *, data_dir: Optional[str] = None, process_index: int = 0,
-               process_count: int = 1, shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
-  """This process's even share of a TFDS split, as a dataset of ``{'image': uint8 [H,W,C], 'label'}``."""
+               process_count: int = 1, shuffle_files: bool = False, seed: int = 0,
+               decode: bool = True) -> tf.data.Dataset:
+  """This process's even share of a TFDS split, as a dataset of ``{'image': uint8 [H,W,C], 'label'}``;
+  with ``decode=False`` the image stays the encoded bytes (a string scalar), for fused decode-and-crop."""
   builder = tfds_builder(name, data_dir)
   if process_count > 1:
     split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
   read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+  decoders = None if decode else {'image': tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config, decoders=decoders)
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
 
 def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
-  """Number of examples in a TFDS split (the whole split, all processes together)."""
-  return tfds_builder(name, data_dir).info.splits[split].num_examples
+  """Number of examples in a TFDS split (the whole split, all processes together).
+
+  For ``name='folder'`` (or a TFDS name not prepared under ``data_dir`` when ``data_dir`` is an image folder),
+  the number of images in that split of the image folder ``data_dir`` (see :func:`folder_split`; the default
+  ``val_fraction`` of 0 unless the folder has train/ and val/ subfolders). Prefer :func:`split_examples`,
+  which knows the config's source and ``val_fraction``.
+  """
+  if name == 'folder':
+    return folder_split(data_dir, split).num_examples
+  try:
+    builder = tfds_builder(name, data_dir)
+  except DataNotFoundError:
+    if data_dir:  # an image folder given with the default name: count it; otherwise TFDS's own message
+      try:
+        return folder_split(data_dir, split).num_examples
+      except (DataNotFoundError, ValueError):
+        pass
+    raise
+  return builder.info.splits[split].num_examples
+
+
+# --- image folders -----------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_SPLIT_DIRS = {'train': ('train',), 'validation': ('val', 'validation'), 'test': ('test',)}
+_FOLDER_HOW = ('pass --config.data.data_dir=ROOT where ROOT holds one subfolder of images per class '
+               '(ROOT/CLASS/*.jpg|jpeg|png), optionally inside ROOT/train and ROOT/val')
+
+
+@dataclasses.dataclass
+class FileSplit:
+  """A split of an image folder: file paths (sorted), int32 labels and the class names (label i = classes[i])."""
+  paths: np.ndarray
+  labels: np.ndarray
+  classes: list
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+
+def _subdirs(root: str) -> list:
+  return sorted(d.rstrip('/') for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
+
+
+@functools.lru_cache(maxsize=16)
+def _scan(root: str) -> FileSplit:
+  """Every image under ``root/CLASS/`` (classes = sorted subfolder names; files sorted within a class)."""
+  if not tf.io.gfile.isdir(root):
+    raise DataNotFoundError(f'Image folder {root} does not exist: {_FOLDER_HOW}.')
+  classes = _subdirs(root)
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    files = sorted(f for f in tf.io.gfile.listdir(os.path.join(root, name))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    paths += [os.path.join(root, name, f) for f in files]
+    labels += [label] * len(files)
+  if not paths:
+    raise DataNotFoundError(f'Image folder {root} holds no class subfolders with .jpg/.jpeg/.png images: '
+                            f'{_FOLDER_HOW}.')
+  return FileSplit(np.array(paths), np.array(labels, np.int32), classes)
+
+
+def _split_root(root: str, split: str) -> Optional[str]:
+  """``root/train``, ``root/val`` ... when the folder is laid out by split (it has a train/ subfolder)."""
+  if not tf.io.gfile.isdir(os.path.join(root, 'train')):
+    return None
+  for d in _SPLIT_DIRS.get(split, (split,)):
+    if tf.io.gfile.isdir(os.path.join(root, d)):
+      return os.path.join(root, d)
+  raise DataNotFoundError(f'Image folder {root} has no subfolder for split {split!r} '
+                          f'(looked for {", ".join(_SPLIT_DIRS.get(split, (split,)))}).')
+
+
+def folder_split(root: Optional[str], split: str, val_fraction: float = 0.0) -> FileSplit:
+  """The ``split`` ('train' or 'validation') of the image folder ``root``.
+
+  If ``root`` has a ``train/`` subfolder, splits are its subfolders (``train``; ``val`` or ``validation``;
+  ``test``), each laid out ``CLASS/*.jpg``, with the training split's classes as the label set. Otherwise the
+  classes are ``root``'s subfolders, and 'validation' is a fixed ``val_fraction`` of every class (the same
+  files on every machine and run: a seeded permutation of the sorted file names); 'train' is the rest.
+  """
+  if not root:
+    raise DataNotFoundError(f'data.source is folder but data.data_dir is not set: {_FOLDER_HOW}.')
+  by_split = _split_root(root, split)
+  if by_split is not None:
+    files = _scan(by_split)
+    classes = _scan(os.path.join(root, 'train')).classes
+    if files.classes != classes:  # validation may lack classes: map by name
+      index = {c: i for i, c in enumerate(classes)}
+      missing = sorted(set(files.classes) - set(index))
+      if missing:
+        raise DataNotFoundError(f'Split {split!r} of {root} has classes not in train/: {missing[:5]}.')
+      files = FileSplit(files.paths, np.array([index[files.classes[y]] for y in files.labels], np.int32),
+                        classes)
+    return files
+  if split not in ('train', 'validation', 'val'):
+    raise ValueError(f"An image folder without train/ and val/ subfolders has splits 'train' and 'validation', "
+                     f'not {split!r}.')
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'data.val_fraction must be in [0, 1), not {val_fraction}.')
+  files = _scan(root)
+  if split != 'train' and val_fraction == 0.0:
+    raise ValueError(f'Image folder {root} has no val/ subfolder: set --config.data.val_fraction (e.g. 0.05) '
+                     'to hold out part of every class as the validation split.')
+  rng = np.random.default_rng(0)
+  val = np.zeros(len(files.labels), bool)
+  for c in range(len(files.classes)):
+    idx = np.flatnonzero(files.labels == c)
+    val[idx[rng.permutation(len(idx))[:int(round(val_fraction * len(idx)))]]] = True
+  keep = ~val if split == 'train' else val
+  return FileSplit(files.paths[keep], files.labels[keep], files.classes)
+
+
+def folder_dataset(split: FileSplit, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """One pass, in file order, over this process's share (every ``process_count``-th file from
+  ``process_index``) of ``split``, as ``{'image': encoded bytes, 'label'}``."""
+  paths = split.paths[process_index::process_count]
+  labels = split.labels[process_index::process_count]
+  ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+  return ds.map(lambda p, y: {'image': tf.io.read_file(p), 'label': y}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- any source, from the config's data section ---------------------------------------------------------------
+
+def split_examples(data, split: str) -> int:
+  """Number of examples in ``split`` of the dataset ``data`` (a config's ``data`` section) names, all
+  processes together."""
+  if data.source == 'digits':
+    return digits(split).num_examples
+  if data.source == 'folder':
+    return folder_split(data.data_dir, split, data.get('val_fraction', 0.0)).num_examples
+  return num_examples(data.name, split, data.data_dir)
+
+
+def num_classes(data) -> int:
+  """Number of classes of the dataset ``data`` (a config's ``data`` section) names."""
+  if data.source == 'digits':
+    return 10
+  if data.source == 'folder':
+    return len(folder_split(data.data_dir, data.train_split, data.get('val_fraction', 0.0)).classes)
+  return tfds_builder(data.name, data.data_dir).info.features['label'].num_classes

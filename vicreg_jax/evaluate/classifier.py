@@ -213,18 +213,14 @@ def padded_feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, shardi
 
 # --- the training loop --------------------------------------------------------------------------------------
 
-def num_classes(data: ml_collections.ConfigDict) -> int:
+def train_labels(data: ml_collections.ConfigDict):
+  """Labels of an in-memory training split (digits, image folder), to draw ``labels_per_class`` subsets."""
   if data.source == 'digits':
-    return 10
-  return sources.tfds_builder(data.name, data.data_dir).info.features['label'].num_classes
-
-
-def train_examples(config, indices) -> int:
-  if indices is not None:
-    return len(indices)
-  if config.data.source == 'digits':
-    return sources.digits(config.data.train_split).num_examples
-  return sources.num_examples(config.data.name, config.data.train_split, config.data.data_dir)
+    return sources.digits(data.train_split).labels
+  if data.source == 'folder':
+    return sources.folder_split(data.data_dir, data.train_split, data.get('val_fraction', 0.0)).labels
+  raise ValueError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
+                   "subset split instead (e.g. 'imagenet2012_subset/1pct').")
 
 
 def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collections.ConfigDict,
@@ -237,9 +233,8 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   pi, pc = jax.process_index(), jax.process_count()
   indices = None
   if config.data.labels_per_class:
-    indices = sources.per_class_subset(sources.digits(config.data.train_split).labels,
-                                       config.data.labels_per_class, config.seed)
-  n_train = train_examples(config, indices)
+    indices = sources.per_class_subset(train_labels(config.data), config.data.labels_per_class, config.seed)
+  n_train = len(indices) if indices is not None else sources.split_examples(config.data, config.data.train_split)
   steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
   total_steps = config.epochs * steps_per_epoch
   cached = config.features.cache and not finetune
@@ -269,7 +264,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
                                    train=False).shape[-1]
     train_backbone = build_backbone(pre_config, parallel.AXIS if finetune else None)
 
-  head = Head(num_classes(config.data), config.head_init_std)
+  head = Head(sources.num_classes(config.data), config.head_init_std)
   params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
   batch_stats = {}
   if finetune:

@@ -1,0 +1,153 @@
+"""Augmentation ops: each op eagerly and inside a tf.data map (shape, dtype, range), the official recipe's coin
+flips at their stated rates, the random-resized-crop window (fused with JPEG decoding or not) and its fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vicreg_jax import defaults
+from vicreg_jax.data import augment
+
+SIZE = 32
+VIEW1, VIEW2 = defaults.imagenet_views(SIZE)
+IMAGE = tf.random.stateless_uniform((40, 48, 3), seed=[1, 2])
+JPEG = tf.io.encode_jpeg(tf.image.convert_image_dtype(IMAGE, tf.uint8))
+PNG = tf.io.encode_png(tf.image.convert_image_dtype(IMAGE, tf.uint8))
+UNIT = (0.0, 1.0)
+NORMALISED = ((0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD),
+              (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD))
+
+# name: (fn(image, seed), input, output shape, value range)
+OPS = {
+    'random_resized_crop': (lambda x, s: augment.random_resized_crop(x, s, SIZE), IMAGE, (SIZE, SIZE, 3), UNIT),
+    'decode_crop_jpeg': (lambda x, s: augment.decode_random_resized_crop(x, s, SIZE), JPEG, (SIZE, SIZE, 3), UNIT),
+    'decode_crop_png': (lambda x, s: augment.decode_random_resized_crop(x, s, SIZE), PNG, (SIZE, SIZE, 3), UNIT),
+    'decode': (lambda x, s: augment.decode(x), JPEG, (40, 48, 3), UNIT),
+    'flip': (lambda x, s: augment.random_flip(x, s, 0.5), IMAGE, (40, 48, 3), UNIT),
+    'color_jitter': (lambda x, s: augment.color_jitter(x, s), IMAGE, (40, 48, 3), UNIT),
+    'grayscale': (lambda x, s: augment.augment_view(x, s, dict(gray_p=1.0)), IMAGE, (40, 48, 3), UNIT),
+    'gaussian_blur': (lambda x, s: augment.gaussian_blur(x, s), IMAGE, (40, 48, 3), UNIT),
+    'solarize': (lambda x, s: augment.solarize(x), IMAGE, (40, 48, 3), UNIT),
+    'translate': (lambda x, s: augment.random_translate(x, s, 4), IMAGE, (40, 48, 3), UNIT),
+    'affine': (lambda x, s: augment.random_affine(x, s, 30.0, (0.8, 1.2), 10.0), IMAGE, (40, 48, 3), UNIT),
+    'normalize': (lambda x, s: augment.normalize(x, augment.IMAGENET_MEAN, augment.IMAGENET_STD), IMAGE,
+                  (40, 48, 3), NORMALISED),
+    'view1': (lambda x, s: augment.augment_view(x, s, VIEW1), IMAGE, (SIZE, SIZE, 3), NORMALISED),
+    'view2': (lambda x, s: augment.augment_view(x, s, VIEW2), IMAGE, (SIZE, SIZE, 3), NORMALISED),
+    'view2_from_jpeg': (lambda x, s: augment.augment_view(x, s, VIEW2), JPEG, (SIZE, SIZE, 3), NORMALISED),
+}
+
+
+@pytest.mark.parametrize('name', sorted(OPS))
+def test_op_eagerly_and_in_tf_data(name):
+  fn, x, shape, (lo, hi) = OPS[name]
+  seeds = tf.constant([[i, 7] for i in range(4)], tf.int64)
+  eager = np.stack([fn(x, s).numpy() for s in seeds])
+  mapped = np.stack(list(tf.data.Dataset.from_tensor_slices(seeds).map(lambda s: fn(x, s)).as_numpy_iterator()))
+  for out in (eager, mapped):
+    assert out.shape == (4,) + shape and out.dtype == np.float32
+    assert lo - 1e-5 <= out.min() and out.max() <= hi + 1e-5
+  np.testing.assert_allclose(eager, mapped, atol=1e-4)
+
+
+def _decisions(recipe, n=2000):
+  seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([tf.constant(11, tf.int64), i]))
+  out = list(seeds.map(lambda s: augment.view_decisions(s, recipe)).batch(n).as_numpy_iterator())[0]
+  return {k: v.mean() for k, v in out.items()}
+
+
+def test_official_recipe_rates():
+  """Rates of the coin flips augment_view makes (2,000 draws each; same sub-seeds as augment_view)."""
+  r1, r2 = _decisions(VIEW1), _decisions(VIEW2)
+  for r in (r1, r2):
+    assert abs(r['flip'] - 0.5) <= 0.03 and abs(r['jitter'] - 0.8) <= 0.03 and abs(r['gray'] - 0.2) <= 0.03
+  assert r1['blur'] == 1.0 and r1['solarize'] == 0.0
+  assert abs(r2['blur'] - 0.1) <= 0.03 and abs(r2['solarize'] - 0.2) <= 0.03
+
+
+@pytest.mark.parametrize('op', ['flip', 'jitter', 'gray', 'blur', 'solarize'])
+def test_view_decisions_are_the_ops_that_fire(op):
+  """Turning one op off changes the view exactly for the seeds whose decision says that op fired."""
+  recipe = dict(VIEW2, mean=None, std=None, blur_p=0.5, blur_sigma=(1.0, 2.0))  # sigma 0.1 is ~identity
+  off = dict(recipe, **{f'{op}_p': 0.0})
+  fn = tf.function(lambda s: (augment.augment_view(IMAGE, s, recipe), augment.augment_view(IMAGE, s, off),
+                              augment.view_decisions(s, recipe)[op]))
+  fired = []
+  for i in range(60):
+    a, b, d = fn(tf.constant([i, 3], tf.int64))
+    assert (np.abs(a.numpy() - b.numpy()).max() > 1e-6) == bool(d)
+    fired.append(bool(d))
+  assert 0 < sum(fired) < 60
+
+
+def test_grayscale_output_channels_equal_iff_decided():
+  recipe = dict(VIEW1, mean=None, std=None)
+  fn = tf.function(lambda s: (augment.augment_view(IMAGE, s, recipe), augment.view_decisions(s, recipe)['gray']))
+  for i in range(40):
+    v, gray = fn(tf.constant([i, 5], tf.int64))
+    v = v.numpy()
+    assert bool(gray) == (np.allclose(v[..., 0], v[..., 1], atol=1e-6) and np.allclose(v[..., 1], v[..., 2],
+                                                                                       atol=1e-6))
+
+
+def _windows(shape, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  ds = tf.data.Dataset.range(n).map(
+      lambda i: augment.crop_window(tf.constant(shape), tf.stack([tf.constant(3, tf.int64), i]), scale, ratio))
+  return np.stack(list(ds.as_numpy_iterator()))
+
+
+def test_crop_window_statistics_on_imagenet_sized_images():
+  h, w = 375, 500
+  win = _windows([h, w, 3], 2000)
+  y, x, ch, cw = win.T
+  assert (y >= 0).all() and (x >= 0).all() and (y + ch <= h).all() and (x + cw <= w).all()
+  area = ch * cw / (h * w)
+  aspect = cw / ch
+  assert area.min() >= 0.08 and area.max() <= 1.0
+  assert aspect.min() >= 3 / 4 - 0.02 and aspect.max() <= 4 / 3 + 0.02  # integer sides: rounding only
+  assert 0.3 < area.mean() < 0.7 and area.max() > 0.9 and area.min() < 0.1  # the range is used
+  assert len({tuple(v) for v in win}) > 1900  # windows differ from seed to seed
+
+
+@pytest.mark.parametrize('shape,expected', [
+    ((12, 400), [0, 192, 12, 16]),   # too wide: full height, width = round(12 · 4/3), centred
+    ((400, 12), [192, 0, 16, 12]),   # too tall: full width, height = round(12 / (3/4)), centred
+])
+def test_crop_window_falls_back_to_torchvision_centre_crop(shape, expected):
+  win = _windows(list(shape) + [3], 50)  # no crop of area ≥ 8% fits: every draw fails
+  assert (win == expected).all()
+
+
+def test_crop_window_on_an_extreme_aspect_image_is_valid_or_the_fallback():
+  h, w = 26, 400  # TF's sampler finds an 8% crop of aspect ≤ 4/3 in about 90% of draws
+  win = _windows([h, w, 3], 500)
+  fallback = [0, (w - 35) // 2, 26, 35]
+  is_fallback = (win == fallback).all(1)
+  ok = win[~is_fallback]
+  area, aspect = ok[:, 2] * ok[:, 3] / (h * w), ok[:, 3] / ok[:, 2]
+  assert (area >= 0.08).all() and (aspect >= 3 / 4 - 0.03).all() and (aspect <= 4 / 3 + 0.03).all()
+  assert 0 < is_fallback.sum() < 500  # both happen on this image
+  # A whole-image window is valid when its aspect ratio is in range: not a failure, no fallback.
+  assert (_windows([300, 300, 3], 200, scale=(1.0, 1.0)) == [0, 0, 300, 300]).all()
+
+
+@pytest.mark.parametrize('shape', [(375, 500), (26, 400), (12, 400)])
+def test_fused_jpeg_crop_equals_crop_of_decoded_image(shape):
+  image = tf.image.convert_image_dtype(tf.random.stateless_uniform(shape + (3,), seed=[4, 4]), tf.uint8)
+  jpeg = tf.io.encode_jpeg(image, quality=90)
+  decoded = augment.decode(jpeg)
+  for i in range(5):
+    seed = tf.constant([i, 9], tf.int64)
+    fused = augment.decode_random_resized_crop(jpeg, seed, 48)
+    plain = augment.random_resized_crop(decoded, seed, 48)
+    # Same window; libjpeg's cropped decode differs from the full decode only next to the window's edge
+    # (chroma upsampling without the neighbours outside it), by a few levels.
+    d = np.abs(fused.numpy() - plain.numpy())
+    win = augment.crop_window(tf.shape(decoded), seed).numpy()
+    edge = int(np.ceil(2 * 48 / min(win[2:]))) + 2  # two source pixels, in output pixels, + bicubic support
+    assert d[edge:-edge, edge:-edge].max() <= 2 / 255 and d.mean() < 0.01
+    # The whole view: the same ops on the same window (edge differences amplified by jitter and normalisation).
+    diff = np.abs(augment.augment_view(jpeg, seed, VIEW2).numpy() - augment.augment_view(decoded, seed, VIEW2).numpy())
+    assert diff.mean() < 0.03  # normalised units (1/std ≈ 4.4 per unit of pixel value)

@@ -1,0 +1,122 @@
+"""Image-folder source: labels from class names, a fixed disjoint train/validation split, per-process shards,
+one-line errors; encoded TFDS images for the fused crop."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vicreg_jax.data import augment, pipeline, sources
+
+
+def write_folder(root, counts: dict, shape=(6, 8), fmt='mixed', start=0):
+  """``counts[class]`` constant-colour images per class under ``root/class/`` (JPEG and PNG alternating for
+  'mixed'); image k (from ``start``, over all classes) has grey level 8·k, so a decoded image names itself."""
+  k = start
+  for name, n in counts.items():
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+      image = tf.fill(list(shape) + [3], tf.constant(8 * k, tf.uint8))
+      png = fmt == 'png' or (fmt == 'mixed' and i % 2)
+      data = tf.io.encode_png(image) if png else tf.io.encode_jpeg(image, quality=100)
+      (root / name / f'img{i:03d}.{"png" if png else "jpg"}').write_bytes(data.numpy())
+      k += 1
+  (root / 'notes.txt').write_text('not a class')  # files at the top are ignored
+  return root
+
+
+def image_id(image):
+  return int(round(float(np.mean(image)) * 255 / 8))
+
+
+def folder_data(root, **kw):
+  return ml_collections.ConfigDict(dict(dict(source='folder', name='imagenet2012', train_split='train',
+                                             data_dir=str(root), val_fraction=0.0, channels=3, shuffle_buffer=8,
+                                             threadpool_size=0, prefetch=1), **kw))
+
+
+def test_labels_come_from_sorted_class_names(tmp_path):
+  write_folder(tmp_path, {'zebra': 2, 'ant': 3, 'moth': 1})
+  files = sources.folder_split(str(tmp_path), 'train')
+  assert files.classes == ['ant', 'moth', 'zebra']
+  for path, label in zip(files.paths, files.labels):
+    assert path.split('/')[-2] == files.classes[label]
+  assert sources.num_classes(folder_data(tmp_path)) == 3
+  assert sources.split_examples(folder_data(tmp_path), 'train') == 6
+
+
+def test_validation_fraction_split_is_disjoint_covering_and_fixed(tmp_path):
+  write_folder(tmp_path, {'a': 10, 'b': 20})
+  train = sources.folder_split(str(tmp_path), 'train', 0.2)
+  val = sources.folder_split(str(tmp_path), 'validation', 0.2)
+  assert not set(train.paths) & set(val.paths)
+  assert len(set(train.paths) | set(val.paths)) == 30
+  assert np.bincount(val.labels).tolist() == [2, 4]  # 20% of every class
+  again = sources.folder_split(str(tmp_path), 'validation', 0.2)
+  assert val.paths.tolist() == again.paths.tolist()
+  data = folder_data(tmp_path, val_fraction=0.2)
+  assert sources.split_examples(data, 'train') == 24 and sources.split_examples(data, 'validation') == 6
+  with pytest.raises(ValueError, match='val_fraction'):
+    sources.folder_split(str(tmp_path), 'validation', 0.0)
+
+
+def test_train_and_val_subfolders_are_the_splits(tmp_path):
+  write_folder(tmp_path / 'train', {'a': 3, 'b': 2})
+  write_folder(tmp_path / 'val', {'b': 2})  # a class may be missing from validation
+  assert sources.folder_split(str(tmp_path), 'train').num_examples == 5
+  val = sources.folder_split(str(tmp_path), 'validation')
+  assert val.classes == ['a', 'b'] and val.labels.tolist() == [1, 1]
+  # num_examples (the trainer's call) counts a folder given as data_dir when TFDS has no such dataset there.
+  assert sources.num_examples('imagenet2012', 'train', str(tmp_path)) == 5
+
+
+@pytest.mark.parametrize('make', ['missing', 'empty', 'unset'])
+def test_missing_or_empty_folder_is_one_line(tmp_path, make):
+  root = tmp_path / 'data'
+  if make == 'empty':
+    (root / 'cls').mkdir(parents=True)
+  with pytest.raises(sources.DataNotFoundError) as e:
+    sources.folder_split(None if make == 'unset' else str(root), 'train')
+  message = str(e.value)
+  assert '\n' not in message and 'data_dir' in message and 'CLASS/*.jpg' in message
+
+
+def test_two_processes_read_disjoint_shares_that_cover_the_split(tmp_path):
+  write_folder(tmp_path, {'a': 7, 'b': 5})
+  identity = dict(augment.RECIPE_DEFAULTS)
+  seen = []
+  for p in range(2):
+    # One epoch of this process's stream (6 of 12 examples) is one local batch.
+    ds = pipeline.labelled_dataset(folder_data(tmp_path), identity, 12, seed=0, process_index=p, process_count=2)
+    b = next(ds.as_numpy_iterator())
+    ids = [image_id(x) for x in b['image']]
+    assert len(set(ids)) == 6
+    seen.append(set(ids))
+    # Labels travel with their images: ids 0-6 are class a, 7-11 class b.
+    assert [int(i >= 7) for i in ids] == b['label'].tolist()
+    ev = list(pipeline.eval_dataset(folder_data(tmp_path), 'train', 8, crop=4, resize=4, process_index=p,
+                                    process_count=2).as_numpy_iterator())
+    mask = np.concatenate([e['mask'] for e in ev]) > 0
+    assert {image_id(x) for x in np.concatenate([e['image'] for e in ev])[mask]} == seen[p]
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
+
+
+def test_eval_images_of_a_folder_validation_split(tmp_path):
+  write_folder(tmp_path, {'a': 4, 'b': 4}, shape=(10, 14))
+  config = ml_collections.ConfigDict(dict(
+      data=folder_data(tmp_path, val_fraction=0.25, image_size=8),
+      augment=dict(view1=dict(augment.RECIPE_DEFAULTS))))
+  x, y = pipeline.eval_images(config, 'validation')
+  assert x.shape == (2, 8, 8, 3) and sorted(y.tolist()) == [0, 1]
+
+
+def test_tfds_images_stay_encoded_when_every_view_crops(tmp_path, mock_tfds):
+  data = folder_data(tmp_path, source='tfds', data_dir=str(tmp_path / 'tfds'))
+  assert pipeline._encoded(data, [dict(crop_size=32), dict(crop_size=32)])
+  assert not pipeline._encoded(data, [dict(crop_size=32), dict(crop_size=0)])
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 100}, 4):
+    ex = next(iter(sources.tfds_split('imagenet2012', 'train', data_dir=data.data_dir, decode=False)))
+    assert ex['image'].dtype == tf.string and ex['image'].shape == ()
+    assert augment.augment_view(ex['image'], tf.constant([0, 0]), dict(crop_size=16)).shape == (16, 16, 3)
