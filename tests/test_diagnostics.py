@@ -123,3 +123,15 @@ def test_command_without_spectra_fails_with_one_error_line(tmp_path):
   lines = res.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:') and 'spectra.npz' in lines[0], res.stderr
   assert not (tmp_path / 'x.png').exists()
+
+
+def test_absolute_plot_shows_a_collapse_in_scale_that_the_normalised_one_hides():
+  s = np.geomspace(10.0, 0.1, 50)
+  same = {'run a': s, 'run b': s}
+  shrunk = {'run a': s, 'run b': s * 1e-4}  # same shape, 10^4 times smaller (embeddings shrinking to a point)
+  def differing(a, b):  # fraction of pixels that differ (anti-aliasing of rounding differences aside)
+    return np.mean(np.abs(a.astype(int) - b.astype(int)).max(-1) > 8)
+  normalised = differing(diagnostics.spectrum_plot(shrunk, normalize=True),
+                         diagnostics.spectrum_plot(same, normalize=True))
+  absolute = differing(diagnostics.spectrum_plot(shrunk), diagnostics.spectrum_plot(same))
+  assert normalised < 1e-4 < 0.002 < absolute, (normalised, absolute)
