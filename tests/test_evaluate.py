@@ -19,7 +19,7 @@ from test_train import load_config
 from vicreg_jax import parallel, train
 from vicreg_jax.evaluate import classifier, linear
 
-TINY = ['--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32']
+SIZE = 64
 
 
 def cli(*args):
@@ -70,7 +70,9 @@ def tiny_imagenet_pretraining(tmp_path):
   config = load_config('imagenet')
   config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
   config.update(batch_size=16, num_steps=2, log_every_steps=1)
-  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
+  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'), image_size=SIZE)
+  for view in (config.augment.view1, config.augment.view2):  # the official recipe, at 64 px to keep CPU time low
+    view['crop_size'] = SIZE
   workdir = str(tmp_path / 'pre')
   train.train_and_evaluate(config, workdir)
   return workdir
@@ -80,6 +82,8 @@ def eval_overrides(config, tmp_path, pre):
   config.update(pretrain_workdir=pre, batch_size=16, epochs=1, log_every_steps=1, poll_seconds=0.1,
                 timeout_seconds=60.0, checkpoint_every_steps=2)
   config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
+  config.augment.train['crop_size'] = SIZE
+  config.augment.eval.update(resize=SIZE * 8 // 7, crop=SIZE)
   return config
 
 
@@ -89,8 +93,9 @@ def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
   with mock_tfds('imagenet2012', tmp_path / 'tfds', splits, 32), \
        mock_tfds('imagenet2012_subset/10pct', tmp_path / 'tfds', splits, 32):
     pre = tiny_imagenet_pretraining(tmp_path)
-    lin = eval_overrides(load_config('imagenet_linear'), tmp_path, pre)
-    assert lin.augment.train['crop_size'] == 224 and lin.augment.eval['resize'] == 256
+    lin = load_config('imagenet_linear')
+    assert lin.augment.train['crop_size'] == 224 and lin.augment.eval['resize'] == 256  # the official protocol
+    lin = eval_overrides(lin, tmp_path, pre)
     results = linear.run(lin, str(tmp_path / 'lin'))
     spec = __import__('importlib').util.spec_from_file_location('semi', REPO / 'configs' / 'imagenet_semi.py')
     module = __import__('importlib').util.module_from_spec(spec)
