@@ -120,3 +120,18 @@ def test_tfds_images_stay_encoded_when_every_view_crops(tmp_path, mock_tfds):
     ex = next(iter(sources.tfds_split('imagenet2012', 'train', data_dir=data.data_dir, decode=False)))
     assert ex['image'].dtype == tf.string and ex['image'].shape == ()
     assert augment.augment_view(ex['image'], tf.constant([0, 0]), dict(crop_size=16)).shape == (16, 16, 3)
+
+
+def test_cached_tfds_stream_yields_the_same_batches(tmp_path, mock_tfds):
+  """data.cache keeps the examples after one pass; the batches (here beyond the first epoch) are unchanged."""
+  from test_train import load_config
+  config = load_config('cifar10')
+  config.batch_size = 8
+  config.data.update(data_dir=str(tmp_path / 'tfds'), shuffle_buffer=4)
+  with mock_tfds('cifar10', tmp_path / 'tfds', {'train': 12, 'test': 12}, 12):
+    plain = [b for _, b in zip(range(4), pipeline.pretrain_dataset(config).as_numpy_iterator())]
+    config.data.cache = True
+    cached = [b for _, b in zip(range(4), pipeline.pretrain_dataset(config).as_numpy_iterator())]
+  for a, b in zip(plain, cached):
+    np.testing.assert_array_equal(a['view1'], b['view1'])
+    np.testing.assert_array_equal(a['label'], b['label'])

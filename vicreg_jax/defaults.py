@@ -47,9 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', train_split='train', data_dir=ml_collections.FieldReference(
           None, field_type=str), val_fraction=0.0, image_size=224, channels=3, shuffle_buffer=10_000,
-      threadpool_size=0, prefetch=2))
+      threadpool_size=0, prefetch=2,
+      cache=False))  # TFDS: keep this host's share in memory after one pass (as read: encoded or decoded)
   view1, view2 = imagenet_views()
-  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2))
+  # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8;
+  # the colour part (jitter, grayscale, blur, solarize, normalisation) runs in the jit step on the accelerator,
+  # same distribution (data/device_augment.py): for hosts short of CPU.
+  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=False))
 
   c.eval = ml_collections.ConfigDict(dict(
       final_probe=False, test_split='validation', labels_per_class=5, draws=5, batch_size=256,
@@ -80,7 +84,7 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', train_split='train', test_split='validation',
       data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, labels_per_class=0, channels=3,
-      shuffle_buffer=10_000, threadpool_size=0, prefetch=2))
+      shuffle_buffer=10_000, threadpool_size=0, prefetch=2, cache=False))
   c.augment = ml_collections.ConfigDict(dict(
       # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) + CenterCrop(224).
       train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method='bilinear', flip_p=0.5,

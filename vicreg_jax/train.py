@@ -24,7 +24,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import PartitionSpec as P
 
 from vicreg_jax import losses, optim, parallel
-from vicreg_jax.data import pipeline, sources
+from vicreg_jax.data import device_augment, pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
 from vicreg_jax.models import heads, resnet
 
@@ -103,12 +103,34 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   loss gathers the embeddings of all devices, and gradients are averaged; the state stays replicated. The
   online probe (if any) trains on the stop-gradient representations of view 1 and the labels. The first view's
   representations and embeddings come back sharded, for the collapse diagnostics.
+
+  With ``config.augment.on_device`` the batch's views are the host's geometric part only (uint8) and each device
+  first applies the colour part of the view recipes (:func:`device_augment.apply_colour_ops_per_example`), with
+  example keys from (seed, step, view, the example's row in the global batch): the same augmentations whatever
+  the number of devices, and a resumed run repeats them.
   """
   coeffs = dict(config.loss)
   axis = parallel.AXIS
   head, probe_tx = online_probe
+  on_device = bool(config.augment.get('on_device', False))
+  recipes = (dict(config.augment.view1), dict(config.augment.view2))
+
+  def colour_ops(batch, step):
+    """The views after the device colour ops; keys per example from its global row ``device·local_b + i``."""
+    local_b = batch['view1'].shape[0]
+    rows = jax.lax.axis_index(axis) * local_b + jnp.arange(local_b)
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x636f6c), step)
+    out = dict(batch)
+    for v, (name, recipe) in enumerate(zip(('view1', 'view2'), recipes)):
+      view_key = jax.random.fold_in(step_key, v)
+      keys = jax.vmap(lambda i, k=view_key: jax.random.fold_in(k, i))(rows)
+      out[name] = device_augment.apply_colour_ops_per_example(batch[name], keys, recipe)
+    return out
 
   def per_device(state: TrainState, batch):
+    if on_device:
+      batch = colour_ops(batch, state.step)
+
     def loss_fn(params):
       (h1, z1), upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['view1'],
                                   train=True, mutable=['batch_stats'])

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vicreg_jax.data import augment, sources
+from vicreg_jax.data import augment, device_augment, sources
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -87,6 +87,8 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, 
                        "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
     ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
                             process_count=process_count, shuffle_files=True, seed=seed + start, decode=not encoded)
+    if data.get('cache', False):  # small datasets: keep this process's examples in memory after the first epoch
+      ds = ds.cache()
     ds = ds.repeat().shuffle(data.shuffle_buffer, seed=seed + start)
     if encoded:
       ds = ds.map(lambda ex: (ex['image'], ex['label']))
@@ -109,18 +111,25 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
 
   Each batch holds ``config.batch_size / process_count`` examples: this process's rows of the global batch.
   The label only feeds the online probe; the self-supervised loss never sees it.
+  With ``config.augment.on_device`` the views get only the geometric part of their recipe here
+  (:func:`device_augment.host_recipe`: the same crops and flips) and come as uint8 (×255, rounded); the train
+  step applies the colour part on the accelerator.
   """
   local_b = local_batch_size(config.batch_size, process_count)
   base_seed = tf.constant([config.seed, process_index], tf.int64)
   view1, view2 = dict(config.augment.view1), dict(config.augment.view2)
+  on_device = bool(config.augment.get('on_device', False))
+  if on_device:
+    view1, view2 = device_augment.host_recipe(view1), device_augment.host_recipe(view2)
+  cast = device_augment.to_uint8 if on_device else (lambda x: x)
   ds = _stream(config.data, config.data.train_split, config.seed, start_step * local_b, process_index,
                process_count, encoded=_encoded(config.data, (view1, view2)))
   channels = config.data.channels
 
   def views(pos, image, label):
     s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base_seed, pos), 2)
-    return {'view1': augment.augment_view(image, s[0], view1, channels),
-            'view2': augment.augment_view(image, s[1], view2, channels),
+    return {'view1': cast(augment.augment_view(image, s[0], view1, channels)),
+            'view2': cast(augment.augment_view(image, s[1], view2, channels)),
             'label': tf.cast(label, tf.int32)}
 
   return _finish(ds.map(views, num_parallel_calls=tf.data.AUTOTUNE), config.data, local_b)
