@@ -151,3 +151,25 @@ def test_fused_jpeg_crop_equals_crop_of_decoded_image(shape):
     # The whole view: the same ops on the same window (edge differences amplified by jitter and normalisation).
     diff = np.abs(augment.augment_view(jpeg, seed, VIEW2).numpy() - augment.augment_view(decoded, seed, VIEW2).numpy())
     assert diff.mean() < 0.03  # normalised units (1/std ≈ 4.4 per unit of pixel value)
+
+
+def test_two_views_from_one_decode_equal_the_separate_views():
+  """augment_views decodes the union of both crop windows once; each view equals augment_view with its seed
+  (same window and draws; pixels only differ where the cropped decodes' edges differ)."""
+  image = tf.image.convert_image_dtype(tf.random.stateless_uniform((375, 500, 3), seed=[5, 5]), tf.uint8)
+  image = tf.cast(tf.image.resize(tf.image.resize(image, (24, 32)), (375, 500)), tf.uint8)  # smooth content
+  jpeg = tf.io.encode_jpeg(image, quality=90)
+  decoded = augment.decode(jpeg)
+  for i in range(6):
+    seeds = (tf.constant([i, 1], tf.int64), tf.constant([i, 2], tf.int64))
+    both = augment.augment_views(jpeg, seeds, (VIEW1, VIEW2))
+    for view, seed, recipe in zip(both, seeds, (VIEW1, VIEW2)):
+      assert view.shape == (SIZE, SIZE, 3)
+      diff = np.abs(view.numpy() - augment.augment_view(decoded, seed, recipe).numpy())
+      assert diff.mean() < 0.03, (i, diff.mean())
+  with pytest.raises(ValueError, match='crop'):
+    augment.augment_views(jpeg, seeds, (VIEW1, dict(VIEW2, crop_size=0)))
+  png = tf.io.encode_png(image)  # not a JPEG: decoded whole, then the same windows
+  for view, seed, recipe in zip(augment.augment_views(png, seeds, (VIEW1, VIEW2)), seeds, (VIEW1, VIEW2)):
+    np.testing.assert_allclose(view.numpy(), augment.augment_view(augment.decode(png), seed,
+                                                                  recipe).numpy(), atol=1e-5)

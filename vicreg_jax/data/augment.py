@@ -289,6 +289,11 @@ def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
     if r['crop_size']:
       image = random_resized_crop(image, s[_CROP], r['crop_size'], r['crop_scale'], r['crop_ratio'],
                                   r['crop_method'])
+  return _after_crop(image, s, r)
+
+
+def _after_crop(image, s, r):
+  """The ops of :func:`augment_view` after the crop, with its sub-seeds ``s`` and full recipe ``r``."""
   if r['affine_degrees'] or r['affine_shear'] or tuple(r['affine_scale']) != (1.0, 1.0):
     image = random_affine(image, s[_AFFINE], r['affine_degrees'], r['affine_scale'], r['affine_shear'])
   if r['translate']:
@@ -302,3 +307,38 @@ def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
   if r['mean'] is not None:
     image = normalize(image, r['mean'], r['std'])
   return image
+
+
+def augment_views(image_bytes, seeds, recipes, channels: int = 3):
+  """Several augmented views of one encoded image, decoding its JPEG once: the union of the views' crop
+  windows is decoded (``decode_and_crop_jpeg``) and each view's window sliced from it.
+
+  Same windows, flips and colour draws as :func:`augment_view` with the same seeds (pixels may differ
+  slightly at window edges, where a cropped JPEG decode lacks the neighbouring blocks). Needs a crop in every
+  recipe; non-JPEG bytes are decoded whole.
+  """
+  rs = [_recipe(r) for r in recipes]
+  if not all(r['crop_size'] for r in rs):
+    raise ValueError('augment_views needs a random resized crop in every recipe')
+  subs = [tf.random.experimental.stateless_split(seed, 10) for seed in seeds]
+
+  def decoded_with_offset():
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    wins = tf.stack([crop_window(shape, s[_CROP], r['crop_scale'], r['crop_ratio']) for s, r in zip(subs, rs)])
+    top, bottom = tf.reduce_min(wins[:, :2], 0), tf.reduce_max(wins[:, :2] + wins[:, 2:], 0)
+    union = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([top, bottom - top], 0), channels=channels)
+    return tf.image.convert_image_dtype(union, tf.float32), wins - tf.concat([top, [0, 0]], 0)
+
+  def whole():
+    image = decode(image_bytes, channels)
+    wins = tf.stack([crop_window(tf.shape(image), s[_CROP], r['crop_scale'], r['crop_ratio'])
+                     for s, r in zip(subs, rs)])
+    return image, wins
+
+  image, wins = tf.cond(tf.io.is_jpeg(image_bytes), decoded_with_offset, whole)
+  image.set_shape([None, None, channels])
+  views = []
+  for i, (s, r) in enumerate(zip(subs, rs)):
+    crop = tf.slice(image, tf.stack([wins[i, 0], wins[i, 1], 0]), tf.stack([wins[i, 2], wins[i, 3], -1]))
+    views.append(_after_crop(_resize(crop, r['crop_size'], r['crop_method'], channels), s, r))
+  return views

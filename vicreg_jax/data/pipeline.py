@@ -122,15 +122,18 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
   if on_device:
     view1, view2 = device_augment.host_recipe(view1), device_augment.host_recipe(view2)
   cast = device_augment.to_uint8 if on_device else (lambda x: x)
+  encoded = _encoded(config.data, (view1, view2))
   ds = _stream(config.data, config.data.train_split, config.seed, start_step * local_b, process_index,
-               process_count, encoded=_encoded(config.data, (view1, view2)))
+               process_count, encoded=encoded)
   channels = config.data.channels
 
   def views(pos, image, label):
     s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base_seed, pos), 2)
-    return {'view1': cast(augment.augment_view(image, s[0], view1, channels)),
-            'view2': cast(augment.augment_view(image, s[1], view2, channels)),
-            'label': tf.cast(label, tf.int32)}
+    if encoded:  # one JPEG decode (the union of the two crop windows) for both views
+      v1, v2 = augment.augment_views(image, (s[0], s[1]), (view1, view2), channels)
+    else:
+      v1, v2 = augment.augment_view(image, s[0], view1, channels), augment.augment_view(image, s[1], view2, channels)
+    return {'view1': cast(v1), 'view2': cast(v2), 'label': tf.cast(label, tf.int32)}
 
   return _finish(ds.map(views, num_parallel_calls=tf.data.AUTOTUNE), config.data, local_b)
 
