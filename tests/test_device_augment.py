@@ -191,20 +191,29 @@ def test_on_device_host_batches_are_the_geometric_part_only():
   np.testing.assert_array_equal(dev['label'], full['label'])
 
 
-def test_digits_train_step_with_colour_ops_on_device_moves_parameters():
-  """Two train steps of the tiny digits model on the uint8 host batches, with the colour ops in the jit step."""
+def test_digits_train_step_with_colour_ops_on_device_moves_parameters_and_ignores_the_device_count():
+  """Two train steps of the tiny digits model on the uint8 host batches, with the colour ops in the jit step:
+  parameters move, and 8 devices take the same steps as 1 (each example's colour draws depend on its row in
+  the global batch, not on which device holds it)."""
   config = tiny_digits(**{'augment.on_device': True})
   host = [b for _, b in zip(range(2), pipeline.pretrain_dataset(config).as_numpy_iterator())]
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
-  tx, schedule = train.make_optimizer(config, 10, 2)
-  online = train.make_probe(config, 10)
-  state0 = jax.device_put(train.init_state(config, train.build_model(config, None), tx, jax.random.key(0), online),
-                          parallel.replicated(mesh))
-  step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
-  p0, state, losses = jax.device_get(state0.params), state0, []
-  for b in host:
-    state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
-    losses.append(float(metrics['loss']))
-  assert int(state.step) == 2 and all(np.isfinite(losses))
-  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params), p0)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
+    tx, schedule = train.make_optimizer(config, 10, 2)
+    online = train.make_probe(config, 10)
+    state = jax.device_put(train.init_state(config, train.build_model(config, None), tx, jax.random.key(0),
+                                            online), parallel.replicated(mesh))
+    p0 = jax.device_get(state.params)
+    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
+    losses = []
+    for b in host:
+      state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
+      losses.append(float(metrics['loss']))
+    results.append((jax.device_get(state.params), losses))
+  (p1, l1), (p8, l8) = results
+  assert len(jax.devices()) == 8 and all(np.isfinite(l1))
+  np.testing.assert_allclose(l8, l1, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p8, p1)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p0)
   assert max(jax.tree.leaves(moved)) > 1e-4
