@@ -135,3 +135,23 @@ def test_cached_tfds_stream_yields_the_same_batches(tmp_path, mock_tfds):
   for a, b in zip(plain, cached):
     np.testing.assert_array_equal(a['view1'], b['view1'])
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_tfds_stream_resumes_exactly(tmp_path, mock_tfds):
+  """A TFDS pipeline restarted at step k yields the batches of an uninterrupted one from step k, across epoch
+  boundaries (24 examples, batches of 16: steps 3 and 4 start inside epochs 2 and 3). One process: the mock
+  yields whole splits whatever the slice, so per-process shares cannot be mocked."""
+  from test_train import load_config
+  config = load_config('cifar10')
+  config.batch_size = 16
+  config.data.update(data_dir=str(tmp_path / 'tfds'), shuffle_buffer=6)
+  with mock_tfds('cifar10', tmp_path / 'tfds', {'train': 24, 'test': 12}, 24):
+    fresh = [b for _, b in zip(range(6), pipeline.pretrain_dataset(config, 0).as_numpy_iterator())]
+    for k in (3, 4):
+      resumed = [b for _, b in zip(range(6 - k), pipeline.pretrain_dataset(config, k).as_numpy_iterator())]
+      for a, b in zip(fresh[k:], resumed):
+        for key in ('view1', 'view2', 'label'):
+          np.testing.assert_array_equal(a[key], b[key])
+  # Each epoch is reshuffled: the first two epochs (24 examples each) come in different orders.
+  labels = np.concatenate([b['label'] for b in fresh])
+  assert sorted(labels[:24]) == sorted(labels[24:48]) and not np.array_equal(labels[:24], labels[24:48])

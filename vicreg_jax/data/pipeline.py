@@ -7,9 +7,10 @@
 Randomness is stateless: the example order and every augmentation are functions of (seed, process, position
 in this process's example stream), where position = step·local_batch + slot. In-memory sources (digits) are
 therefore exactly resumable: a pipeline started at step k yields the batches an uninterrupted one yields from
-step k. Image folders are in-memory lists of files and resume exactly too. When every view starts with a random
+step k. Image folders are in-memory lists of files and resume exactly too; TFDS streams resume exactly by
+starting at the resume step's epoch and skipping into it. When every view starts with a random
 resized crop (ImageNet), file-backed sources keep images encoded and each view decodes only its crop window of
-a JPEG (:func:`augment.decode_random_resized_crop`). Streaming TFDS sources restart their file order and shuffle buffer from a seed folded with k.
+a JPEG (:func:`augment.decode_random_resized_crop`).
 """
 
 from __future__ import annotations
@@ -85,11 +86,22 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, 
     if indices is not None:
       raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
                        "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
-    ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                            process_count=process_count, shuffle_files=True, seed=seed + start, decode=not encoded)
+    # Exactly resumable: a fixed file order (TFDS shuffles examples into its files when it builds a dataset),
+    # reshuffled per epoch by a buffer seeded with (seed, epoch). A start position p lies in epoch p // n at
+    # offset p % n; the stream starts at that epoch and skips the offset (reading, not decoding, at most one
+    # epoch of this process's records).
+    base = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                              process_count=process_count, decode=not encoded)
     if data.get('cache', False):  # small datasets: keep this process's examples in memory after the first epoch
-      ds = ds.cache()
-    ds = ds.repeat().shuffle(data.shuffle_buffer, seed=seed + start)
+      base = base.cache()
+    n = max(sources.num_examples(data.name, split, data.data_dir) // process_count, 1)
+    first_epoch, offset = divmod(start, n)
+    seed_base = tf.constant(seed, tf.int64) * 1_000_003 + process_index * 7_919
+
+    def epoch(e):
+      return base.shuffle(data.shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
+
+    ds = tf.data.Dataset.counter(start=first_epoch, dtype=tf.int64).flat_map(epoch).skip(offset)
     if encoded:
       ds = ds.map(lambda ex: (ex['image'], ex['label']))
     else:
