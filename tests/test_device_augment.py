@@ -121,7 +121,7 @@ def test_colour_part_equals_augment_view_given_the_same_draws(view):
   recipe = dict(VIEW1 if view == 'view1' else VIEW2, crop_size=0, flip_p=0.0)
   recipe['jitter_p'] = recipe['gray_p'] = 0.5  # both branches of each coin occur among the seeds
   recipe['solarize_p'] = 0.5 if view == 'view2' else 0.0
-  colour = jax.jit(lambda x, d: da._colour_one(x, d, da._recipe(recipe)))
+  colour = jax.jit(lambda x, d: da._colour_one(x, d, da.full_recipe(recipe)))
   fired = set()
   for i in range(12):
     seed = tf.constant([i, 3], tf.int64)

@@ -18,6 +18,7 @@ from conftest import REPO
 from test_train import load_config
 from vicreg_jax import parallel, train
 from vicreg_jax.evaluate import classifier, linear
+from vicreg_jax.models import resnet
 
 SIZE = 64
 
@@ -121,7 +122,7 @@ def test_finetune_step_on_8_devices_equals_1_device():
   """The whole-network step (SyncBN, global-mean loss, averaged gradients) is the same on 8 devices and 1."""
   pre = load_config('digits')
   pre.model.update(width_multiplier=1 / 16)
-  backbone0 = classifier.build_backbone(pre)
+  backbone0 = resnet.from_config(pre.model)
   variables = backbone0.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
   head = classifier.Head(10)
   dim = backbone0.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
@@ -137,7 +138,7 @@ def test_finetune_step_on_8_devices_equals_1_device():
     tx = classifier.make_optimizer(cfg.optim, params, 2, 3)
     state = classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                        batch_stats=variables['batch_stats'], opt_state=tx.init(params))
-    step = classifier.make_train_step(head, classifier.build_backbone(pre, parallel.AXIS), tx, mesh, True)
+    step = classifier.make_train_step(head, resnet.from_config(pre.model, parallel.AXIS), tx, mesh, True)
     state = jax.device_put(state, parallel.replicated(mesh))
     for _ in range(2):
       state, metrics = step(state, {}, jax.device_put(batch, parallel.data_sharding(mesh)))

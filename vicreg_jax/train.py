@@ -28,7 +28,6 @@ from vicreg_jax.data import device_augment, pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
 from vicreg_jax.models import heads, resnet
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -43,12 +42,9 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS) -> nn.Module:
   """Backbone + projector from ``config.model``; BatchNorm statistics synchronised over ``axis_name``."""
-  m = config.model
-  dtype = DTYPES[m.dtype]
-  backbone = resnet.resnet(m.arch, width_multiplier=m.width_multiplier, stem=m.stem, axis_name=axis_name,
-                           dtype=dtype)
-  projector = heads.Projector(m.projector, axis_name=axis_name, dtype=dtype)
-  return heads.SSLModel(backbone, projector)
+  projector = heads.Projector(config.model.projector, axis_name=axis_name,
+                              dtype=resnet.DTYPES[config.model.dtype])
+  return heads.SSLModel(resnet.from_config(config.model, axis_name), projector)
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -60,11 +56,15 @@ def train_examples(config: ml_collections.ConfigDict) -> int:
   return sources.split_examples(config.data, config.data.train_split)
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  return max(num_examples // config.batch_size, 1)
+
+
 def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
   """(total steps, warmup steps) from epochs over ``num_examples``, unless ``config.num_steps`` is set."""
-  steps_per_epoch = max(num_examples // config.batch_size, 1)
-  total = config.num_steps or int(config.epochs * steps_per_epoch)
-  warmup = int(config.optim.warmup_epochs * steps_per_epoch)
+  per_epoch = steps_per_epoch(config, num_examples)
+  total = config.num_steps or int(config.epochs * per_epoch)
+  warmup = int(config.optim.warmup_epochs * per_epoch)
   return total, min(warmup, total)
 
 
@@ -83,12 +83,11 @@ def make_probe(config, num_classes: int):
 
 
 def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
-  variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
+  (h, _), variables = model.init_with_output(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
   params = variables['params']
   head, probe_tx = online_probe
   probe_params, probe_opt_state = {}, {}
   if head is not None:
-    h, _ = model.apply(variables, jnp.zeros(input_shape(config), jnp.float32), train=False)
     probe_params = head.init(jax.random.fold_in(rng, 1), h)['params']
     probe_opt_state = probe_tx.init(probe_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
@@ -174,10 +173,13 @@ def save_config(workdir: str, config) -> None:
       f.write(config.to_json(indent=2))
 
 
-def collapse_metrics(h, z) -> dict:
-  """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``)."""
-  return {f'{name}/{k}': v for name, x in (('repr', h), ('emb', z))
-          for k, v in diagnostics.collapse_stats(x).items()}
+def collapse_metrics(h, z) -> tuple[dict, tuple]:
+  """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``), and the two
+  singular-value spectra they were computed from."""
+  spectra = (diagnostics.spectrum(h), diagnostics.spectrum(z))
+  scalars = {f'{name}/{k}': v for name, x, s in (('repr', h, spectra[0]), ('emb', z, spectra[1]))
+             for k, v in diagnostics.collapse_stats(x, s=s).items()}
+  return scalars, spectra
 
 
 def _format_metrics(step: int, total: int, m: dict) -> str:
@@ -195,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_size(config.batch_size, mesh)
   n_train = train_examples(config)
   total_steps, warmup_steps = schedule_steps(config, n_train)
-  steps_per_epoch = max(n_train // config.batch_size, 1)
+  epoch_steps = steps_per_epoch(config, n_train)
   model = build_model(config)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
   online = make_probe(config, sources.num_classes(config.data))
@@ -212,7 +214,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = make_train_step(config, model, tx, schedule, mesh, online)
   diagnose = jax.jit(collapse_metrics)
-  spectra = jax.jit(lambda h, z: (diagnostics.spectrum(h), diagnostics.spectrum(z)))
   spectrum_every = config.spectrum_every_steps or config.checkpoint_every_steps
   probe_sum, probe_n = 0.0, 0
   metrics = None
@@ -237,20 +238,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         h(step)
       if online[0] is not None:  # mean train top-1 of the online probe over each epoch (summed on device)
         probe_sum, probe_n = probe_sum + metrics['online_probe_top1'], probe_n + 1
-        if step % steps_per_epoch == 0 or step == total_steps:
+        if step % epoch_steps == 0 or step == total_steps:
           top1 = float(probe_sum) / probe_n
           writer.write_scalars(step, {'online_probe/epoch_top1': top1})
-          logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / steps_per_epoch), top1)
+          logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / epoch_steps), top1)
           probe_sum, probe_n = 0.0, 0
-      if step % config.log_every_steps == 0 or step == total_steps:
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      spectrum_now = step % spectrum_every == 0 or step == total_steps
+      if log_now or spectrum_now:
+        collapse, (s_h, s_z) = diagnose(h1, z1)
+      if log_now:
         m = jax.device_get(metrics)
         if not math.isfinite(float(m['loss'])):
           raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
-        m.update(jax.device_get(diagnose(h1, z1)))
+        m.update(jax.device_get(collapse))
         writer.write_scalars(step, m)
         logging.info(_format_metrics(step, total_steps, m))
-      if step % spectrum_every == 0 or step == total_steps:
-        s_h, s_z = jax.device_get(spectra(h1, z1))
+      if spectrum_now:
+        s_h, s_z = jax.device_get((s_h, s_z))
         image = diagnostics.spectrum_plot({'representations': s_h, 'embeddings': s_z}, title=f'step {step}')
         writer.write_images(step, {'spectrum': image[None]})
       if step % config.checkpoint_every_steps == 0 or step == total_steps:

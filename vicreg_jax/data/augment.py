@@ -76,9 +76,12 @@ def random_resized_crop(image, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4,
                         method: str = 'bicubic'):
   """Crops the window of :func:`crop_window` (area fraction in ``scale``, aspect ratio in ``ratio``, torchvision's
   centre-crop fallback) and resizes it to ``size``×``size``; bicubic output is clipped back to [0, 1]."""
-  win = crop_window(tf.shape(image), seed, scale, ratio)
-  crop = tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], -1]))
-  return _resize(crop, size, method, image.shape[-1])
+  return _resize(_crop(image, crop_window(tf.shape(image), seed, scale, ratio)), size, method, image.shape[-1])
+
+
+def _crop(image, win):
+  """The window ``[y, x, h, w]`` of ``image``."""
+  return tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], -1]))
 
 
 def decode(image_bytes, channels: int = 3):
@@ -86,6 +89,27 @@ def decode(image_bytes, channels: int = 3):
   image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
   image.set_shape([None, None, channels])
   return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def decode_crops(image_bytes, windows, channels: int = 3) -> list:
+  """The crops ``windows(shape) -> [k, 4]`` (``[y, x, h, w]`` rows, from the image's [H, W, ...] shape) of
+  encoded image bytes, float32 in [0, 1]. JPEG: only the union of the windows is decoded (the header gives the
+  shape; ``decode_and_crop_jpeg``), so every crop is cut from one partial decode. Other formats are decoded
+  whole."""
+
+  def jpeg():
+    wins = windows(tf.image.extract_jpeg_shape(image_bytes))
+    top, bottom = tf.reduce_min(wins[:, :2], 0), tf.reduce_max(wins[:, :2] + wins[:, 2:], 0)
+    union = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([top, bottom - top], 0), channels=channels)
+    return tf.image.convert_image_dtype(union, tf.float32), wins - tf.concat([top, [0, 0]], 0)
+
+  def other():
+    image = decode(image_bytes, channels)
+    return image, windows(tf.shape(image))
+
+  image, wins = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+  image.set_shape([None, None, channels])
+  return [_crop(image, wins[i]) for i in range(wins.shape[0])]
 
 
 def decode_random_resized_crop(image_bytes, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -96,19 +120,7 @@ def decode_random_resized_crop(image_bytes, seed, size: int, scale=(0.08, 1.0), 
   (``decode_and_crop_jpeg``). Other formats are decoded whole, then cropped. Same ``seed``, same window as
   :func:`random_resized_crop` on the decoded image.
   """
-
-  def jpeg():
-    win = crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, scale, ratio)
-    crop = tf.image.decode_and_crop_jpeg(image_bytes, win, channels=channels)
-    crop.set_shape([None, None, channels])
-    return tf.image.convert_image_dtype(crop, tf.float32)
-
-  def other():
-    image = decode(image_bytes, channels)
-    win = crop_window(tf.shape(image), seed, scale, ratio)
-    return tf.slice(image, tf.stack([win[0], win[1], 0]), tf.stack([win[2], win[3], -1]))
-
-  crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+  [crop] = decode_crops(image_bytes, lambda shape: crop_window(shape, seed, scale, ratio)[None], channels)
   return _resize(crop, size, method, channels)
 
 
@@ -247,7 +259,8 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _recipe(recipe: Mapping[str, Any]) -> dict:
+def full_recipe(recipe: Mapping[str, Any]) -> dict:
+  """``recipe`` with every key of :data:`RECIPE_DEFAULTS` (defaults filled in); unknown keys are an error."""
   unknown = set(recipe) - set(RECIPE_DEFAULTS)
   if unknown:
     raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
@@ -261,7 +274,7 @@ _CROP, _TRANSLATE, _FLIP, _JITTER_P, _JITTER, _GRAY, _BLUR_P, _BLUR, _SOLARIZE, 
 def view_decisions(seed, recipe: Mapping[str, Any]) -> dict:
   """The coin flips :func:`augment_view` makes for ``seed``: booleans ``flip``, ``jitter``, ``gray``, ``blur``,
   ``solarize`` (the same sub-seeds, so rates measured here are the pipeline's rates)."""
-  r = _recipe(recipe)
+  r = full_recipe(recipe)
   s = tf.random.experimental.stateless_split(seed, 10)
   return dict(flip=_coin(s[_FLIP], r['flip_p']), jitter=_coin(s[_JITTER_P], r['jitter_p']),
               gray=_coin(s[_GRAY], r['gray_p']), blur=_coin(s[_BLUR_P], r['blur_p']),
@@ -277,7 +290,7 @@ def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
   ``channels`` channels; with a crop in the recipe, JPEG bytes are decoded only inside the crop window
   (:func:`decode_random_resized_crop`), and the result equals the crop of the decoded image.
   """
-  r = _recipe(recipe)
+  r = full_recipe(recipe)
   s = tf.random.experimental.stateless_split(seed, 10)
   encoded = tf.as_dtype(image.dtype) == tf.string
   if r['crop_size'] and encoded:
@@ -317,28 +330,12 @@ def augment_views(image_bytes, seeds, recipes, channels: int = 3):
   slightly at window edges, where a cropped JPEG decode lacks the neighbouring blocks). Needs a crop in every
   recipe; non-JPEG bytes are decoded whole.
   """
-  rs = [_recipe(r) for r in recipes]
+  rs = [full_recipe(r) for r in recipes]
   if not all(r['crop_size'] for r in rs):
     raise ValueError('augment_views needs a random resized crop in every recipe')
   subs = [tf.random.experimental.stateless_split(seed, 10) for seed in seeds]
-
-  def decoded_with_offset():
-    shape = tf.image.extract_jpeg_shape(image_bytes)
-    wins = tf.stack([crop_window(shape, s[_CROP], r['crop_scale'], r['crop_ratio']) for s, r in zip(subs, rs)])
-    top, bottom = tf.reduce_min(wins[:, :2], 0), tf.reduce_max(wins[:, :2] + wins[:, 2:], 0)
-    union = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([top, bottom - top], 0), channels=channels)
-    return tf.image.convert_image_dtype(union, tf.float32), wins - tf.concat([top, [0, 0]], 0)
-
-  def whole():
-    image = decode(image_bytes, channels)
-    wins = tf.stack([crop_window(tf.shape(image), s[_CROP], r['crop_scale'], r['crop_ratio'])
-                     for s, r in zip(subs, rs)])
-    return image, wins
-
-  image, wins = tf.cond(tf.io.is_jpeg(image_bytes), decoded_with_offset, whole)
-  image.set_shape([None, None, channels])
-  views = []
-  for i, (s, r) in enumerate(zip(subs, rs)):
-    crop = tf.slice(image, tf.stack([wins[i, 0], wins[i, 1], 0]), tf.stack([wins[i, 2], wins[i, 3], -1]))
-    views.append(_after_crop(_resize(crop, r['crop_size'], r['crop_method'], channels), s, r))
-  return views
+  crops = decode_crops(image_bytes, lambda shape: tf.stack([crop_window(shape, s[_CROP], r['crop_scale'],
+                                                                        r['crop_ratio']) for s, r in zip(subs, rs)]),
+                       channels)
+  return [_after_crop(_resize(crop, r['crop_size'], r['crop_method'], channels), s, r)
+          for crop, s, r in zip(crops, subs, rs)]

@@ -17,24 +17,16 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from vicreg_jax.data.augment import RECIPE_DEFAULTS
+from vicreg_jax.data.augment import full_recipe
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale (ITU-R 601 luma)
-COLOUR_KEYS = ('jitter_p', 'gray_p', 'blur_p', 'solarize_p', 'mean', 'std')
-
-
-def _recipe(recipe: Mapping[str, Any]) -> dict:
-  unknown = set(recipe) - set(RECIPE_DEFAULTS)
-  if unknown:
-    raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
-  return {**RECIPE_DEFAULTS, **recipe}
 
 
 def host_recipe(recipe: Mapping[str, Any]) -> dict:
   """``recipe`` without its colour part (jitter, grayscale, blur, solarize, normalisation): what the host still
   does when the colour ops run on the accelerator. The geometric ops keep their sub-seeds, so crops and flips
   are those of the full recipe on the host."""
-  return dict(_recipe(recipe), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
+  return dict(full_recipe(recipe), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
 
 
 def to_uint8(image):
@@ -158,7 +150,7 @@ def example_decisions(key, recipe: Mapping[str, Any]) -> dict:
   ``blur``, ``solarize``; jitter factors ``brightness``, ``contrast``, ``saturation`` (U[1-x, 1+x]) and ``hue``
   (U[-h, h]); ``order``, the permutation in which the four jitter ops run (uniform: argsort of 4 uniforms, as
   augment.color_jitter); ``sigma``, the blur's σ ~ U[blur_sigma]."""
-  r = _recipe(recipe)
+  r = full_recipe(recipe)
   k = jax.random.split(key, 10)
   b, c, s, h = r['jitter']
   u = lambda key, lo, hi: jax.random.uniform(key, (), jnp.float32, lo, hi)  # noqa: E731
@@ -204,7 +196,7 @@ def _colour_one(image, d: dict, r: dict):
 def apply_colour_ops_per_example(images, keys, recipe: Mapping[str, Any]):
   """:func:`apply_colour_ops` with one key per example (``keys`` [B]), e.g. keys derived from the examples'
   global positions so the result does not depend on how the batch is split over devices."""
-  r = _recipe(recipe)
+  r = full_recipe(recipe)
   images = from_uint8(images)
   return jax.vmap(lambda x, k: _colour_one(x, example_decisions(k, r), r))(images, keys)
 

@@ -62,13 +62,6 @@ def read_pretrain_config(pretrain_workdir: str) -> Optional[ml_collections.Confi
     return ml_collections.ConfigDict(json.load(f))
 
 
-def build_backbone(pre_config, axis_name: Optional[str] = None) -> nn.Module:
-  m = pre_config.model
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
-  return resnet.resnet(m.arch, width_multiplier=m.width_multiplier, stem=m.stem, axis_name=axis_name,
-                       dtype=dtype)
-
-
 def pretrain_checkpoints(pretrain_workdir: str) -> ocp.CheckpointManager:
   """A reader of the pretraining run's checkpoints (it never writes or deletes there)."""
   return ocp.CheckpointManager(os.path.join(pretrain_workdir, 'checkpoints'),
@@ -238,7 +231,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
   total_steps = config.epochs * steps_per_epoch
   cached = config.features.cache and not finetune
-  eval_backbone = build_backbone(pre_config)
+  eval_backbone = resnet.from_config(pre_config.model)
   ev = config.augment.eval
 
   def eval_batches():
@@ -260,9 +253,10 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   else:
     if config.features.standardize:
       raise ValueError('features.standardize needs features.cache=True (statistics of fixed features).')
-    feat_dim = eval_backbone.apply(pretrained, jnp.zeros((1, ev.crop, ev.crop, pre_config.data.channels)),
-                                   train=False).shape[-1]
-    train_backbone = build_backbone(pre_config, parallel.AXIS if finetune else None)
+    feat_dim = jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
+                              jax.ShapeDtypeStruct((1, ev.crop, ev.crop, pre_config.data.channels),
+                                                   jnp.float32)).shape[-1]
+    train_backbone = resnet.from_config(pre_config.model, parallel.AXIS if finetune else None)
 
   head = Head(sources.num_classes(config.data), config.head_init_std)
   params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}

@@ -57,14 +57,16 @@ def spectrum(x: jax.Array) -> jax.Array:
   return jnp.sort(jnp.clip(s, 0.0))[::-1]
 
 
-def collapse_stats(x: jax.Array, eps: float = 1e-7, block: int = 1024) -> dict[str, jax.Array]:
+def collapse_stats(x: jax.Array, eps: float = 1e-7, block: int = 1024, s: jax.Array | None = None
+                   ) -> dict[str, jax.Array]:
   """Collapse statistics of ``x`` [N, D] (float32 scalars; jit-able).
 
   std_mean, std_min: mean and minimum over dimensions of the per-dimension std over the batch (ddof=0).
   corr_offdiag: mean |C_ij| over i != j of the D×D correlation matrix C, with std + 1e-6 as the normaliser
     (a constant dimension correlates 0 with everything, no NaN); 0 is decorrelated, 1 is one direction.
     C is computed ``block`` rows at a time, so no D×D matrix is held in memory.
-  rankme: RankMe of ``spectrum(x)``, the same definition as ``rankme`` (p_k = σ_k / Σσ + eps).
+  rankme: RankMe of ``spectrum(x)``, the same definition as ``rankme`` (p_k = σ_k / Σσ + eps); pass ``s`` if
+    that spectrum is already computed.
   """
   import jax
   import jax.numpy as jnp
@@ -78,7 +80,7 @@ def collapse_stats(x: jax.Array, eps: float = 1e-7, block: int = 1024) -> dict[s
   rows = jnp.pad(z, ((0, 0), (0, nb * b - d))).T.reshape(nb, b, n)  # zero padding adds zeros to C
   abs_sum = jax.lax.map(lambda r: jnp.abs(jnp.matmul(r, z, precision='highest')).sum(), rows).sum()
   diag = jnp.sum(z * z)  # Σ_i C_ii, all non-negative
-  s = spectrum(x)
+  s = spectrum(x) if s is None else s
   p = s / jnp.maximum(s.sum(), 1e-12) + eps
   return {
       'std_mean': std.mean(),

@@ -104,3 +104,12 @@ def resnet(arch: str, *, width_multiplier: float = 1.0, base_width: int = 64, **
     raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
   stages, block = ARCHS[arch]
   return ResNet(stage_sizes=stages, block=block, width=max(1, int(round(base_width * width_multiplier))), **kwargs)
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def from_config(model, axis_name: Optional[str] = None) -> ResNet:
+  """The backbone a config's ``model`` section describes (``arch``, ``width_multiplier``, ``stem``, ``dtype``)."""
+  return resnet(model.arch, width_multiplier=model.width_multiplier, stem=model.stem, axis_name=axis_name,
+                dtype=DTYPES[model.dtype])
