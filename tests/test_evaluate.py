@@ -190,3 +190,25 @@ def test_linear_head_training_resumes_exactly(tmp_path, monkeypatch):
 def test_linear_job_needs_pretrain_workdir(tmp_path):
   with pytest.raises(ValueError, match='pretrain_workdir'):
     linear.run(load_config('digits_linear'), str(tmp_path))
+
+
+def test_supervised_from_scratch_needs_only_the_config(tmp_path):
+  """``from_scratch``: the pretraining run's architecture, freshly initialised, trained with labels — no
+  checkpoint is read (there is none), the result is 'checkpoint 0', and a restart does not train again."""
+  pre = tmp_path / 'pre'
+  c = load_config('digits')
+  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
+  pre.mkdir()
+  train.save_config(str(pre), c)
+  assert not (pre / 'checkpoints').exists()
+  cfg = load_config('digits_supervised')
+  cfg.update(pretrain_workdir=str(pre), epochs=3, batch_size=64, log_every_steps=10, timeout_seconds=5.0)
+  results = linear.run(cfg, str(tmp_path / 'sup'), finetune=True)
+  assert list(results) == ['0'] and results['0']['epochs'] == 3
+  assert 0.2 < results['0']['top1'] <= 1.0  # 3 epochs of labels already beat chance (0.1) on digits
+  cfg.epochs = 1000  # a restart finds the result and trains nothing (1000 epochs would take minutes)
+  assert linear.run(cfg, str(tmp_path / 'sup'), finetune=True) == json.loads(
+      (tmp_path / 'sup' / 'results.json').read_text())
+  a = classifier.init_backbone(c, 0, parallel.make_mesh())['params']
+  b = classifier.init_backbone(c, 1, parallel.make_mesh())['params']
+  assert not np.allclose(a['stem_conv']['kernel'], b['stem_conv']['kernel'])

@@ -70,6 +70,7 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.pretrain_workdir = ''     # the pretraining run's --workdir (required)
   c.checkpoints = 'all'       # 'all': each checkpoint as it lands; 'latest': skip to the newest; 'final' only
+  c.from_scratch = False      # instead: the same backbone freshly initialised (baselines; results key '0')
   c.poll_seconds = 60.0
   c.timeout_seconds = 0.0     # give up after this long without a new checkpoint (0: wait for ever)
   c.batch_size = 256

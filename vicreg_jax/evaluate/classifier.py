@@ -84,6 +84,15 @@ def restore_backbone(mngr: ocp.CheckpointManager, step: int, mesh) -> dict:
   return {k: restored[k]['backbone'] for k in ('params', 'batch_stats')}
 
 
+def init_backbone(pre_config: ml_collections.ConfigDict, seed: int, mesh) -> dict:
+  """``{'params', 'batch_stats'}`` of a freshly initialised backbone of the pretraining run's architecture,
+  replicated over ``mesh`` (the baseline a pretrained checkpoint is compared with)."""
+  size = pre_config.data.image_size
+  x = jnp.zeros((1, size, size, pre_config.data.channels), jnp.float32)
+  variables = resnet.from_config(pre_config.model).init(jax.random.key(seed), x, train=False)
+  return jax.device_put({k: variables[k] for k in ('params', 'batch_stats')}, parallel.replicated(mesh))
+
+
 # --- optimiser and steps ------------------------------------------------------------------------------------
 
 def epoch_cosine(base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:

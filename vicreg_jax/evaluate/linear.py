@@ -8,6 +8,10 @@ linear head on the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and a
 ``EVAL/results.json`` and TensorBoard. It stops once the checkpoint of the pretraining run's last step is
 evaluated. A restart skips the checkpoints already in results.json and resumes a half-trained head from
 ``EVAL/heads/<step>``. Only checkpoints orbax has finalised are listed, so a half-written one is never read.
+
+``from_scratch=True`` evaluates only "checkpoint 0": the same architecture freshly initialised (seed
+``config.seed``), needing only ``PRE/config.json``. With the linear job that is the random-encoder baseline;
+with the fine-tuning job (all labels), the supervised-from-scratch reference for the same backbone.
 """
 
 from __future__ import annotations
@@ -50,6 +54,19 @@ def _wait(what: str, started: float, config) -> None:
   time.sleep(config.poll_seconds)
 
 
+def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool) -> dict:
+  """Trains and tests the classifier on ``backbone`` (checkpoint ``step``); logs and returns its result."""
+  t0 = time.time()
+  result = classifier.train_classifier(config, pre_config, backbone, os.path.join(workdir, 'heads', str(step)),
+                                       writer, f'ckpt{step}', finetune)
+  result.update(seconds=round(time.time() - t0, 1), finished_at=round(time.time(), 1))
+  writer.write_scalars(step, {'top1': result['top1'], 'top5': result['top5']})
+  writer.flush()
+  logging.info('Checkpoint %d: top-1 %.4f, top-5 %.4f (%.0f s).', step, result['top1'], result['top5'],
+               result['seconds'])
+  return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False) -> dict:
   """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step; returns results by step."""
   if not config.pretrain_workdir:
@@ -66,8 +83,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
 
   results = load_results(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  mngr = classifier.pretrain_checkpoints(pre)
   mesh = parallel.make_mesh()
+  if config.from_scratch:
+    final_step = 0
+    if '0' not in results:
+      results['0'] = _evaluate(config, pre_config, classifier.init_backbone(pre_config, config.seed, mesh), 0,
+                               workdir, writer, finetune)
+      save_results(workdir, results)
+    writer.close()
+    print(json.dumps(results), flush=True)
+    return results
+  mngr = classifier.pretrain_checkpoints(pre)
   failures: dict[int, int] = {}
   last_new = time.time()
   while str(final_step) not in results:
@@ -94,16 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
       time.sleep(config.poll_seconds)
       continue
     logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)
-    t0 = time.time()
-    result = classifier.train_classifier(config, pre_config, pretrained, os.path.join(workdir, 'heads', str(step)),
-                                         writer, f'ckpt{step}', finetune)
-    result.update(seconds=round(time.time() - t0, 1), finished_at=round(time.time(), 1))
-    results[str(step)] = result
+    results[str(step)] = _evaluate(config, pre_config, pretrained, step, workdir, writer, finetune)
     save_results(workdir, results)
-    writer.write_scalars(step, {'top1': result['top1'], 'top5': result['top5']})
-    writer.flush()
-    logging.info('Checkpoint %d: top-1 %.4f, top-5 %.4f (%.0f s).', step, result['top1'], result['top5'],
-                 result['seconds'])
   writer.close()
   print(json.dumps(results), flush=True)
   return results

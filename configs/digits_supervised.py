@@ -1,0 +1,31 @@
+"""Supervised reference for the digits runs: the pretraining run's backbone trained from scratch with every
+training label (cross-entropy, SGD), then tested — the ceiling a self-supervised probe on this backbone is
+measured against.
+
+  python -m vicreg_jax.main --config=configs/digits_supervised.py --workdir=runs/digits_supervised \
+      --config.pretrain_workdir=runs/digits
+
+Only the run's config.json is read (its architecture); no checkpoint. ±1-pixel shifts as the only augmentation
+(the pretraining crops cost a supervised model accuracy at this size). With --config.job=linear instead, the
+same fresh backbone stays frozen under a linear head: the random-encoder baseline.
+"""
+
+from vicreg_jax.defaults import eval_job_config
+
+
+def get_config():
+  c = eval_job_config()
+  c.job = 'finetune'
+  c.from_scratch = True
+  c.poll_seconds = 2.0
+  c.timeout_seconds = 1800.0
+  c.batch_size = 256
+  c.epochs = 200
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 500
+  c.head_init_std = 0.01
+  c.optim.update(backbone_lr=0.1, head_lr=0.1, weight_decay=5e-4)
+  c.data.update(source='digits', name='digits', train_split='train', test_split='test', channels=1)
+  c.augment.train = dict(translate=1)
+  c.augment.eval = dict(resize=8, crop=8, mean=None, std=None)
+  return c
