@@ -27,7 +27,6 @@ def get_config():
   c.epochs = 200
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
-  c.head_init_std = 0.01
   c.optim.update(backbone_lr=0.1, head_lr=0.1, weight_decay=5e-4)
   c.data.update(source='digits', name='digits', train_split='train', test_split='test', channels=1)
   c.augment.train = dict(translate=1)

@@ -68,7 +68,8 @@ def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, write
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False) -> dict:
-  """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step; returns results by step."""
+  """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step (with ``from_scratch``, only a
+  freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
     raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
   tf.io.gfile.makedirs(workdir)  # local path or gs://
@@ -77,22 +78,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   while (pre_config := classifier.read_pretrain_config(pre)) is None:
     logging.log_every_n_seconds(logging.INFO, 'Waiting for %s/config.json ...', 60, pre)
     _wait(f'{pre}/config.json', started, config)
-  final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
   with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json(indent=2))
 
   results = load_results(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh = parallel.make_mesh()
-  if config.from_scratch:
-    final_step = 0
-    if '0' not in results:
-      results['0'] = _evaluate(config, pre_config, classifier.init_backbone(pre_config, config.seed, mesh), 0,
-                               workdir, writer, finetune)
-      save_results(workdir, results)
-    writer.close()
-    print(json.dumps(results), flush=True)
-    return results
+  if not config.from_scratch:
+    _evaluate_checkpoints(config, pre, pre_config, results, workdir, writer, mesh, finetune)
+  elif '0' not in results:
+    results['0'] = _evaluate(config, pre_config, classifier.init_backbone(pre_config, config.seed, mesh), 0,
+                             workdir, writer, finetune)
+    save_results(workdir, results)
+  writer.close()
+  print(json.dumps(results), flush=True)
+  return results
+
+
+def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: str, writer, mesh,
+                          finetune: bool) -> None:
+  """Evaluates the checkpoints of the pretraining run in ``pre`` as they land (``config.checkpoints`` picks
+  which), adding each to ``results`` and results.json, until the run's last step is in it."""
+  final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
   mngr = classifier.pretrain_checkpoints(pre)
   failures: dict[int, int] = {}
   last_new = time.time()
@@ -122,6 +129,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
     logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)
     results[str(step)] = _evaluate(config, pre_config, pretrained, step, workdir, writer, finetune)
     save_results(workdir, results)
-  writer.close()
-  print(json.dumps(results), flush=True)
-  return results
