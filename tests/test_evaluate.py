@@ -212,3 +212,19 @@ def test_supervised_from_scratch_needs_only_the_config(tmp_path):
   a = classifier.init_backbone(c, 0, parallel.make_mesh())['params']
   b = classifier.init_backbone(c, 1, parallel.make_mesh())['params']
   assert not np.allclose(a['stem_conv']['kernel'], b['stem_conv']['kernel'])
+
+
+def test_relative_workdirs(tmp_path, monkeypatch):
+  """``--workdir=runs/x`` as the README writes it: orbax refuses relative checkpoint paths (and says so only
+  once a save is in flight), so both jobs must resolve them."""
+  monkeypatch.chdir(tmp_path)
+  c = load_config('digits')
+  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
+  c.update(batch_size=64, num_steps=2, checkpoint_every_steps=1, log_every_steps=1)
+  c.eval.final_probe = False
+  train.train_and_evaluate(c, os.path.join('runs', 'pre'))
+  assert sorted(os.listdir(tmp_path / 'runs' / 'pre' / 'checkpoints')) == ['1', '2']
+  cfg = load_config('digits_linear')
+  cfg.update(pretrain_workdir=os.path.join('runs', 'pre'), epochs=2, timeout_seconds=60.0)
+  results = linear.run(cfg, os.path.join('runs', 'lin'))
+  assert sorted(results, key=int) == ['1', '2'] and (tmp_path / 'runs' / 'lin' / 'heads' / '2').is_dir()

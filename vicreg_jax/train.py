@@ -188,9 +188,16 @@ def _format_metrics(step: int, total: int, m: dict) -> str:
           f'lr {m["learning_rate"]:.4g}')
 
 
+def absolute_workdir(path: str) -> str:
+  """A local ``path`` made absolute (orbax refuses relative checkpoint paths, and only when a save is already
+  in flight); URLs such as gs://… unchanged."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
+  workdir = absolute_workdir(workdir)
   if not jax.process_index():
     tf.io.gfile.makedirs(workdir)  # local path or gs://
   mesh = parallel.make_mesh()

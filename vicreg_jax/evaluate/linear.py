@@ -72,8 +72,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
     raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
+  workdir = train.absolute_workdir(workdir)
   tf.io.gfile.makedirs(workdir)  # local path or gs://
-  pre = config.pretrain_workdir
+  pre = train.absolute_workdir(config.pretrain_workdir)
   started = time.time()
   while (pre_config := classifier.read_pretrain_config(pre)) is None:
     logging.log_every_n_seconds(logging.INFO, 'Waiting for %s/config.json ...', 60, pre)
