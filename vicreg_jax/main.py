@@ -20,12 +20,25 @@ from ml_collections import config_flags  # noqa: E402
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where checkpoints, logs and summary.json go '
                                '(local path or gs://).')
+# Multi-process runs. Cloud TPU VM slices, GKE and SLURM (under srun) are detected; elsewhere give all three.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, for clusters JAX '
+                                   'cannot detect (with --num_processes and --process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1 (with '
+                                   '--coordinator_address).')
+_INIT_TIMEOUT = flags.DEFINE_integer('distributed_init_timeout', 300, 'Seconds to wait at start for the '
+                                     'coordinator and every process before giving up with one line.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer('distributed_heartbeat_timeout', 100, 'Seconds after which a '
+                                          'process that stopped responding ends the run on every process.')
 
 
 def fail(msg: str, status: int = 1):
-  """Ends the program with one line on stderr."""
+  """Ends the program with one line on stderr (one process of several: at once, so the others stop too)."""
   logging.flush()
   print(f'error: {msg}', file=sys.stderr, flush=True)
+  if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
+    from vicreg_jax import parallel
+    parallel.exit_at_once(status)
   sys.exit(status)
 
 
@@ -44,7 +57,11 @@ def main(argv):
   from vicreg_jax.data.sources import DataNotFoundError
   from vicreg_jax.evaluate import finetune, linear
 
-  parallel.maybe_initialize_distributed()
+  try:
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
+                        _HEARTBEAT_TIMEOUT.value)
+  except parallel.DistributedStartError as e:
+    fail(str(e))
   jobs = {'pretrain': train.train_and_evaluate, 'linear': linear.run, 'finetune': finetune.run}
   try:
     if config.job not in jobs:
@@ -52,6 +69,10 @@ def main(argv):
     jobs[config.job](config, _WORKDIR.value)
   except (DataNotFoundError, ValueError, FloatingPointError, TimeoutError) as e:
     fail(str(e))
+  except Exception as e:  # a collective that lost its peer (CPU collectives raise; accelerators' runtime aborts)
+    if (reason := parallel.lost_peer(e)) is None:
+      raise
+    fail(reason)
 
 
 class _QuietLibraries(pylogging.Filter):
