@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices. Runs before any test module (and hence jax) is imported."""
 
 import os
+import tempfile
 
 # The simulated devices are threads; on a busy 2-core machine (tests that run two jobs at once) a collective can
 # wait on a starved thread far longer than XLA's default before it aborts the process, so allow 10 minutes.
@@ -8,6 +9,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
                            ' --xla_cpu_collective_timeout_seconds=600').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# One persistent compilation cache for the suite and the jobs it starts as processes: the same tiny models are
+# compiled by many tests (each builds its own jit closures) and by every job process; a hit skips the compile.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='vicreg_jax_test_compile_cache_'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Keep TensorFlow (tf.data in the input pipeline) off any GPU without paying for its import here; JAX is on
 # the CPU anyway.
@@ -39,3 +43,91 @@ def mock_tfds_dataset(name: str, data_dir, splits: dict, num_examples: int):
 @pytest.fixture
 def mock_tfds():
   return mock_tfds_dataset
+
+
+# --- jobs as their own processes (the command line; several JAX processes on localhost) ---------------------
+
+def job_env(devices: int) -> dict:
+  """The environment of a job run as its own process with ``devices`` simulated CPU devices: not the suite's 8
+  devices, nor its long collective timeouts."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class Job:
+  """``python -m vicreg_jax.main ARGS`` as ``processes`` JAX processes on localhost (``jax.distributed`` over a
+  free port; each with ``devices`` simulated CPU devices), stdout and stderr in files under ``logs``."""
+
+  def __init__(self, args, logs, *, processes: int = 1, devices: int = 2, name: str = 'job', env=None):
+    import subprocess
+    import sys
+    port = free_port()
+    self.logs = pathlib.Path(logs)
+    self.logs.mkdir(parents=True, exist_ok=True)
+    self.name, self.procs, self.files = name, [], []
+    for i in range(processes):
+      dist = ([f'--coordinator_address=localhost:{port}', f'--num_processes={processes}', f'--process_id={i}']
+              if processes > 1 else [])
+      out, err = (open(self.logs / f'{name}{i}.{k}', 'w') for k in ('out', 'err'))
+      self.files += [out, err]
+      self.procs.append(subprocess.Popen([sys.executable, '-m', 'vicreg_jax.main', *args, *dist], cwd=REPO,
+                                         env=dict(job_env(devices), **(env or {})), stdout=out, stderr=err,
+                                         text=True))
+
+  def stderr(self, i: int = 0) -> str:
+    return (self.logs / f'{self.name}{i}.err').read_text()
+
+  def stdout(self, i: int = 0) -> str:
+    return (self.logs / f'{self.name}{i}.out').read_text()
+
+  def wait(self, timeout: float = 600) -> list:
+    """Waits for every process; returns their exit codes (a process still running at ``timeout`` is killed,
+    and the test fails)."""
+    import subprocess
+    import time
+    deadline = time.time() + timeout
+    try:
+      codes = [p.wait(max(deadline - time.time(), 1)) for p in self.procs]
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(f'{self.name} still running after {timeout} s:\n' + self.stderr()[-3000:])
+    finally:
+      for f in self.files:
+        f.close()
+    return codes
+
+  def check(self, timeout: float = 600) -> 'Job':
+    """Waits and asserts that every process exited 0."""
+    for i, code in enumerate(self.wait(timeout)):
+      assert code == 0, f'{self.name} process {i} exited {code}:\n' + self.stderr(i)[-4000:]
+    return self
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def checkpoint_arrays(path) -> dict:
+  """A checkpoint written on any number of devices or processes, as numpy arrays (``path`` = .../STEP/default)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  meta = ocp.StandardCheckpointer().metadata(str(path)).item_metadata
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  return ocp.PyTreeCheckpointer().restore(str(path), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def max_abs_difference(a, b) -> float:
+  import jax
+  import numpy as np
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO
+from conftest import REPO, job_env
 from test_train import load_config
 from vicreg_jax import parallel, train
 from vicreg_jax.evaluate import classifier, linear
@@ -35,7 +35,7 @@ def test_linear_job_alongside_pretraining(tmp_path):
   half = pre / 'checkpoints' / '10.orbax-checkpoint-tmp-1790000000000000'
   half.mkdir(parents=True)
   (half / '_CHECKPOINT_METADATA').write_text('{"partial')
-  env = dict(os.environ)
+  env = job_env(2)  # each job on 2 devices (the 8-device paths are tested in-process)
   pretrain = subprocess.Popen(
       cli(f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
           '--config.log_every_steps=30', '--config.eval.draws=1'),

@@ -39,20 +39,26 @@ def test_resumed_pipeline_sees_the_same_batches():
   assert not np.array_equal(batches(config, 0, 1)[0]['view1'], fresh[0]['view1'])
 
 
-def test_two_processes_read_disjoint_halves_of_digits():
+def test_two_processes_build_the_halves_of_the_one_process_batches():
+  """In-memory sources are one global stream: process p of 2 yields rows [64p, 64p + 64) of every global batch
+  of one process (augmentations included), also after a resume, so the data never depends on the number of
+  processes."""
   config = load_config('digits')
+  config.batch_size = 128
+  one = batches(config, 3, 2)
+  halves = [batches(config, 3, 2, process_index=p, process_count=2) for p in range(2)]
+  for step in range(2):
+    for k in ('view1', 'view2', 'label'):
+      assert halves[0][step][k].shape[0] == 64
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]), one[step][k])
+  # Within an epoch no example repeats across the processes' rows (1257 examples, 9 batches of 128).
   config.augment.view1 = dict(augment.RECIPE_DEFAULTS)  # identity views: recover the raw images
-  config.augment.view2 = dict(augment.RECIPE_DEFAULTS)
   train = sources.digits('train').images.reshape(1257, -1)
   seen = []
   for p in range(2):
-    (b,) = batches(config, 0, 1, process_index=p, process_count=2)
-    assert b['view1'].shape[0] == 128
-    rows = b['view1'].reshape(128, -1)
-    idx = [int(np.flatnonzero((train == r).all(1))[0]) for r in rows]
-    assert all(i % 2 == p for i in idx)  # process p owns examples p, p + 2, ...
-    seen.append(set(idx))
-  assert not seen[0] & seen[1]
+    for b in batches(config, 0, 9, process_index=p, process_count=2):
+      seen += [int(np.flatnonzero((train == r).all(1))[0]) for r in b['view1'].reshape(64, -1)]
+  assert len(seen) == len(set(seen)) == 9 * 128
 
 
 def test_ops_agree_eagerly_and_in_tf_function():
@@ -105,11 +111,26 @@ def test_random_affine_identity_and_rotation():
   assert max(radii) - min(radii) < 1.5  # ... at its distance from the centre: a rotation
 
 
-def test_eval_images_honours_max_examples():
-  config = load_config('digits')
-  x, y = pipeline.eval_images(config, 'test', max_examples=100)
-  assert x.shape == (100, 8, 8, 1) and y.shape == (100,)
-  assert pipeline.eval_images(config, 'test')[0].shape[0] == 540
+def eval_rows(data, split, batch_size, **kw):
+  """Every real row (mask 1) of an eval_dataset pass, as numpy arrays by key."""
+  ds = list(pipeline.eval_dataset(data, split, batch_size, **kw).as_numpy_iterator())
+  keep = np.concatenate([b['mask'] for b in ds]) > 0
+  return {k: np.concatenate([b[k] for b in ds])[keep] for k in ds[0]}, len(ds)
+
+
+def test_eval_dataset_shares_are_contiguous_padded_equally_and_honour_max_examples():
+  data = load_config('digits').data
+  test = sources.digits('test')
+  whole, _ = eval_rows(data, 'test', 64, crop=8)
+  assert whole['index'].tolist() == list(range(540))
+  np.testing.assert_array_equal(whole['image'], test.images)
+  np.testing.assert_array_equal(whole['label'], test.labels)
+  shares = [eval_rows(data, 'test', 63, crop=8, process_index=p, process_count=3, max_examples=100)
+            for p in range(3)]
+  assert [n for _, n in shares] == [2, 2, 2]  # 33, 33 and 34 examples in batches of 21: two batches each
+  assert [r['index'].tolist() for r, _ in shares] == [list(range(0, 33)), list(range(33, 66)),
+                                                     list(range(66, 100))]
+  np.testing.assert_array_equal(shares[2][0]['image'], test.images[66:100])
 
 
 def folder_config(root, size=16):

@@ -88,7 +88,7 @@ def test_two_processes_read_disjoint_shares_that_cover_the_split(tmp_path):
   identity = dict(augment.RECIPE_DEFAULTS)
   seen = []
   for p in range(2):
-    # One epoch of this process's stream (6 of 12 examples) is one local batch.
+    # The first global batch of 12 is one epoch; process p holds its rows 6p .. 6p + 5.
     ds = pipeline.labelled_dataset(folder_data(tmp_path), identity, 12, seed=0, process_index=p, process_count=2)
     b = next(ds.as_numpy_iterator())
     ids = [image_id(x) for x in b['image']]
@@ -99,17 +99,21 @@ def test_two_processes_read_disjoint_shares_that_cover_the_split(tmp_path):
     ev = list(pipeline.eval_dataset(folder_data(tmp_path), 'train', 8, crop=4, resize=4, process_index=p,
                                     process_count=2).as_numpy_iterator())
     mask = np.concatenate([e['mask'] for e in ev]) > 0
-    assert {image_id(x) for x in np.concatenate([e['image'] for e in ev])[mask]} == seen[p]
+    # The evaluation share is the contiguous half of the split in file order, index = position in the split.
+    assert [image_id(x) for x in np.concatenate([e['image'] for e in ev])[mask]] == list(range(6 * p, 6 * p + 6))
+    assert np.concatenate([e['index'] for e in ev])[mask].tolist() == list(range(6 * p, 6 * p + 6))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
 
 
-def test_eval_images_of_a_folder_validation_split(tmp_path):
+def test_eval_dataset_of_a_folder_validation_split(tmp_path):
   write_folder(tmp_path, {'a': 4, 'b': 4}, shape=(10, 14))
   config = ml_collections.ConfigDict(dict(
       data=folder_data(tmp_path, val_fraction=0.25, image_size=8),
       augment=dict(view1=dict(augment.RECIPE_DEFAULTS))))
-  x, y = pipeline.eval_images(config, 'validation')
-  assert x.shape == (2, 8, 8, 3) and sorted(y.tolist()) == [0, 1]
+  ds = pipeline.eval_dataset(config.data, 'validation', 4, crop=8)
+  (b,) = list(ds.as_numpy_iterator())
+  assert b['image'].shape == (4, 8, 8, 3) and b['mask'].tolist() == [1, 1, 0, 0]
+  assert sorted(b['label'][:2].tolist()) == [0, 1]
 
 
 def test_tfds_images_stay_encoded_when_every_view_crops(tmp_path, mock_tfds):

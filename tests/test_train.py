@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO
+from conftest import REPO, job_env
 from vicreg_jax import parallel, train
 from vicreg_jax.data import pipeline
 
@@ -124,7 +124,7 @@ def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
 
 
 def run_cli(*args, env_extra=None, timeout=120):
-  env = dict(os.environ, **(env_extra or {}))
+  env = dict(job_env(2), **(env_extra or {}))  # 2 devices: the command line, not the 8-device paths again
   return subprocess.run([sys.executable, '-m', 'vicreg_jax.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

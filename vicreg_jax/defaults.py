@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 256          # global, over all devices and hosts
   c.epochs = 100
   c.num_steps = 0             # > 0 overrides epochs
+  c.max_steps_per_run = 0     # > 0: stop this invocation after that many steps, with a checkpoint (jobs with a
+                              # time limit); the same command continues from there
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

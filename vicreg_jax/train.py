@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   train_step = make_train_step(config, model, tx, schedule, mesh, online)
-  diagnose = jax.jit(collapse_metrics)
+  diagnose = jax.jit(collapse_metrics, out_shardings=parallel.replicated(mesh))
   spectrum_every = config.spectrum_every_steps or config.checkpoint_every_steps
   probe_sum, probe_n = 0.0, 0
   metrics = None
@@ -232,10 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
-  logging.info('Training %d steps (%d warmup) of global batch %d on %d devices.', total_steps, warmup_steps,
-               config.batch_size, mesh.devices.size)
+  stop_step = min(total_steps, start_step + config.max_steps_per_run) if config.max_steps_per_run else total_steps
+  logging.info('Training %d steps (%d warmup) of global batch %d on %d devices of %d process(es).', total_steps,
+               warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
   try:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(start_step + 1, stop_step + 1):
       previous = metrics
       state, metrics, (h1, z1) = train_step(state, next(batches))
       # At most two steps in flight: the host prepares the next batch while the devices run, without an
@@ -265,11 +266,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         s_h, s_z = jax.device_get((s_h, s_z))
         image = diagnostics.spectrum_plot({'representations': s_h, 'embeddings': s_z}, title=f'step {step}')
         writer.write_images(step, {'spectrum': image[None]})
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if step % config.checkpoint_every_steps == 0 or step == stop_step:
         mngr.save(step, args=ocp.args.StandardSave(state))
   finally:  # also on interruption: let the checkpoint in flight land
     mngr.wait_until_finished()
     writer.flush()
+  if stop_step < total_steps:
+    logging.info('Stopped at step %d of %d (max_steps_per_run); the same command continues from there.',
+                 stop_step, total_steps)
+    writer.close()
+    return {'steps': stop_step}
 
   summary = {'steps': int(state.step)}
   if config.eval.final_probe:
@@ -279,8 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
-    logging.info('Summary: %s', json.dumps(summary))
-    print(json.dumps(summary), flush=True)
+  logging.info('Summary: %s', json.dumps(summary))
+  print(json.dumps(summary), flush=True)
   writer.close()
   return summary
 
@@ -289,29 +295,43 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   """Linear probes on frozen representations (all labels; k labels per class over several draws), weighted
   k-NN (k = 20, 200), RankMe of representations and embeddings and the std of the embeddings, on the
   train/test splits named in ``config.eval``. Writes the singular values of the training set's
-  representations and embeddings to ``workdir/spectra.npz`` (for ``python -m vicreg_jax.evaluate.diagnostics``)."""
+  representations and embeddings to ``workdir/spectra.npz`` (for ``python -m vicreg_jax.evaluate.diagnostics``).
+
+  Each process extracts the features of its share of the images; k-NN runs on all devices; the host-side work
+  (scikit-learn probes, spectra) runs on process 0, which hands the figures to the others."""
   model = build_model(config, axis_name=None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   apply = jax.jit(functools.partial(model.apply, train=False))
-  x_tr, y_tr = pipeline.eval_images(config, config.data.train_split, config.eval.max_train_examples)
-  x_te, y_te = pipeline.eval_images(config, config.eval.test_split, config.eval.max_test_examples)
-  h_tr, z_tr = probe.extract(apply, variables, x_tr, config.eval.batch_size, mesh)
-  h_te, _ = probe.extract(apply, variables, x_te, config.eval.batch_size, mesh)
-  s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
-  if jax.process_index() == 0:
+  recipe = dict(config.augment.view1)
+  n_dev = mesh.devices.size
+  batch = max(n_dev, config.eval.batch_size // n_dev * n_dev)
+
+  def features(split: str, max_examples: int):
+    ds = pipeline.eval_dataset(config.data, split, batch, crop=config.data.image_size, mean=recipe.get('mean'),
+                               std=recipe.get('std'), process_index=jax.process_index(),
+                               process_count=jax.process_count(), max_examples=max_examples)
+    return probe.extract(apply, variables, pipeline.global_batches(ds, parallel.data_sharding(mesh)))
+
+  (h_tr, z_tr), y_tr = features(config.data.train_split, config.eval.max_train_examples)
+  (h_te, _), y_te = features(config.eval.test_split, config.eval.max_test_examples)
+  knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
+
+  def host_side() -> dict:
+    s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
     buffer = io.BytesIO()  # np.savez seeks, which GFile (gs://) does not support for writing
     np.savez(buffer, representations=s_h, embeddings=s_z)
     with tf.io.gfile.GFile(os.path.join(workdir, 'spectra.npz'), 'wb') as f:
       f.write(buffer.getvalue())
-  knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
-  result = {
-      'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
-      f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
-          h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
-      'knn_top1_20': knn_acc[20],
-      'knn_top1_200': knn_acc[200],
-      'rankme': diagnostics.rankme_from_spectrum(s_h),
-      'rankme_embeddings': diagnostics.rankme_from_spectrum(s_z),
-      'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
-  }
-  return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
+    result = {
+        'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
+        f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
+            h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
+        'knn_top1_20': knn_acc[20],
+        'knn_top1_200': knn_acc[200],
+        'rankme': diagnostics.rankme_from_spectrum(s_h),
+        'rankme_embeddings': diagnostics.rankme_from_spectrum(s_z),
+        'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
+    }
+    return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
+
+  return parallel.share_from_process_0(host_side)

@@ -2,15 +2,18 @@
 
 - :func:`pretrain_dataset`: two augmented views (and the label, for the online probe) per example.
 - :func:`labelled_dataset`: one augmented view and its label, for linear evaluation and fine-tuning.
-- :func:`eval_dataset` / :func:`eval_images`: un-augmented, centre-cropped images with labels, one pass.
+- :func:`eval_dataset`: un-augmented, centre-cropped images with labels and their index in the split, one pass
+  over this process's contiguous share.
 
-Randomness is stateless: the example order and every augmentation are functions of (seed, process, position
-in this process's example stream), where position = step·local_batch + slot. In-memory sources (digits) are
-therefore exactly resumable: a pipeline started at step k yields the batches an uninterrupted one yields from
-step k. Image folders are in-memory lists of files and resume exactly too; TFDS streams resume exactly by
-starting at the resume step's epoch and skipping into it. When every view starts with a random
-resized crop (ImageNet), file-backed sources keep images encoded and each view decodes only its crop window of
-a JPEG (:func:`augment.decode_random_resized_crop`).
+Randomness is stateless. In-memory sources (digits arrays, an image folder's file list) are one global stream:
+position p = step·global_batch + row of the global batch, example p drawn from a permutation seeded by
+(seed, epoch), its augmentations seeded by (seed, p); each process builds its own rows of every global batch.
+So the batches are the same for any number of processes, and a run resumed at step k, on any number of
+processes, sees the batches an uninterrupted one sees from step k. TFDS streams are per process (each reads
+its own files): the order is a function of (seed, process, position in this process's stream), and they
+resume exactly, on the same number of processes, by starting at the resume step's epoch and skipping into it.
+When every view starts with a random resized crop (ImageNet), file-backed sources keep images encoded and each
+view decodes only its crop window of a JPEG (:func:`augment.decode_random_resized_crop`).
 """
 
 from __future__ import annotations
@@ -45,14 +48,17 @@ def _encoded(data: ml_collections.ConfigDict, recipes) -> bool:
   return data.source in ('tfds', 'folder') and all(dict(r).get('crop_size') for r in recipes)
 
 
-def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, process_index: int,
-            process_count: int, indices: Optional[np.ndarray] = None, encoded: bool = False) -> tf.data.Dataset:
-  """Infinite shuffled ``(position, image, label)`` of this process's share of ``split``, starting at stream
-  position ``start``; the image is float [H, W, C] in [0, 1], or its encoded bytes when ``encoded`` and the
-  source is file-backed. ``indices`` restricts an in-memory split (digits, image folder) to those examples.
+def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start_step: int, local_b: int,
+            process_index: int, process_count: int, indices: Optional[np.ndarray] = None,
+            encoded: bool = False) -> tf.data.Dataset:
+  """Infinite shuffled ``(example seed, image, label)`` for this process's rows of the global batches of
+  ``split`` from ``start_step`` on (``local_b`` rows per step); the image is float [H, W, C] in [0, 1], or its
+  encoded bytes when ``encoded`` and the source is file-backed; the example seed ([2] int64) seeds its
+  augmentations. ``indices`` restricts an in-memory split (digits, image folder) to those examples.
 
-  In-memory sources (digits arrays, an image folder's file list) draw example ``pos`` of the stream from a
-  stateless permutation of this process's examples per epoch, so any start position is exactly resumable.
+  In-memory sources: global stream position ``pos = step·global_batch + process·local_b + slot``, example
+  ``index_shuffle(pos mod n)`` of a permutation of all n examples seeded by (seed, epoch = pos // n), seed
+  ``fold_in((seed, 0), pos)``; the same for any number of processes and exactly resumable at any step.
   """
   if data.source in ('digits', 'folder'):
     if data.source == 'digits':
@@ -63,33 +69,34 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, 
       items, labels = files.paths, files.labels
     if indices is not None:
       items, labels = items[indices], labels[indices]
-    items = tf.constant(items[process_index::process_count])
-    labels = tf.constant(labels[process_index::process_count])
-    n = int(items.shape[0])
+    n = len(labels)
     if n == 0:
-      raise ValueError(f'Split {split!r} has no examples for process {process_index} of {process_count}.')
+      raise ValueError(f'Split {split!r} has no examples.')
+    items, labels = tf.constant(items), tf.constant(labels)
+    global_b = local_b * process_count
+    base_seed = tf.constant([seed, 0], tf.int64)
 
-    def load(pos):
-      epoch = pos // n
+    def load(t):
+      pos = (start_step + t // local_b) * global_b + process_index * local_b + t % local_b
       idx = tf.random.experimental.index_shuffle(
-          pos % n, seed=tf.stack([tf.constant(seed, tf.int64), epoch * process_count + process_index]),
-          max_index=n - 1)
+          pos % n, seed=tf.stack([tf.constant(seed, tf.int64), pos // n]), max_index=n - 1)
       item = tf.gather(items, idx)
       if data.source == 'folder':
         item = tf.io.read_file(item)
         if not encoded:
           item = augment.decode(item, data.channels)
-      return pos, item, tf.gather(labels, idx)
+      return tf.random.experimental.stateless_fold_in(base_seed, pos), item, tf.gather(labels, idx)
 
-    return tf.data.Dataset.counter(start=start, dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return tf.data.Dataset.counter(dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
   if data.source == 'tfds':
     if indices is not None:
       raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
                        "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
     # Exactly resumable: a fixed file order (TFDS shuffles examples into its files when it builds a dataset),
-    # reshuffled per epoch by a buffer seeded with (seed, epoch). A start position p lies in epoch p // n at
-    # offset p % n; the stream starts at that epoch and skips the offset (reading, not decoding, at most one
-    # epoch of this process's records).
+    # reshuffled per epoch by a buffer seeded with (seed, epoch). This process's stream position p =
+    # start_step·local_b lies in epoch p // n at offset p % n; the stream starts at that epoch and skips the
+    # offset (reading, not decoding, at most one epoch of this process's records).
+    start = start_step * local_b
     base = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
                               process_count=process_count, decode=not encoded)
     if data.get('cache', False):  # small datasets: keep this process's examples in memory after the first epoch
@@ -107,8 +114,9 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start: int, 
     else:
       ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
                   num_parallel_calls=tf.data.AUTOTUNE)
+    base_seed = tf.constant([seed, process_index], tf.int64)
     return tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds).map(
-        lambda pos, ex: (pos, ex[0], ex[1]))
+        lambda pos, ex: (tf.random.experimental.stateless_fold_in(base_seed, pos), ex[0], ex[1]))
   raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
 
 
@@ -128,19 +136,18 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
   step applies the colour part on the accelerator.
   """
   local_b = local_batch_size(config.batch_size, process_count)
-  base_seed = tf.constant([config.seed, process_index], tf.int64)
   view1, view2 = dict(config.augment.view1), dict(config.augment.view2)
   on_device = bool(config.augment.get('on_device', False))
   if on_device:
     view1, view2 = device_augment.host_recipe(view1), device_augment.host_recipe(view2)
   cast = device_augment.to_uint8 if on_device else (lambda x: x)
   encoded = _encoded(config.data, (view1, view2))
-  ds = _stream(config.data, config.data.train_split, config.seed, start_step * local_b, process_index,
+  ds = _stream(config.data, config.data.train_split, config.seed, start_step, local_b, process_index,
                process_count, encoded=encoded)
   channels = config.data.channels
 
-  def views(pos, image, label):
-    s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base_seed, pos), 2)
+  def views(example_seed, image, label):
+    s = tf.random.experimental.stateless_split(example_seed, 2)
     if encoded:  # one JPEG decode (the union of the two crop windows) for both views
       v1, v2 = augment.augment_views(image, (s[0], s[1]), (view1, view2), channels)
     else:
@@ -157,13 +164,12 @@ def labelled_dataset(data: ml_collections.ConfigDict, recipe: dict, batch_size: 
   (keys of :data:`augment.RECIPE_DEFAULTS`), from ``start_step`` on; same determinism as the pretraining
   stream."""
   local_b = local_batch_size(batch_size, process_count)
-  base_seed = tf.constant([seed, process_index], tf.int64)
-  ds = _stream(data, data.train_split, seed, start_step * local_b, process_index, process_count, indices,
+  ds = _stream(data, data.train_split, seed, start_step, local_b, process_index, process_count, indices,
                encoded=_encoded(data, (recipe,)))
 
-  def view(pos, image, label):
-    seed_ = tf.random.experimental.stateless_fold_in(base_seed, pos)
-    return {'image': augment.augment_view(image, seed_, recipe, data.channels), 'label': tf.cast(label, tf.int32)}
+  def view(example_seed, image, label):
+    return {'image': augment.augment_view(image, example_seed, recipe, data.channels),
+            'label': tf.cast(label, tf.int32)}
 
   return _finish(ds.map(view, num_parallel_calls=tf.data.AUTOTUNE), data, local_b)
 
@@ -183,11 +189,18 @@ def _resize_centre_crop(image, resize: int, crop: int):
   return tf.image.resize_with_crop_or_pad(image, crop, crop)
 
 
+def eval_share(total: int, process_index: int = 0, process_count: int = 1) -> tuple[int, int]:
+  """This process's contiguous share ``[start, stop)`` of ``total`` examples (sizes differ by at most one)."""
+  return process_index * total // process_count, (process_index + 1) * total // process_count
+
+
 def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *, crop: int, resize: int = 0,
                  mean=None, std=None, process_index: int = 0, process_count: int = 1,
                  max_examples: int = 0) -> tf.data.Dataset:
-  """One pass over this process's share of ``split`` in batches ``{'image', 'label', 'mask'}`` of
-  ``batch_size / process_count``; the last batch is padded (mask 0) so every process yields full batches.
+  """One pass over this process's share (:func:`eval_share`) of the first ``max_examples`` (0: all) examples
+  of ``split``, in batches ``{'image', 'label', 'index', 'mask'}`` of ``batch_size / process_count``; ``index``
+  is the example's position in the split. Batches are padded (mask 0, index -1) so every process yields the
+  same number of full batches (collectives must match).
 
   TFDS and image-folder images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224), centre crop ``crop``.
   In-memory (digits) images are used as they are. Then normalised by ``mean``/``std`` if given.
@@ -195,23 +208,23 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   local_b = local_batch_size(batch_size, process_count)
   if data.source == 'digits':
     arrays = sources.digits(split)
-    x, y = arrays.images[:max_examples or None], arrays.labels[:max_examples or None]
-    ds = tf.data.Dataset.from_tensor_slices((x[process_index::process_count], y[process_index::process_count]))
-    total = len(y)
+    total = min(max_examples or arrays.num_examples, arrays.num_examples)
+    a, b = eval_share(total, process_index, process_count)
+    ds = tf.data.Dataset.from_tensor_slices((arrays.images[a:b], arrays.labels[a:b]))
   else:
     resize = resize or crop * 8 // 7
     if data.source == 'folder':
       files = sources.folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
-      ds = sources.folder_dataset(files, process_index, process_count)
       total = min(max_examples or files.num_examples, files.num_examples)
+      a, b = eval_share(total, process_index, process_count)
+      ds = sources.folder_dataset(files, a, b)
     elif data.source == 'tfds':
-      ds = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                              process_count=process_count)
-      total = max_examples or sources.num_examples(data.name, split, data.data_dir)
+      n = sources.num_examples(data.name, split, data.data_dir)
+      total = min(max_examples or n, n)
+      a, b = eval_share(total, process_index, process_count)
+      ds = sources.tfds_split(data.name, f'{split}[{a}:{b}]', data_dir=data.data_dir)
     else:
       raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
-    if max_examples:
-      ds = ds.take(max_examples // process_count)
 
     def prep(ex):
       image = ex['image']
@@ -223,25 +236,11 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   if mean is not None:
     ds = ds.map(lambda x, y: (augment.normalize(x, mean, std), y))
-  ds = ds.map(lambda x, y: {'image': x, 'label': tf.cast(y, tf.int32), 'mask': tf.constant(1.0)})
-  # Same number of batches on every process (collectives must match): pad to the largest share.
-  per_process = -(-total // process_count)
-  batches = -(-per_process // local_b)
+  ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(a, b)).map(
+      lambda xy, i: {'image': xy[0], 'label': tf.cast(xy[1], tf.int32), 'index': i, 'mask': tf.constant(1.0)})
+  largest_share = -(-total // process_count)
+  batches = -(-largest_share // local_b)
   pad = {'image': tf.zeros(ds.element_spec['image'].shape, tf.float32), 'label': tf.constant(0),
-         'mask': tf.constant(0.0)}
+         'index': tf.constant(-1, tf.int64), 'mask': tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(batches * local_b)
   return ds.batch(local_b).prefetch(2).with_options(_options(data))
-
-
-def eval_images(config: ml_collections.ConfigDict, split: str, max_examples: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Un-augmented images and labels of a whole split as numpy (for probes on small datasets), normalised as
-  the pretraining views are. At most ``max_examples`` (0: all)."""
-  recipe = dict(config.augment.view1)
-  ds = eval_dataset(config.data, split, 256, crop=config.data.image_size, mean=recipe.get('mean'),
-                    std=recipe.get('std'), max_examples=max_examples)
-  batches = list(ds.as_numpy_iterator())
-  keep = np.concatenate([b['mask'] for b in batches]) > 0
-  x = np.concatenate([b['image'] for b in batches])[keep]
-  y = np.concatenate([b['label'] for b in batches])[keep]
-  return x.astype(np.float32), y.astype(np.int32)

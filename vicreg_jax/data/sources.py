@@ -210,12 +210,10 @@ def folder_split(root: Optional[str], split: str, val_fraction: float = 0.0) -> 
   return FileSplit(files.paths[keep], files.labels[keep], files.classes)
 
 
-def folder_dataset(split: FileSplit, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """One pass, in file order, over this process's share (every ``process_count``-th file from
-  ``process_index``) of ``split``, as ``{'image': encoded bytes, 'label'}``."""
-  paths = split.paths[process_index::process_count]
-  labels = split.labels[process_index::process_count]
-  ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+def folder_dataset(split: FileSplit, start: int = 0, stop: Optional[int] = None) -> tf.data.Dataset:
+  """One pass, in file order, over files ``[start, stop)`` of ``split`` (a process's share), as
+  ``{'image': encoded bytes, 'label'}``."""
+  ds = tf.data.Dataset.from_tensor_slices((split.paths[start:stop], split.labels[start:stop]))
   return ds.map(lambda p, y: {'image': tf.io.read_file(p), 'label': y}, num_parallel_calls=tf.data.AUTOTUNE)
 
 

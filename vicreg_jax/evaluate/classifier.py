@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from vicreg_jax import parallel
 from vicreg_jax.data import pipeline, sources
+from vicreg_jax.evaluate import probe
 from vicreg_jax.models import resnet
 
 
@@ -90,7 +91,7 @@ def init_backbone(pre_config: ml_collections.ConfigDict, seed: int, mesh) -> dic
   size = pre_config.data.image_size
   x = jnp.zeros((1, size, size, pre_config.data.channels), jnp.float32)
   variables = resnet.from_config(pre_config.model).init(jax.random.key(seed), x, train=False)
-  return jax.device_put({k: variables[k] for k in ('params', 'batch_stats')}, parallel.replicated(mesh))
+  return parallel.replicate({k: variables[k] for k in ('params', 'batch_stats')}, mesh)
 
 
 # --- optimiser and steps ------------------------------------------------------------------------------------
@@ -150,8 +151,9 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
   return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_step(head: nn.Module, backbone: Optional[nn.Module]):
-  """Jitted ``(state, frozen, batch) -> (top-1 hits, top-5 hits, count)`` summed over the global batch."""
+def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
+  """Jitted ``(state, frozen, batch) -> (top-1 hits, top-5 hits, count)`` summed over the global batch
+  (replicated, so every process reads them)."""
   def step(state, frozen, batch):
     h = batch['image']
     if backbone is not None:
@@ -164,7 +166,7 @@ def make_eval_step(head: nn.Module, backbone: Optional[nn.Module]):
     top1 = jnp.argmax(logits, -1) == batch['label']
     m = batch['mask']
     return jnp.sum(top1 * m), jnp.sum(top5 * m), jnp.sum(m)
-  return jax.jit(step)
+  return jax.jit(step, out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(eval_step, state, frozen, batches) -> dict:
@@ -178,19 +180,9 @@ def evaluate(eval_step, state, frozen, batches) -> dict:
 
 # --- features for the cached path ---------------------------------------------------------------------------
 
-def extract_features(backbone, variables, batches) -> tuple[np.ndarray, np.ndarray]:
-  """Frozen-backbone features (inference mode) and labels of every real (mask 1) example in ``batches``."""
-  apply = jax.jit(functools.partial(backbone.apply, train=False))
-  hs, ys = [], []
-  for batch in batches:
-    keep = np.asarray(jax.device_get(batch['mask'])) > 0
-    hs.append(np.asarray(jax.device_get(apply(variables, batch['image'])))[keep])
-    ys.append(np.asarray(jax.device_get(batch['label']))[keep])
-  return np.concatenate(hs), np.concatenate(ys)
-
-
 def feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, seed: int, start_step: int, sharding):
-  """Infinite global batches of cached features, reshuffled each epoch by (seed, epoch); resumable at a step."""
+  """Infinite global batches of cached features (the same arrays on every process), reshuffled each epoch by
+  (seed, epoch); resumable at a step."""
   n = len(y)
   per_epoch = max(n // batch_size, 1)
   step = start_step
@@ -198,7 +190,7 @@ def feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, seed: int, st
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     idx = order[(i * batch_size + np.arange(batch_size)) % n]
-    yield {'image': jax.device_put(h[idx], sharding), 'label': jax.device_put(y[idx], sharding)}
+    yield {'image': parallel.global_array(h[idx], sharding), 'label': parallel.global_array(y[idx], sharding)}
     step += 1
 
 
@@ -210,7 +202,7 @@ def padded_feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, shardi
     mask = np.concatenate([np.ones(len(yb), np.float32), np.zeros(pad, np.float32)])
     hb = np.concatenate([hb, np.zeros((pad,) + hb.shape[1:], hb.dtype)])
     yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-    yield {k: jax.device_put(v, sharding) for k, v in (('image', hb), ('label', yb), ('mask', mask))}
+    yield {k: parallel.global_array(v, sharding) for k, v in (('image', hb), ('label', yb), ('mask', mask))}
 
 
 # --- the training loop --------------------------------------------------------------------------------------
@@ -249,11 +241,12 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
     return pipeline.global_batches(ds, sharding)
 
   frozen = pretrained
-  if cached:  # features of un-augmented images, extracted once
+  if cached:  # features of un-augmented images, extracted once: each process its share, gathered to all
     ds = pipeline.eval_dataset(config.data, config.data.train_split, config.batch_size, crop=ev.crop,
                                resize=ev.resize, mean=ev.mean, std=ev.std, process_index=pi, process_count=pc)
-    h_tr, y_tr = extract_features(eval_backbone, frozen, pipeline.global_batches(ds, sharding))
-    h_te, y_te = extract_features(eval_backbone, frozen, eval_batches())
+    apply = jax.jit(functools.partial(eval_backbone.apply, train=False))
+    h_tr, y_tr = probe.extract(apply, frozen, pipeline.global_batches(ds, sharding))
+    h_te, y_te = probe.extract(apply, frozen, eval_batches())
     if config.features.standardize:  # BatchNorm without affine, statistics of the training features
       mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
       h_tr, h_te = (h_tr - mu) / sd, (h_te - mu) / sd
@@ -275,7 +268,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   tx = make_optimizer(config.optim, params, steps_per_epoch, config.epochs)
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                           opt_state=tx.init(params))
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = parallel.replicate(state, mesh)
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   if mngr.latest_step() is not None:
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
@@ -309,7 +302,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   finally:
     mngr.wait_until_finished()
 
-  eval_step = make_eval_step(head, None if cached else eval_backbone)
+  eval_step = make_eval_step(head, None if cached else eval_backbone, mesh)
   if cached:
     result = evaluate(eval_step, state, frozen, padded_feature_batches(h_te, y_te, config.batch_size, sharding))
   else:

@@ -20,7 +20,8 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def shard_bank(bank: np.ndarray, labels: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
-  """L2-normalised ``bank`` [N, D] and its ``labels`` [N] as device arrays split over ``'data'``.
+  """L2-normalised ``bank`` [N, D] and its ``labels`` [N] (the same on every process) as device arrays split
+  over ``'data'``.
 
   Rows are padded to a multiple of the device count; padding rows are zero with label -1 and never vote.
   """
@@ -30,7 +31,7 @@ def shard_bank(bank: np.ndarray, labels: np.ndarray, mesh) -> tuple[jax.Array, j
   bank = np.concatenate([bank, np.zeros((pad, bank.shape[1]), np.float32)])
   labels = np.concatenate([np.asarray(labels, np.int32), np.full(pad, -1, np.int32)])
   sharding = parallel.data_sharding(mesh)
-  return jax.device_put(bank, sharding), jax.device_put(labels, sharding)
+  return parallel.global_array(bank, sharding), parallel.global_array(labels, sharding)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,7 +79,7 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     q = queries[i:i + batch]
     pad = batch - len(q)
     q = np.concatenate([q, np.zeros((pad, q.shape[1]), np.float32)]) if pad else q
-    out.append(np.asarray(fn(bank_d, labels_d, jax.device_put(q, rep)))[:, :batch - pad])
+    out.append(np.asarray(fn(bank_d, labels_d, parallel.global_array(q, rep)))[:, :batch - pad])
   preds = np.concatenate(out, axis=1) if out else np.zeros((len(set(caps)), 0), np.int32)
   by_cap = dict(zip(sorted(set(caps)), preds))
   return {int(k): by_cap[c] for k, c in zip(ks, caps)}

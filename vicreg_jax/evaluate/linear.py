@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers
@@ -48,10 +50,18 @@ def save_results(workdir: str, results: dict) -> None:
   tf.io.gfile.rename(tmp, os.path.join(workdir, 'results.json'), overwrite=True)
 
 
-def _wait(what: str, started: float, config) -> None:
-  if config.timeout_seconds and time.time() - started > config.timeout_seconds:
-    raise TimeoutError(f'gave up after {config.timeout_seconds} s waiting for {what}')
-  time.sleep(config.poll_seconds)
+def _poll(what: str, find: Callable[[], Any], config) -> Any:
+  """``find()`` on process 0 every ``config.poll_seconds`` until it returns something other than None; that
+  value, on every process. TimeoutError (on every process) after ``config.timeout_seconds`` (0: never)."""
+  started = time.time()
+  while True:
+    found = parallel.share_from_process_0(lambda: {'value': find(), 'waited': time.time() - started})
+    if found['value'] is not None:
+      return found['value']
+    if config.timeout_seconds and found['waited'] > config.timeout_seconds:
+      raise TimeoutError(f'gave up after {config.timeout_seconds} s waiting for {what}')
+    logging.log_every_n_seconds(logging.INFO, 'Waiting for %s ...', 60, what)
+    time.sleep(config.poll_seconds)
 
 
 def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool) -> dict:
@@ -72,15 +82,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
     raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
+  if config.checkpoints not in ('all', 'latest', 'final'):
+    raise ValueError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
   workdir = train.absolute_workdir(workdir)
   tf.io.gfile.makedirs(workdir)  # local path or gs://
   pre = train.absolute_workdir(config.pretrain_workdir)
-  started = time.time()
-  while (pre_config := classifier.read_pretrain_config(pre)) is None:
-    logging.log_every_n_seconds(logging.INFO, 'Waiting for %s/config.json ...', 60, pre)
-    _wait(f'{pre}/config.json', started, config)
-  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+  pre_config = ml_collections.ConfigDict(_poll(
+      f'{pre}/config.json', lambda: (c := classifier.read_pretrain_config(pre)) and c.to_dict(), config))
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
 
   results = load_results(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -96,35 +107,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   return results
 
 
+def _next_checkpoint(mngr, results: dict, config, final_step: int) -> Optional[int]:
+  """The step of the next checkpoint to evaluate (``config.checkpoints`` picks which), or None for none yet."""
+  mngr.reload()
+  todo = [s for s in mngr.all_steps() if str(s) not in results]
+  if config.checkpoints == 'latest':
+    todo = todo[-1:]
+  elif config.checkpoints == 'final':
+    todo = [s for s in todo if s == final_step]
+  return int(min(todo)) if todo else None
+
+
 def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: str, writer, mesh,
                           finetune: bool) -> None:
-  """Evaluates the checkpoints of the pretraining run in ``pre`` as they land (``config.checkpoints`` picks
-  which), adding each to ``results`` and results.json, until the run's last step is in it."""
+  """Evaluates the checkpoints of the pretraining run in ``pre`` as they land, adding each to ``results`` and
+  results.json, until the run's last step is in it. Process 0 lists the checkpoints and chooses; every process
+  evaluates the one it chose."""
   final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
   mngr = classifier.pretrain_checkpoints(pre)
   failures: dict[int, int] = {}
-  last_new = time.time()
   while str(final_step) not in results:
-    mngr.reload()
-    todo = [s for s in mngr.all_steps() if str(s) not in results]
-    if config.checkpoints == 'latest':
-      todo = todo[-1:]
-    elif config.checkpoints == 'final':
-      todo = [s for s in todo if s == final_step]
-    elif config.checkpoints != 'all':
-      raise ValueError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
-    if not todo:
-      _wait(f'checkpoint {final_step} in {pre}/checkpoints', last_new, config)
-      continue
-    step = sorted(todo)[0]
-    last_new = time.time()
+    step = _poll(f'checkpoint {final_step} in {pre}/checkpoints',
+                 lambda: _next_checkpoint(mngr, results, config, final_step), config)
+    error = None
     try:
       pretrained = classifier.restore_backbone(mngr, step, mesh)
     except Exception as e:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
+      error = e
+    if not all(parallel.gather(np.array([error is None]))):  # every process read it, or all try again
       failures[step] = failures.get(step, 0) + 1
+      reason = f'{type(error).__name__}: {error}' if error is not None else 'another process could not read it'
       if failures[step] >= 3:
-        raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {type(e).__name__}: {e}') from e
-      logging.warning('Could not read checkpoint %d (%s: %s); retrying.', step, type(e).__name__, e)
+        raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {reason}') from error
+      logging.warning('Could not read checkpoint %d (%s); retrying.', step, reason)
       time.sleep(config.poll_seconds)
       continue
     logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,21 +18,24 @@ from vicreg_jax.data import sources
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def extract(apply_fn, variables, images: np.ndarray, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Runs ``apply_fn(variables, x) -> (h, z)`` over ``images`` in batches sharded over the mesh; returns
-  numpy (representations, embeddings). The last batch is zero-padded and the padding dropped."""
-  n_dev = mesh.devices.size
-  batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  sharding = parallel.data_sharding(mesh)
-  hs, zs = [], []
-  for i in range(0, len(images), batch_size):
-    x = images[i:i + batch_size]
-    pad = batch_size - len(x)
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-    h, z = apply_fn(variables, jax.device_put(x, sharding))
-    hs.append(np.asarray(h)[:len(x) - pad])
-    zs.append(np.asarray(z)[:len(x) - pad])
-  return np.concatenate(hs), np.concatenate(zs)
+def extract(apply_fn, variables, batches) -> tuple[Any, np.ndarray]:
+  """Runs ``apply_fn(variables, images)`` over global ``batches`` of ``{'image', 'label', 'index', 'mask'}``
+  (:func:`pipeline.eval_dataset` per process, through :func:`pipeline.global_batches`); returns numpy
+  ``(outputs, labels)`` of every real example (mask 1) in the order of ``index``, on every process.
+
+  Each process feeds only its own share of the images; the outputs (features, not images) of every batch are
+  gathered to every process once.
+  """
+  outs, labels, index = [], [], []
+  for batch in batches:
+    out, y, i, m = parallel.gather((apply_fn(variables, batch['image']), batch['label'], batch['index'],
+                                    batch['mask']))
+    keep = m > 0
+    outs.append(jax.tree.map(lambda o, keep=keep: o[keep], out))
+    labels.append(y[keep])
+    index.append(i[keep])
+  order = np.argsort(np.concatenate(index), kind='stable')
+  return jax.tree.map(lambda *o: np.concatenate(o)[order], *outs), np.concatenate(labels)[order]
 
 
 def _fit(h: np.ndarray, y: np.ndarray, folds: int, seed: int):
