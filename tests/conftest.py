@@ -40,6 +40,15 @@ def mock_tfds_dataset(name: str, data_dir, splits: dict, num_examples: int):
     yield
 
 
+# The longest modules first, so that pytest-xdist (setup.cfg runs two workers) starts them at once and the
+# shorter ones fill in around them.
+_FIRST = ('test_multiprocess.py', 'test_notebook.py', 'test_evaluate.py')
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: _FIRST.index(item.path.name) if item.path.name in _FIRST else len(_FIRST))
+
+
 @pytest.fixture
 def mock_tfds():
   return mock_tfds_dataset

@@ -55,6 +55,7 @@ def test_linear_job_alongside_pretraining(tmp_path):
   # The first checkpoints were evaluated while pretraining was still running.
   assert results['30']['finished_at'] < pretrain_done
   summary = json.loads((pre / 'summary.json').read_text())
+  print('linear job:', {k: round(r['top1'], 4) for k, r in results.items()}, 'in-run probe:', summary['linear_top1'])
   assert abs(results['90']['top1'] - summary['linear_top1']) <= 0.01, (results['90'], summary)
   assert results['90']['top1'] > 0.5  # and the features are not chance (10 classes)
   assert any(p.name.startswith('events.out.tfevents') for p in lin.iterdir())

@@ -3,6 +3,8 @@ one-line errors; encoded TFDS images for the fused crop."""
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 import numpy as np
 import pytest
@@ -159,3 +161,24 @@ def test_tfds_stream_resumes_exactly(tmp_path, mock_tfds):
   # Each epoch is reshuffled: the first two epochs (24 examples each) come in different orders.
   labels = np.concatenate([b['label'] for b in fresh])
   assert sorted(labels[:24]) == sorted(labels[24:48]) and not np.array_equal(labels[:24], labels[24:48])
+
+
+def test_tfds_evaluation_shares_are_contiguous_and_keep_every_example(tmp_path, mock_tfds):
+  """Three processes' evaluation shares of a TFDS split of 50 (not divisible by 3): contiguous index ranges that
+  cover the split, nothing dropped; max_examples and sliced splits too."""
+  data = ml_collections.ConfigDict(dict(source='tfds', name='imagenet2012', data_dir=str(tmp_path / 'tfds'),
+                                        channels=3, threadpool_size=0))
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 100, 'validation': 50}, 50):
+    for split, max_examples, total in (('validation', 0, 50), ('validation', 20, 20), ('validation[:21]', 0, 21)):
+      indices = []
+      for p in range(3):
+        ds = pipeline.eval_dataset(data, split, 12, crop=8, process_index=p, process_count=3,
+                                   max_examples=max_examples)
+        batches = list(ds.as_numpy_iterator())
+        assert len(batches) == math.ceil(math.ceil(total / 3) / 4)  # the largest share, batches of 4, everywhere
+        index = np.concatenate([b['index'] for b in batches])[np.concatenate([b['mask'] for b in batches]) > 0]
+        assert index.tolist() == sorted(index.tolist())
+        indices.append(index.tolist())
+      assert sum(indices, []) == list(range(total)), (split, indices)
+    with pytest.raises(ValueError, match='sliced split'):
+      pipeline.eval_dataset(data, 'validation[:21]', 12, crop=8, max_examples=5)

@@ -219,10 +219,10 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
       a, b = eval_share(total, process_index, process_count)
       ds = sources.folder_dataset(files, a, b)
     elif data.source == 'tfds':
-      n = sources.num_examples(data.name, split, data.data_dir)
-      total = min(max_examples or n, n)
-      a, b = eval_share(total, process_index, process_count)
-      ds = sources.tfds_split(data.name, f'{split}[{a}:{b}]', data_dir=data.data_dir)
+      if max_examples and '[' in split:
+        raise ValueError(f'max_examples with the sliced split {split!r}: put the limit into the split instead.')
+      ds, a, b, total = sources.tfds_share(data.name, f'{split}[:{max_examples}]' if max_examples else split,
+                                           data.data_dir, process_index, process_count)
     else:
       raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
 

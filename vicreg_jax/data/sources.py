@@ -81,11 +81,12 @@ def tfds_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Dataset
   return builder
 
 
-def tfds_split(name: str, split: str, *, data_dir: Optional[str] = None, process_index: int = 0,
+def tfds_split(name: str, split, *, data_dir: Optional[str] = None, process_index: int = 0,
                process_count: int = 1, shuffle_files: bool = False, seed: int = 0,
                decode: bool = True) -> tf.data.Dataset:
-  """This process's even share of a TFDS split, as a dataset of ``{'image': uint8 [H,W,C], 'label'}``;
-  with ``decode=False`` the image stays the encoded bytes (a string scalar), for fused decode-and-crop."""
+  """This process's even share of a TFDS split (equal shares, the remainder dropped), as a dataset of
+  ``{'image': uint8 [H,W,C], 'label'}``; with ``decode=False`` the image stays the encoded bytes (a string
+  scalar), for fused decode-and-crop."""
   builder = tfds_builder(name, data_dir)
   if process_count > 1:
     split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
@@ -93,6 +94,19 @@ def tfds_split(name: str, split: str, *, data_dir: Optional[str] = None, process
   decoders = None if decode else {'image': tfds.decode.SkipDecoding()}
   ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config, decoders=decoders)
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+
+def tfds_share(name: str, split: str, data_dir: Optional[str] = None, process_index: int = 0,
+               process_count: int = 1) -> tuple[tf.data.Dataset, int, int, int]:
+  """For one pass over all of a TFDS split (``split`` may be sliced, e.g. 'validation[:1000]'): this process's
+  contiguous share (``tfds.even_splits``, nothing dropped), the indices in the split of its first example and
+  of the one after its last, and the split's size."""
+  builder = tfds_builder(name, data_dir)
+  shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  sizes = [builder.info.splits[s].num_examples for s in shares]
+  start = sum(sizes[:process_index])
+  return (tfds_split(name, shares[process_index], data_dir=data_dir), start, start + sizes[process_index],
+          sum(sizes))
 
 
 def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
