@@ -66,8 +66,14 @@ def test_two_processes_stop_resume_and_match_one_process(runs):
   assert max_abs_difference(params(two)['params'], params(two, 12)['params']) > 1e-4
   s2, s1 = (json.loads((w / 'summary.json').read_text()) for w in (two, one))
   print('two processes:', s2, '\none process: ', s1, '\nmax parameter difference:', diff)
-  assert s2['steps'] == s1['steps'] == STEPS
-  assert {k: v for k, v in s2.items() if k != 'wall_seconds'} == {k: v for k, v in s1.items() if k != 'wall_seconds'}
+  assert s2['steps'] == s1['steps'] == STEPS and set(s2) == set(s1)
+  # The same figures, up to what parameters 1e-6 apart can move: a borderline example of the 540 test images
+  # on the other side of a probe's boundary (seen with XLA's -O0 code), the 4th digit of RankMe or the std.
+  for k in set(s1) - {'steps', 'wall_seconds'}:
+    if 'top1' in k:
+      assert abs(s2[k] - s1[k]) <= 1 / 540 + 1e-6, (k, s2[k], s1[k])
+    else:
+      assert s2[k] == pytest.approx(s1[k], rel=1e-3), k
   assert 0.2 < s2['linear_top1'] <= 1.0  # the probe ran on real features
   # Files in the workdir are written once (process 0): one event file, the config, summary and spectra.
   assert len(list(two.glob('events.out.tfevents*'))) == 2  # one per invocation (the stop and the resume)

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import FAST_COMPILE, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
       "linear_flags = ['--config.epochs=20']"]))
   injected.metadata['tags'] = ['injected-parameters']
   nb.cells.insert(params + 1, injected)
-  monkeypatch.setenv('XLA_FLAGS', '')  # the jobs it starts see this machine's one CPU device, as in Colab
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)  # the jobs it starts see one CPU device, as in Colab
   NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
 
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
