@@ -35,7 +35,7 @@ def test_linear_job_alongside_pretraining(tmp_path):
   half = pre / 'checkpoints' / '10.orbax-checkpoint-tmp-1790000000000000'
   half.mkdir(parents=True)
   (half / '_CHECKPOINT_METADATA').write_text('{"partial')
-  env = job_env(2)  # each job on 2 devices (the 8-device paths are tested in-process)
+  env = job_env(2, fast_compile=False)  # 2 devices each (8 are tested in-process); the default digits model
   pretrain = subprocess.Popen(
       cli(f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
           '--config.log_every_steps=30', '--config.eval.draws=1'),

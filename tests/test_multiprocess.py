@@ -71,7 +71,7 @@ def test_two_processes_stop_resume_and_match_one_process(runs):
   # on the other side of a probe's boundary (seen with XLA's -O0 code), the 4th digit of RankMe or the std.
   for k in set(s1) - {'steps', 'wall_seconds'}:
     if 'top1' in k:
-      assert abs(s2[k] - s1[k]) <= 1 / 540 + 1e-6, (k, s2[k], s1[k])
+      assert abs(s2[k] - s1[k]) <= 1 / 540 + 1e-4, (k, s2[k], s1[k])  # + the summary's rounding to 4 digits
     else:
       assert s2[k] == pytest.approx(s1[k], rel=1e-3), k
   assert 0.2 < s2['linear_top1'] <= 1.0  # the probe ran on real features
