@@ -191,6 +191,7 @@ def test_on_device_host_batches_are_the_geometric_part_only():
   np.testing.assert_array_equal(dev['label'], full['label'])
 
 
+@pytest.mark.slow
 def test_digits_train_step_with_colour_ops_on_device_moves_parameters_and_ignores_the_device_count():
   """Two train steps of the tiny digits model on the uint8 host batches, with the colour ops in the jit step:
   parameters move, and 8 devices take the same steps as 1 (each example's colour draws depend on its row in

@@ -27,6 +27,7 @@ def cli(*args):
   return [sys.executable, '-m', 'vicreg_jax.main', *args]
 
 
+@pytest.mark.slow
 def test_linear_job_alongside_pretraining(tmp_path):
   """Pretraining and the linear job start together; the job evaluates every checkpoint as it lands, skips a
   half-written one, stops after the last, and agrees with the pretraining run's own probe."""
@@ -89,6 +90,7 @@ def eval_overrides(config, tmp_path, pre):
   return config
 
 
+@pytest.mark.slow
 def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
   """configs/imagenet_linear.py and imagenet_semi.py run end to end on mock data, as the real jobs do."""
   splits = {'train': 32, 'validation': 24}
@@ -159,6 +161,7 @@ def test_epoch_cosine_matches_cosine_annealing():
     assert float(s(step)) == pytest.approx(0.3 * (1 + np.cos(np.pi * epoch / 10)) / 2, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_linear_head_training_resumes_exactly(tmp_path, monkeypatch):
   """A head training interrupted after a checkpoint and restarted ends with the uninterrupted result."""
   pre = str(tmp_path / 'pre')

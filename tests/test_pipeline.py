@@ -1,6 +1,7 @@
 """Two-view pipeline: shapes, determinism, resume, the digits split, and a few augmentation properties."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from test_train import load_config
@@ -155,6 +156,7 @@ def test_resumed_folder_pipeline_sees_the_same_batches(tmp_path):
   assert not np.array_equal(fresh[0]['view1'], fresh[1]['view1'])
 
 
+@pytest.mark.slow
 def test_imagenet_config_trains_two_steps_on_an_image_folder(tmp_path):
   from vicreg_jax import train
   rng = np.random.default_rng(0)

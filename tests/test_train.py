@@ -76,6 +76,7 @@ def test_sharded_step_equals_single_device_step():
   assert max(moved) > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
   """N steps, interruption, resume to 2N gives the parameters of 2N uninterrupted steps."""
   n = 3
@@ -146,6 +147,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith('error: unknown config key widht')
 
 
+@pytest.mark.slow
 def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   workdir = tmp_path / 'run'
   r = run_cli('--config.num_steps=2', '--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32',
