@@ -175,3 +175,64 @@ def test_a_killed_process_ends_the_other_with_one_line_within_the_heartbeat_time
   err = job.stderr(survivor)
   assert 'Traceback' not in err and 'Check failure' not in err and '    @ ' not in err
   assert len([ln for ln in err.splitlines() if ln.startswith('error')]) == 1
+
+
+
+FAILING_JOB = """
+import os
+import time
+import numpy as np
+from vicreg_jax import main, parallel, train
+
+def fail():
+  raise RuntimeError('an unexpected error on purpose')
+
+def job(config, workdir):
+  import jax
+  if os.environ['FAILING'] == '0':
+    parallel.share_from_process_0(fail)  # process 1 waits in the key-value store for what process 0 computes
+  elif jax.process_index() == 1:
+    fail()
+  parallel.gather(np.zeros(1))  # process 0 waits for process 1 in a collective
+  time.sleep(600)
+
+train.train_and_evaluate = job
+main.run()
+"""
+
+
+@pytest.mark.parametrize('failing', [0, 1])
+def test_an_unexpected_error_on_one_process_ends_both_soon(tmp_path, failing):
+  """Not through the runtime's orderly shutdown, whose barrier waits minutes for a peer stuck in a collective
+  or in the key-value store: the failing process shows its traceback and exits at once, and the other ends
+  with one line: at once when the coordinator (process 0) goes, within gloo's 30 s otherwise."""
+  import subprocess
+  import sys
+  from conftest import REPO, free_port, job_env
+  script = tmp_path / 'failing_job.py'
+  script.write_text(FAILING_JOB)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), f'--workdir={tmp_path / "run"}',
+                             f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+                            cwd=REPO, env=dict(job_env(2), FAILING=str(failing)), stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  ended = {}
+  try:
+    while len(ended) < 2:
+      for i, p in enumerate(procs):
+        if i not in ended and p.poll() is not None:
+          ended[i] = time.time()
+      assert time.time() - min(ended.values(), default=time.time()) < 60, 'the other process is still running'
+      time.sleep(0.1)
+    errs = [p.communicate()[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  other = 1 - failing
+  print(f'process {failing} failed; process {other} exited {procs[other].returncode} '
+        f'{ended[other] - ended[failing]:.1f} s later: {errs[other].strip().splitlines()[-1]}')
+  assert procs[failing].returncode != 0 and 'Traceback' in errs[failing]
+  assert errs[failing].strip().splitlines()[-1] == (f'error: RuntimeError on process {failing}: an unexpected '
+                                                    'error on purpose')
+  assert procs[other].returncode != 0
+  assert errs[other].strip().splitlines()[-1].startswith('error: distributed run stopped: '), errs[other][-2000:]

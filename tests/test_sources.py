@@ -169,7 +169,8 @@ def test_tfds_evaluation_shares_are_contiguous_and_keep_every_example(tmp_path, 
   data = ml_collections.ConfigDict(dict(source='tfds', name='imagenet2012', data_dir=str(tmp_path / 'tfds'),
                                         channels=3, threadpool_size=0))
   with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 100, 'validation': 50}, 50):
-    for split, max_examples, total in (('validation', 0, 50), ('validation', 20, 20), ('validation[:21]', 0, 21)):
+    for split, max_examples, total in (('validation', 0, 50), ('validation', 20, 20), ('validation[:21]', 0, 21),
+                                       ('validation', 80, 50)):  # a limit above the split's size: all of it
       indices = []
       for p in range(3):
         ds = pipeline.eval_dataset(data, split, 12, crop=8, process_index=p, process_count=3,
@@ -180,5 +181,9 @@ def test_tfds_evaluation_shares_are_contiguous_and_keep_every_example(tmp_path, 
         assert index.tolist() == sorted(index.tolist())
         indices.append(index.tolist())
       assert sum(indices, []) == list(range(total)), (split, indices)
-    with pytest.raises(ValueError, match='sliced split'):
+    with pytest.raises(ValueError, match='sliced or combined split'):
       pipeline.eval_dataset(data, 'validation[:21]', 12, crop=8, max_examples=5)
+    with pytest.raises(ValueError, match='use one split'):  # even_splits would split each part separately
+      pipeline.eval_dataset(data, 'train[:10]+validation', 12, crop=8, process_index=0, process_count=3)
+    ds = pipeline.eval_dataset(data, 'train[:10]+validation', 12, crop=8)  # one process: all 60 of it
+    assert len(list(ds.as_numpy_iterator())) == 5  # (mock_data reads 50 examples from any split)

@@ -13,6 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is impor
 
 import logging as pylogging  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -53,6 +54,7 @@ def main(argv):
 
   import tensorflow as tf  # the input pipeline only: keep it off accelerators
   tf.config.set_visible_devices([], 'GPU')
+  import jax
   from vicreg_jax import parallel, train
   from vicreg_jax.data.sources import DataNotFoundError
   from vicreg_jax.evaluate import finetune, linear
@@ -69,10 +71,13 @@ def main(argv):
     jobs[config.job](config, _WORKDIR.value)
   except (DataNotFoundError, ValueError, FloatingPointError, TimeoutError) as e:
     fail(str(e))
-  except Exception as e:  # a collective that lost its peer (CPU collectives raise; accelerators' runtime aborts)
-    if (reason := parallel.lost_peer(e)) is None:
-      raise
-    fail(reason)
+  except Exception as e:
+    if (reason := parallel.lost_peer(e)) is not None:  # a collective lost its peer (CPU collectives raise)
+      fail(reason)
+    if jax.process_count() > 1:  # a bug or I/O error on this process: the others wait in a collective for it
+      traceback.print_exc()
+      fail(f'{type(e).__name__} on process {jax.process_index()}: {e}')
+    raise
 
 
 class _QuietLibraries(pylogging.Filter):

@@ -219,10 +219,12 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
       a, b = eval_share(total, process_index, process_count)
       ds = sources.folder_dataset(files, a, b)
     elif data.source == 'tfds':
-      if max_examples and '[' in split:
-        raise ValueError(f'max_examples with the sliced split {split!r}: put the limit into the split instead.')
-      ds, a, b, total = sources.tfds_share(data.name, f'{split}[:{max_examples}]' if max_examples else split,
-                                           data.data_dir, process_index, process_count)
+      if max_examples and ('[' in split or '+' in split):
+        raise ValueError(f'max_examples with the sliced or combined split {split!r}: put the limit into the '
+                         'split instead.')
+      if max_examples:  # a limit above the split's size is the whole split (TFDS refuses such a slice)
+        split = f'{split}[:{min(max_examples, sources.num_examples(data.name, split, data.data_dir))}]'
+      ds, a, b, total = sources.tfds_share(data.name, split, data.data_dir, process_index, process_count)
     else:
       raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
 

@@ -101,6 +101,9 @@ def tfds_share(name: str, split: str, data_dir: Optional[str] = None, process_in
   """For one pass over all of a TFDS split (``split`` may be sliced, e.g. 'validation[:1000]'): this process's
   contiguous share (``tfds.even_splits``, nothing dropped), the indices in the split of its first example and
   of the one after its last, and the split's size."""
+  if '+' in split and process_count > 1:  # even_splits would split each part: shares not contiguous
+    raise ValueError(f'evaluation split {split!r} on {process_count} processes: use one split (sliced if '
+                     'need be), not a combination')
   builder = tfds_builder(name, data_dir)
   shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
   sizes = [builder.info.splits[s].num_examples for s in shares]

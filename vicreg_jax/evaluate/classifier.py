@@ -69,17 +69,23 @@ def pretrain_checkpoints(pretrain_workdir: str) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 
-def restore_backbone(mngr: ocp.CheckpointManager, step: int, mesh) -> dict:
-  """``{'params', 'batch_stats'}`` of the backbone in pretraining checkpoint ``step``, replicated over ``mesh``.
-
-  Reads only those two subtrees (not the optimiser state), laid out for this job's devices, which may differ
-  in number from the pretraining run's.
-  """
+def backbone_target(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[str, dict]:
+  """The path of pretraining checkpoint ``step`` and the shapes of its ``params`` and ``batch_stats``, replicated
+  over ``mesh``, from the checkpoint's metadata: raises if the checkpoint is gone or unreadable. This process
+  only (no collective), so that all processes can agree that they can read it before restoring together."""
   path = os.path.join(str(mngr.directory), str(step), 'default')
   meta = ocp.StandardCheckpointer().metadata(path).item_metadata
   sharding = parallel.replicated(mesh)
-  target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta[k])
-            for k in ('params', 'batch_stats')}
+  return path, {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta[k])
+                for k in ('params', 'batch_stats')}
+
+
+def restore_backbone(path: str, target: dict) -> dict:
+  """``{'params', 'batch_stats'}`` of the backbone in the checkpoint at ``path`` (see :func:`backbone_target`).
+
+  Reads only those two subtrees (not the optimiser state), laid out for this job's devices, which may differ
+  in number from the pretraining run's. Every process takes part (orbax synchronises them).
+  """
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return {k: restored[k]['backbone'] for k in ('params', 'batch_stats')}

@@ -93,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
     with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
 
-  results = load_results(workdir)
+  results = parallel.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh = parallel.make_mesh()
   if not config.from_scratch:
@@ -129,12 +129,19 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
   while str(final_step) not in results:
     step = _poll(f'checkpoint {final_step} in {pre}/checkpoints',
                  lambda: _next_checkpoint(mngr, results, config, final_step), config)
-    error = None
-    try:
-      pretrained = classifier.restore_backbone(mngr, step, mesh)
-    except Exception as e:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
+    error = pretrained = None
+    try:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
+      path, target = classifier.backbone_target(mngr, step, mesh)
+    except Exception as e:
       error = e
-    if not all(parallel.gather(np.array([error is None]))):  # every process read it, or all try again
+    if all(parallel.gather(np.array([error is None]))):  # every process can read it: restore it together
+      try:
+        pretrained = classifier.restore_backbone(path, target)
+      except Exception as e:
+        if jax.process_count() > 1:  # the others may be in orbax's barrier already: no retrying together
+          raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {type(e).__name__}: {e}') from e
+        error = e
+    if pretrained is None:
       failures[step] = failures.get(step, 0) + 1
       reason = f'{type(error).__name__}: {error}' if error is not None else 'another process could not read it'
       if failures[step] >= 3:
