@@ -108,7 +108,6 @@ needs_bucket() { [[ "$BUCKET" == gs://* ]] || { echo "error: --bucket=gs://BUCKE
 EVAL_NAME="$NAME-eval"
 EVAL_ACCELERATOR="${EVAL_ACCELERATOR:-$(eval_accelerator_for "$ACCELERATOR")}"
 VMS=("$NAME" "$EVAL_NAME")
-ACCELERATORS=("$ACCELERATOR" "$EVAL_ACCELERATOR")
 if ((TRAIN_ONLY)); then VMS=("$NAME"); fi
 WORKDIR="$BUCKET/$NAME"
 DATA_DIR="$BUCKET/tensorflow_datasets"
@@ -181,7 +180,8 @@ for cmd in "${COMMANDS[@]}"; do
   echo "== $cmd"
   case "$cmd" in
     create)
-      for i in "${!VMS[@]}"; do create_vm "${VMS[$i]}" "${ACCELERATORS[$i]}"; done ;;
+      create_vm "$NAME" "$ACCELERATOR"
+      if ((!TRAIN_ONLY)); then create_vm "$EVAL_NAME" "$EVAL_ACCELERATOR"; fi ;;
     copy)
       run git -C "$REPO" archive --format=tar.gz --prefix=vicreg_jax/ -o "$TARBALL" HEAD
       for vm in "${VMS[@]}"; do copy_code "$vm"; done ;;
