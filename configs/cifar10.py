@@ -9,8 +9,7 @@ Reported there: about 92% linear top-1 after 1000 epochs. Not yet run in this pr
 cifar10 with `tfds build cifar10` beforehand.
 """
 
-from vicreg_jax.data.augment import RECIPE_DEFAULTS
-from vicreg_jax.defaults import base_config
+from vicreg_jax.defaults import base_config, view_recipe
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -19,15 +18,13 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 def get_config():
   c = base_config()
   c.batch_size = 256
-  c.epochs = 1000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
-  c.model.update(arch='resnet18', width_multiplier=1.0, stem='small', projector='2048-2048-2048')
-  c.optim.update(base_lr=0.3, weight_decay=1e-4, warmup_epochs=10)
-  c.data.update(source='tfds', name='cifar10', train_split='train', image_size=32, channels=3,
-                shuffle_buffer=50_000)
-  view = dict(RECIPE_DEFAULTS, crop_size=32, crop_scale=(0.2, 1.0), flip_p=0.5, jitter_p=0.8,
-              jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.2, solarize_p=0.1, mean=CIFAR_MEAN, std=CIFAR_STD)
-  c.augment.update(view1=dict(view), view2=dict(view))
+  c.model.update(arch='resnet18', stem='small', projector='2048-2048-2048')
+  c.optim.update(base_lr=0.3, weight_decay=1e-4)
+  c.data.update(name='cifar10', image_size=32, shuffle_buffer=50_000)
+  view = view_recipe(crop_size=32, crop_scale=(0.2, 1.0), flip_p=0.5, jitter_p=0.8, gray_p=0.2, solarize_p=0.1,
+                     mean=CIFAR_MEAN, std=CIFAR_STD)
+  c.augment.update(view1=view, view2=dict(view))
   c.eval.update(final_probe=True, test_split='test', batch_size=1024)
   return c

@@ -8,7 +8,7 @@ The whole network (backbone + linear head) trains on 50 labelled images (the fir
 seeded 5-per-class draws) with the pretraining augmentations, SyncBN in train mode, no weight decay.
 """
 
-from vicreg_jax.defaults import eval_job_config
+from vicreg_jax.defaults import digits_config, eval_job_config
 
 
 def get_config():
@@ -21,10 +21,8 @@ def get_config():
   c.epochs = 100
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
-  c.optim.update(backbone_lr=0.03, head_lr=0.08, weight_decay=0.0)
-  c.data.update(source='digits', name='digits', train_split='train', test_split='test', channels=1,
-                labels_per_class=5)
-  c.augment.train = dict(crop_size=8, crop_scale=(0.4, 1.0), crop_method='bilinear', translate=1, jitter_p=0.8,
-                         jitter=(0.4, 0.4, 0.0, 0.0))
-  c.augment.eval = dict(resize=8, crop=8, mean=None, std=None)
+  c.classifier.update(backbone_lr=0.03, head_lr=0.08, weight_decay=0.0, report='last')
+  c.data.update(source='digits', name='digits', test_split='test', channels=1, labels_per_class=5)
+  c.transforms.train = digits_config().augment.view1.to_dict()  # the pretraining views
+  c.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
   return c

@@ -23,12 +23,10 @@ def get_config():
   c.from_scratch = True
   c.poll_seconds = 2.0
   c.timeout_seconds = 1800.0
-  c.batch_size = 256
   c.epochs = 200
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 500
-  c.optim.update(backbone_lr=0.1, head_lr=0.1, weight_decay=5e-4)
-  c.data.update(source='digits', name='digits', train_split='train', test_split='test', channels=1)
-  c.augment.train = dict(translate=1)
-  c.augment.eval = dict(resize=8, crop=8, mean=None, std=None)
+  c.classifier.update(backbone_lr=0.1, head_lr=0.1, weight_decay=5e-4, batchnorm='sync', report='last')
+  c.data.update(source='digits', name='digits', test_split='test', channels=1)
+  c.transforms.train = dict(translate=2)
+  c.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
   return c

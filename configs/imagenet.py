@@ -22,16 +22,9 @@ from vicreg_jax.defaults import base_config
 
 
 def get_config():
-  c = base_config()
-  c.batch_size = 2048
-  c.epochs = 1000
+  c = base_config()  # the defaults are the paper's recipe
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500
-  c.model.update(arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192',
-                 dtype='bfloat16')
-  c.loss.update(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0)
-  c.optim.update(base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10)
-  c.data.update(source='tfds', name='imagenet2012', train_split='train', image_size=224, channels=3,
-                shuffle_buffer=50_000)
-  c.eval.update(final_probe=False, test_split='validation')
+  c.model.dtype = 'bfloat16'
+  c.data.shuffle_buffer = 50_000
   return c

@@ -14,5 +14,4 @@ from vicreg_jax.defaults import eval_job_config
 
 def get_config():
   c = eval_job_config()
-  c.job = 'linear'
   return c

@@ -23,5 +23,5 @@ def get_config(train_percent='1'):
   c.epochs = 20
   c.data.name = f'imagenet2012_subset/{percent}pct'
   backbone_lr, head_lr = LRS[percent]
-  c.optim.update(backbone_lr=backbone_lr, head_lr=head_lr, weight_decay=0.0)
+  c.classifier.update(backbone_lr=backbone_lr, head_lr=head_lr, weight_decay=0.0)
   return c

@@ -22,6 +22,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -145,3 +146,47 @@ def max_abs_difference(a, b) -> float:
   import jax
   import numpy as np
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+
+# --- helpers shared by the test modules ---------------------------------------------------------------------
+
+def load_config(name):
+  """``get_config()`` of ``configs/NAME.py``."""
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_digits(**overrides):
+  """The default digits config with a tiny model (ConvNet ×1/4: 8-16-32 channels; projector 32³), batch 64, no
+  final probe, a log line every step; ``overrides`` as dotted keys (``tiny_digits(**{'optim.base_lr': 0.1})``)."""
+  c = load_config('digits')
+  c.model.update(width_multiplier=0.25, projector='32-32-32')
+  c.batch_size = 64
+  c.eval.final_probe = False
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def write_folder(root, counts: dict, shape=(6, 8), fmt='mixed', start=0):
+  """``counts[class]`` constant-colour images per class under ``root/class/`` (JPEG and PNG alternating for
+  'mixed'); image k (from ``start``, over all classes) has grey level 8·k, so a decoded image names itself."""
+  import tensorflow as tf
+  k = start
+  for name, n in counts.items():
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+      image = tf.fill(list(shape) + [3], tf.constant(8 * k, tf.uint8))
+      png = fmt == 'png' or (fmt == 'mixed' and i % 2)
+      data = tf.io.encode_png(image) if png else tf.io.encode_jpeg(image, quality=100)
+      (root / name / f'img{i:03d}.{"png" if png else "jpg"}').write_bytes(data.numpy())
+      k += 1
+  (root / 'notes.txt').write_text('not a class')  # files at the top are ignored
+  return root

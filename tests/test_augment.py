@@ -3,6 +3,8 @@ flips at their stated rates, the random-resized-crop window (fused with JPEG dec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -111,6 +113,60 @@ def test_crop_window_statistics_on_imagenet_sized_images():
   assert len({tuple(v) for v in win}) > 1900  # windows differ from seed to seed
 
 
+def torchvision_get_params(height, width, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """NumPy/Python transcription of torchvision's ``RandomResizedCrop.get_params`` (v0.20), its random draws
+  replaced by the uniforms ``u``: u[t] for the area of try t, u[10 + t] for its log aspect ratio, u[20], u[21]
+  for the offsets (torch.randint(0, n) as floor(u·n))."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for t in range(10):
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[t])
+    aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[10 + t])
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      i = int(math.floor(u[20] * (height - h + 1)))
+      j = int(math.floor(u[21] * (width - w + 1)))
+      return i, j, h, w
+  in_ratio = float(width) / float(height)
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w = width
+    h = height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize('shape,scale', [((375, 500), (0.08, 1.0)), ((500, 375), (0.08, 1.0)),
+                                         ((26, 400), (0.08, 1.0)), ((32, 32), (0.2, 1.0)), ((12, 400), (0.08, 1.0))])
+def test_crop_sampler_is_torchvisions_on_the_same_draws(shape, scale):
+  """Given the same uniforms, the TF sampler returns torchvision's window, window for window."""
+  u = np.random.default_rng(sum(shape)).uniform(size=(2000, 22))
+  fn = tf.function(lambda us: tf.map_fn(lambda x: augment.crop_window_from_uniforms(tf.constant(shape), x, scale),
+                                        us, fn_output_signature=tf.int32))
+  ours = fn(tf.constant(u)).numpy()
+  theirs = np.array([torchvision_get_params(*shape, row, scale) for row in u])
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_crop_sampler_distribution_matches_torchvision():
+  """On a 500×375 image: mean area, share of crops under 0.3 of the area (within 0.01 of a transcription of
+  torchvision's algorithm on NumPy's own random numbers), and windows touching every edge."""
+  h, w = 375, 500
+  win = _windows([h, w, 3], 20_000)
+  rng = np.random.default_rng(0)
+  ref = np.array([torchvision_get_params(h, w, rng.uniform(size=22)) for _ in range(20_000)])
+  area, ref_area = win[:, 2] * win[:, 3] / (h * w), ref[:, 2] * ref[:, 3] / (h * w)
+  assert abs(area.mean() - ref_area.mean()) < 0.01
+  assert abs((area < 0.3).mean() - (ref_area < 0.3).mean()) < 0.01
+  y, x, ch, cw = win.T
+  assert (y == 0).any() and (x == 0).any() and (y + ch == h).any() and (x + cw == w).any()
+
+
 @pytest.mark.parametrize('shape,expected', [
     ((12, 400), [0, 192, 12, 16]),   # too wide: full height, width = round(12 · 4/3), centred
     ((400, 12), [192, 0, 16, 12]),   # too tall: full width, height = round(12 / (3/4)), centred
@@ -121,7 +177,7 @@ def test_crop_window_falls_back_to_torchvision_centre_crop(shape, expected):
 
 
 def test_crop_window_on_an_extreme_aspect_image_is_valid_or_the_fallback():
-  h, w = 26, 400  # TF's sampler finds an 8% crop of aspect ≤ 4/3 in about 90% of draws
+  h, w = 26, 400  # an 8% crop of aspect ≤ 4/3 fits only for areas of 8–8.7% and ratios near 4/3: rare
   win = _windows([h, w, 3], 500)
   fallback = [0, (w - 35) // 2, 26, 35]
   is_fallback = (win == fallback).all(1)
@@ -173,3 +229,25 @@ def test_two_views_from_one_decode_equal_the_separate_views():
   for view, seed, recipe in zip(augment.augment_views(png, seeds, (VIEW1, VIEW2)), seeds, (VIEW1, VIEW2)):
     np.testing.assert_allclose(view.numpy(), augment.augment_view(augment.decode(png), seed,
                                                                   recipe).numpy(), atol=1e-5)
+
+
+def test_cutout_zeroes_one_square_anywhere_inside():
+  image = tf.ones((16, 16, 1))
+  corners = set()
+  for i in range(300):
+    out = augment.cutout(image, tf.constant([i, 2], tf.int64), 3).numpy()[..., 0]
+    ys, xs = np.nonzero(out == 0)
+    assert len(ys) == 9 and ys.max() - ys.min() == 2 and xs.max() - xs.min() == 2  # one 3×3 square, inside
+    corners.add((ys.min(), xs.min()))
+  assert {c[0] for c in corners} == set(range(14)) and {c[1] for c in corners} == set(range(14))  # every row/col
+
+
+def test_noise_and_cutout_in_a_view_recipe():
+  image = tf.fill((16, 16, 1), 0.5)
+  recipe = dict(noise_std=0.1, cutout_p=0.5, cutout_size=3)
+  fn = tf.function(lambda s: augment.augment_view(image, s, recipe, channels=1))
+  views = np.stack([fn(tf.constant([i, 7], tf.int64)).numpy() for i in range(200)])
+  cut = (views == 0).reshape(200, -1).sum(1)
+  assert 0.35 < np.mean(cut == 9) < 0.65 and set(cut) <= {0, 9}  # half the views have the square (noise ≠ 0)
+  kept = views[cut == 0] - 0.5
+  assert abs(kept.std() - 0.1) < 0.005 and abs(kept.mean()) < 0.005  # N(0, 0.1²), not clipped

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_train import tiny_digits
+from conftest import tiny_digits
 from vicreg_jax import defaults, parallel, train
 from vicreg_jax.data import augment, pipeline
 from vicreg_jax.data import device_augment as da
@@ -174,18 +174,30 @@ def test_decisions_are_the_ops_that_fire():
     np.testing.assert_array_equal(changed, d, err_msg=op)
 
 
+def tiny_digits_without_noise(**overrides):
+  """:func:`conftest.tiny_digits` with views without pixel noise (which the device ops do not do)."""
+  c = tiny_digits(**overrides)
+  c.augment.view1 = dict(c.augment.view1, noise_std=0.0)
+  c.augment.view2 = dict(c.augment.view2, noise_std=0.0)
+  return c
+
+
+def test_on_device_refuses_pixel_noise():
+  with pytest.raises(ValueError, match='noise_std'):
+    pipeline.pretrain_dataset(tiny_digits(**{'augment.on_device': True}))
+
+
 def test_on_device_host_batches_are_the_geometric_part_only():
   """With on_device the host sends uint8 views equal to the pipeline without colour ops (same crops, shifts)."""
-  config = tiny_digits()
-  config.augment.on_device = True
+  config = tiny_digits_without_noise(**{'augment.on_device': True})
   (dev,) = [b for _, b in zip(range(1), pipeline.pretrain_dataset(config).as_numpy_iterator())]
-  geometric = tiny_digits()
+  geometric = tiny_digits_without_noise()
   geometric.augment.view1 = dict(geometric.augment.view1, jitter_p=0.0)  # digits: jitter is the only colour op
   geometric.augment.view2 = dict(geometric.augment.view2, jitter_p=0.0)
   (geo,) = [b for _, b in zip(range(1), pipeline.pretrain_dataset(geometric).as_numpy_iterator())]
-  (full,) = [b for _, b in zip(range(1), pipeline.pretrain_dataset(tiny_digits()).as_numpy_iterator())]
+  (full,) = [b for _, b in zip(range(1), pipeline.pretrain_dataset(tiny_digits_without_noise()).as_numpy_iterator())]
   for v in ('view1', 'view2'):
-    assert dev[v].dtype == np.uint8 and dev[v].shape == (64, 8, 8, 1)
+    assert dev[v].dtype == np.uint8 and dev[v].shape == (64, 16, 16, 1)
     np.testing.assert_array_equal(dev[v], np.round(geo[v] * 255).astype(np.uint8))
     assert np.abs(np.round(full[v] * 255) - dev[v]).max() > 10  # the default path does jitter on the host
   np.testing.assert_array_equal(dev['label'], full['label'])
@@ -196,7 +208,7 @@ def test_digits_train_step_with_colour_ops_on_device_moves_parameters_and_ignore
   """Two train steps of the tiny digits model on the uint8 host batches, with the colour ops in the jit step:
   parameters move, and 8 devices take the same steps as 1 (each example's colour draws depend on its row in
   the global batch, not on which device holds it)."""
-  config = tiny_digits(**{'augment.on_device': True})
+  config = tiny_digits_without_noise(**{'augment.on_device': True})
   host = [b for _, b in zip(range(2), pipeline.pretrain_dataset(config).as_numpy_iterator())]
   results = []
   for devices in (jax.devices()[:1], jax.devices()):

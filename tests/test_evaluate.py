@@ -10,15 +10,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, job_env
-from test_train import load_config
-from vicreg_jax import parallel, train
+from conftest import REPO, job_env, load_config, tiny_digits
+from vicreg_jax import parallel, runs, train
 from vicreg_jax.evaluate import classifier, linear
-from vicreg_jax.models import resnet
+from vicreg_jax.models import backbones
 
 SIZE = 64
 
@@ -85,8 +85,8 @@ def eval_overrides(config, tmp_path, pre):
   config.update(pretrain_workdir=pre, batch_size=16, epochs=1, log_every_steps=1, poll_seconds=0.1,
                 timeout_seconds=60.0, checkpoint_every_steps=2)
   config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
-  config.augment.train['crop_size'] = SIZE
-  config.augment.eval.update(resize=SIZE * 8 // 7, crop=SIZE)
+  config.transforms.train['crop_size'] = SIZE
+  config.transforms.eval.update(resize=SIZE * 8 // 7, crop=SIZE)
   return config
 
 
@@ -98,17 +98,19 @@ def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
        mock_tfds('imagenet2012_subset/10pct', tmp_path / 'tfds', splits, 32):
     pre = tiny_imagenet_pretraining(tmp_path)
     lin = load_config('imagenet_linear')
-    assert lin.augment.train['crop_size'] == 224 and lin.augment.eval['resize'] == 256  # the official protocol
+    assert lin.transforms.train['crop_size'] == 224 and lin.transforms.eval['resize'] == 256  # the official protocol
     lin = eval_overrides(lin, tmp_path, pre)
     results = linear.run(lin, str(tmp_path / 'lin'))
     spec = __import__('importlib').util.spec_from_file_location('semi', REPO / 'configs' / 'imagenet_semi.py')
     module = __import__('importlib').util.module_from_spec(spec)
     spec.loader.exec_module(module)
     semi = eval_overrides(module.get_config('10'), tmp_path, pre)
-    assert semi.data.name == 'imagenet2012_subset/10pct' and semi.optim.backbone_lr == 0.01
+    assert semi.data.name == 'imagenet2012_subset/10pct' and semi.classifier.backbone_lr == 0.01
+    assert lin.classifier.report == semi.classifier.report == 'best'  # official: the best epoch's figures
+    assert semi.classifier.batchnorm == 'per_device'  # official: DDP without SyncBN
     semi_results = linear.run(semi, str(tmp_path / 'semi'), finetune=True)
-  for r in (results, semi_results):
-    assert list(r) == ['2'] and 0.0 <= r['2']['top1'] <= r['2']['top5'] <= 1.0
+  for r in (results, semi_results):  # one epoch: the best epoch is the last
+    assert list(r) == ['2'] and r['2']['epoch'] == 1 and r['2']['top1'] == r['2']['last_top1']
   # Fine-tuning trained the backbone; the linear job kept it frozen (its state holds only the head).
   def saved(job):
     path = tmp_path / job / 'heads' / '2' / '2' / 'default'
@@ -121,27 +123,31 @@ def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
   assert max(moved) > 1e-6
 
 
-def test_finetune_step_on_8_devices_equals_1_device():
-  """The whole-network step (SyncBN, global-mean loss, averaged gradients) is the same on 8 devices and 1."""
+def _finetune_setup():
   pre = load_config('digits')
-  pre.model.update(width_multiplier=1 / 16)
-  backbone0 = resnet.from_config(pre.model)
+  pre.model.update(width_multiplier=0.25)
+  backbone0 = backbones.from_config(pre.model)
   variables = backbone0.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
   head = classifier.Head(10)
   dim = backbone0.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
   params = {'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'],
             'backbone': variables['params']}
   params, variables = jax.device_get((params, variables))  # host copies: the step donates its input state
-  cfg = load_config('digits_semi')
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
+  return pre, head, params, variables, load_config('digits_semi').classifier, batch
+
+
+def test_finetune_step_on_8_devices_equals_1_device():
+  """The whole-network step (SyncBN, global-mean loss, averaged gradients) is the same on 8 devices and 1."""
+  pre, head, params, variables, cl, batch = _finetune_setup()
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    tx = classifier.make_optimizer(cfg.optim, params, 2, 3)
+    tx = classifier.make_optimizer(cl, params, 2, 3)
     state = classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                        batch_stats=variables['batch_stats'], opt_state=tx.init(params))
-    step = classifier.make_train_step(head, resnet.from_config(pre.model, parallel.AXIS), tx, mesh, True)
+    step = classifier.make_train_step(head, backbones.from_config(pre.model, parallel.AXIS), tx, mesh, True)
     state = jax.device_put(state, parallel.replicated(mesh))
     for _ in range(2):
       state, metrics = step(state, {}, jax.device_put(batch, parallel.data_sharding(mesh)))
@@ -152,6 +158,41 @@ def test_finetune_step_on_8_devices_equals_1_device():
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1['backbone']),
                                                             jax.tree.leaves(params['backbone'])))
   assert moved > 1e-5  # the backbone is trained, not frozen
+
+
+def test_finetune_step_with_per_device_batchnorm_is_the_official_ddp_step():
+  """``classifier.batchnorm='per_device'``: each of 8 devices normalises with its own 4 examples' statistics
+  (DDP without SyncBN); the step equals one device computing the 8 shards separately, averaging their losses,
+  and keeping shard 0's running statistics (DDP broadcasts rank 0's buffers)."""
+  pre, head, params, variables, cl, batch = _finetune_setup()
+  backbone = backbones.from_config(pre.model)  # no axis: per-device statistics
+  tx = classifier.make_optimizer(cl, params, 2, 3)
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state = jax.device_put(classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                                                    batch_stats=variables['batch_stats'], opt_state=tx.init(params)),
+                         parallel.replicated(mesh))
+  step = classifier.make_train_step(head, backbone, tx, mesh, True, sync_bn=False)
+  state, metrics = step(state, {}, jax.device_put(batch, parallel.data_sharding(mesh)))
+  got = jax.device_get((state.params, state.batch_stats, metrics['loss']))
+
+  def loss_fn(p):
+    shards = [(batch['image'][4 * i:4 * i + 4], batch['label'][4 * i:4 * i + 4])
+              for i in range(8)]
+    losses, stats = [], []
+    for x, y in shards:
+      h, upd = backbone.apply({'params': p['backbone'], 'batch_stats': variables['batch_stats']}, x, train=True,
+                              mutable=['batch_stats'])
+      logits = head.apply({'params': p['head']}, h)
+      losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+      stats.append(upd['batch_stats'])
+    return jnp.mean(jnp.stack(losses)), stats[0]
+
+  (loss, stats0), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(got[2], loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[0], expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got[1], stats0)
 
 
 def test_epoch_cosine_matches_cosine_annealing():
@@ -165,10 +206,7 @@ def test_epoch_cosine_matches_cosine_annealing():
 def test_linear_head_training_resumes_exactly(tmp_path, monkeypatch):
   """A head training interrupted after a checkpoint and restarted ends with the uninterrupted result."""
   pre = str(tmp_path / 'pre')
-  c = load_config('digits')
-  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
-  c.update(batch_size=64, num_steps=2, log_every_steps=1)
-  c.eval.final_probe = False
+  c = tiny_digits(num_steps=2)
   train.train_and_evaluate(c, pre)
   cfg = load_config('digits_linear')
   cfg.update(pretrain_workdir=pre, epochs=4, checkpoint_every_steps=5, log_every_steps=5)
@@ -200,10 +238,9 @@ def test_supervised_from_scratch_needs_only_the_config(tmp_path):
   """``from_scratch``: the pretraining run's architecture, freshly initialised, trained with labels — no
   checkpoint is read (there is none), the result is 'checkpoint 0', and a restart does not train again."""
   pre = tmp_path / 'pre'
-  c = load_config('digits')
-  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
+  c = tiny_digits()
   pre.mkdir()
-  train.save_config(str(pre), c)
+  runs.save_config(str(pre), c)
   assert not (pre / 'checkpoints').exists()
   cfg = load_config('digits_supervised')
   cfg.update(pretrain_workdir=str(pre), epochs=3, batch_size=64, log_every_steps=10, timeout_seconds=5.0)
@@ -215,17 +252,14 @@ def test_supervised_from_scratch_needs_only_the_config(tmp_path):
       (tmp_path / 'sup' / 'results.json').read_text())
   a = classifier.init_backbone(c, 0, parallel.make_mesh())['params']
   b = classifier.init_backbone(c, 1, parallel.make_mesh())['params']
-  assert not np.allclose(a['stem_conv']['kernel'], b['stem_conv']['kernel'])
+  assert not np.allclose(a['conv0']['kernel'], b['conv0']['kernel'])
 
 
 def test_relative_workdirs(tmp_path, monkeypatch):
   """``--workdir=runs/x`` as the README writes it: orbax refuses relative checkpoint paths (and says so only
   once a save is in flight), so both jobs must resolve them."""
   monkeypatch.chdir(tmp_path)
-  c = load_config('digits')
-  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
-  c.update(batch_size=64, num_steps=2, checkpoint_every_steps=1, log_every_steps=1)
-  c.eval.final_probe = False
+  c = tiny_digits(num_steps=2, checkpoint_every_steps=1)
   train.train_and_evaluate(c, os.path.join('runs', 'pre'))
   assert sorted(os.listdir(tmp_path / 'runs' / 'pre' / 'checkpoints')) == ['1', '2']
   cfg = load_config('digits_linear')
@@ -237,10 +271,7 @@ def test_relative_workdirs(tmp_path, monkeypatch):
 def test_a_checkpoint_that_cannot_be_read_is_retried_then_reported(tmp_path, monkeypatch):
   """A checkpoint deleted or unreadable between listing and reading (max_to_keep, storage hiccups): the job
   tries again on the next poll, and gives up with the checkpoint's name after 3 failures."""
-  c = load_config('digits')
-  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
-  c.update(batch_size=64, num_steps=1, log_every_steps=1)
-  c.eval.final_probe = False
+  c = tiny_digits(num_steps=1)
   train.train_and_evaluate(c, str(tmp_path / 'pre'))
   cfg = load_config('digits_linear')
   cfg.update(pretrain_workdir=str(tmp_path / 'pre'), epochs=1, poll_seconds=0.1, timeout_seconds=60.0)
@@ -260,3 +291,20 @@ def test_a_checkpoint_that_cannot_be_read_is_retried_then_reported(tmp_path, mon
   with pytest.raises(RuntimeError, match='cannot read checkpoint 1 of .*FileNotFoundError: checkpoint 1 went away'):
     linear.run(cfg, str(tmp_path / 'lin2'))
   assert calls == [1, 1, 1]
+
+
+def test_best_epoch_is_reported_with_the_last_beside_it(tmp_path, monkeypatch):
+  """``classifier.report='best'`` (official): tested after every epoch, the best epoch's top-1/top-5 reported,
+  the last epoch's beside them."""
+  pre = str(tmp_path / 'pre')
+  c = tiny_digits(num_steps=1)
+  train.train_and_evaluate(c, pre)
+  cfg = load_config('digits_linear')
+  cfg.update(pretrain_workdir=pre, epochs=6, timeout_seconds=60.0)
+  cfg.classifier.update(report='best', head_lr=3.0)  # a large lr: test accuracy goes up and down
+  seen, original = [], classifier.evaluate
+  monkeypatch.setattr(classifier, 'evaluate', lambda *a: seen.append(original(*a)) or seen[-1])
+  r = linear.run(cfg, str(tmp_path / 'lin'))['1']
+  per_epoch = [e['top1'] for e in seen[:-1]]  # the last call is the final test of the last epoch
+  assert len(per_epoch) == 6 and seen[-1]['top1'] == per_epoch[-1] == r['last_top1']
+  assert r['top1'] == max(per_epoch) and r['epoch'] == 1 + per_epoch.index(max(per_epoch))

@@ -1,4 +1,4 @@
-"""Tests of vicreg_jax.losses.vicreg_loss against an independent float64 NumPy reference."""
+"""Tests of vicreg_jax.losses (VICReg, Barlow Twins) against independent float64 NumPy references."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax.losses import vicreg_loss
+from vicreg_jax.losses import barlow_twins_loss, vicreg_loss
 
 N_DEV = 8
 COEFFS = [
@@ -312,3 +312,96 @@ def test_pmean_of_replicated_weight_gradient_is_single_device_gradient(runner, n
       np.testing.assert_allclose(per_replica[r], per_replica[0], rtol=1e-6, atol=1e-7)
     averaged = per_replica[0]
   np.testing.assert_allclose(averaged, single, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- Barlow Twins
+
+
+def ref_barlow_twins(za, zb, lambd=0.0051, eps=1e-5):
+  """The official Barlow Twins forward in float64: BatchNorm1d(affine=False) in training mode (biased variance)
+  on each view, c = bn(z1)ᵀ bn(z2) / batch_size, on-diagonal Σ (c_ii - 1)², off-diagonal Σ_{i≠j} c_ij²."""
+  za = np.asarray(za, np.float64)
+  zb = np.asarray(zb, np.float64)
+  n, d = za.shape
+
+  def bn(z):
+    return (z - z.mean(0)) / np.sqrt(z.var(0) + eps)  # np.var: ddof=0, as BatchNorm normalises
+
+  c = bn(za).T @ bn(zb) / n
+  on = sum((c[i, i] - 1)**2 for i in range(d))
+  off = sum(c[i, j]**2 for i in range(d) for j in range(d) if i != j)
+  return on + lambd * off, on, off
+
+
+def ref_barlow_twins_grad(za, zb, lambd=0.0051, h=1e-6):
+  """Central differences of the float64 reference loss w.r.t. every entry of za and zb."""
+  za = np.asarray(za, np.float64)
+  zb = np.asarray(zb, np.float64)
+  grads = []
+  for which in (0, 1):
+    z = (za, zb)[which]
+    g = np.zeros_like(z)
+    for idx in np.ndindex(z.shape):
+      zp, zm = z.copy(), z.copy()
+      zp[idx] += h
+      zm[idx] -= h
+      lp = ref_barlow_twins(*((zp, zb) if which == 0 else (za, zp)), lambd)[0]
+      lm = ref_barlow_twins(*((zm, zb) if which == 0 else (za, zm)), lambd)[0]
+      g[idx] = (lp - lm) / (2 * h)
+    grads.append(g)
+  return grads
+
+
+@pytest.mark.parametrize('n,d', [(16, 8), (32, 12)])
+@pytest.mark.parametrize('lambd', [0.0051, 0.3])
+def test_barlow_twins_value_and_gradient_match_reference(n, d, lambd):
+  za, zb = make_inputs(n, d, seed=3 * n + d)
+  loss, metrics = jax.jit(functools.partial(barlow_twins_loss, lambd=lambd))(za, zb)
+  ref, on, off = ref_barlow_twins(za, zb, lambd)
+  assert set(metrics) == {'loss', 'on_diagonal', 'off_diagonal'}
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(metrics['on_diagonal'], on, rtol=1e-5)
+  np.testing.assert_allclose(metrics['off_diagonal'], off, rtol=1e-5)
+  ga, gb = jax.jit(jax.grad(lambda a, b: barlow_twins_loss(a, b, lambd=lambd)[0], argnums=(0, 1)))(za, zb)
+  ra, rb = ref_barlow_twins_grad(za, zb, lambd)
+  scale = max(np.abs(ra).max(), np.abs(rb).max())
+  np.testing.assert_allclose(ga, ra, rtol=1e-3, atol=1e-4 * scale)
+  np.testing.assert_allclose(gb, rb, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_barlow_twins_of_identical_decorrelated_views_is_zero():
+  """Whitened identical views: C = I, both terms vanish (up to eps)."""
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(64, 8)))
+  z = (q * np.sqrt(64)).astype(np.float32)  # orthogonal columns of mean ~0
+  z = z - z.mean(0)
+  loss, metrics = barlow_twins_loss(z, z, eps=0.0)
+  assert float(metrics['off_diagonal']) < 0.05 and float(metrics['on_diagonal']) < 1e-6
+  assert float(barlow_twins_loss(z, -z)[1]['on_diagonal']) == pytest.approx(4 * 8, rel=1e-3)  # C = -I
+
+
+@pytest.mark.parametrize('n,d', [(32, 16), (32, 12)])  # D = 16: C sharded over the replicas; 12: whole
+def test_barlow_twins_on_8_devices_equals_1_device(n, d):
+  """Under shard_map every replica returns the global loss, and the pmean of a replicated weight's gradients
+  equals the single-device gradient (≤ 1e-5)."""
+  rng = np.random.default_rng(n + d)
+  xa = rng.normal(size=(n, 6)).astype(np.float32)
+  xb = (xa + 0.3 * rng.normal(size=(n, 6))).astype(np.float32)
+  w = (rng.normal(size=(6, d)) / np.sqrt(6)).astype(np.float32)
+
+  def loss(w, xa, xb, axis_name=None):
+    return barlow_twins_loss(xa @ w, xb @ w, lambd=0.05, axis_name=axis_name)[0]
+
+  single_loss, single_grad = jax.value_and_grad(loss)(w, xa, xb)
+
+  def body(w, xa, xb):
+    value, g = jax.value_and_grad(loss)(w, xa, xb, 'data')
+    return value[None], jax.lax.pmean(g, 'data')
+
+  f = jax.shard_map(body, mesh=_mesh(), in_specs=(P(), P('data'), P('data')), out_specs=(P('data'), P()),
+                    check_vma=False)
+  values, grad = jax.jit(f)(w, xa, xb)
+  np.testing.assert_allclose(values, np.full(N_DEV, single_loss), rtol=1e-5)
+  np.testing.assert_allclose(grad, single_grad, rtol=1e-5, atol=1e-5 * np.abs(single_grad).max())
+  np.testing.assert_allclose(single_loss, ref_barlow_twins(xa @ w.astype(np.float64), xb @ w, 0.05)[0],
+                             rtol=1e-5)

@@ -1,4 +1,5 @@
-"""ResNet backbones and the projector: shapes, official initialisation, spec parsing."""
+"""Backbones (ResNets, the digits ConvNet) and the projector: shapes, official initialisation and padding, spec
+parsing."""
 
 import flax
 import jax
@@ -6,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vicreg_jax.models import heads, resnet
+import ml_collections
+
+from vicreg_jax.models import backbones, heads, resnet
 
 
 @pytest.mark.parametrize('arch,stem,size,width,out', [
@@ -69,3 +72,41 @@ def test_bad_projector_spec_raises_one_line(spec):
 def test_unknown_arch_raises():
   with pytest.raises(ValueError, match='resnet50'):
     resnet.resnet('resnet51')
+
+
+def test_strided_convolutions_pad_as_torchvision():
+  """A 3×3 stride-2 convolution on an 8×8 input pads (1, 1) (torchvision), not Flax's 'SAME' (0, 1)."""
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 3))
+  conv = resnet.torch_conv(4, (3, 3), (2, 2), use_bias=False)
+  variables = conv.init(jax.random.key(0), x)
+  y = conv.apply(variables, x)
+  k = variables['params']['kernel']
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  torch_padded = jax.lax.conv_general_dilated(x, k, (2, 2), [(1, 1), (1, 1)], dimension_numbers=dims)
+  same = jax.lax.conv_general_dilated(x, k, (2, 2), 'SAME', dimension_numbers=dims)
+  np.testing.assert_allclose(y, torch_padded, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(y) - np.asarray(same)).max() > 1e-2
+  # The ResNet's strided block convolutions and its 7×7/2 stem use it.
+  model = resnet.resnet('resnet18', width_multiplier=0.0625, stem='imagenet')
+  variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)
+  stem = jax.lax.conv_general_dilated(x[:, :, :, :3], variables['params']['stem_conv']['kernel'], (2, 2),
+                                      [(3, 3), (3, 3)], dimension_numbers=dims)
+  _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
+  np.testing.assert_allclose(inter['intermediates']['stem_conv']['__call__'][0], stem, rtol=1e-5, atol=1e-6)
+
+
+def test_convnet_backbone_from_config():
+  model = ml_collections.ConfigDict(dict(arch='convnet', width_multiplier=0.5, stem='small', dtype='float32'))
+  net = backbones.from_config(model)
+  x = jnp.ones((3, 16, 16, 1))
+  variables = net.init(jax.random.key(0), x, train=False)
+  assert net.apply(variables, x, train=False).shape == (3, 64)  # 128 · 0.5 channels, mean-pooled
+  shapes = {k: v['kernel'].shape for k, v in variables['params'].items() if k.startswith('conv')}
+  assert shapes == {'conv0': (3, 3, 1, 16), 'conv1': (3, 3, 16, 32), 'conv2': (3, 3, 32, 64)}
+  _, inter = net.apply(variables, x, train=False, capture_intermediates=True)
+  assert inter['intermediates']['conv2']['__call__'][0].shape == (3, 4, 4, 64)  # strides 1-2-2
+
+
+def test_projector_without_hidden_bias():
+  p = heads.Projector('8-8-4', hidden_bias=False).init(jax.random.key(0), jnp.ones((4, 6)), train=False)['params']
+  assert not any('bias' in p[f'dense{i}'] for i in range(3)) and 'bias' in p['bn0']

@@ -19,7 +19,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
       f'source = {str(REPO)!r}  # the local checkout instead of the repository URL',
       'num_steps = 20',
       f'workdir = {str(workdir)!r}',
-      "pretrain_flags = ['--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32', "
+      "pretrain_flags = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', "
       "'--config.eval.draws=1']",
       "linear_flags = ['--config.epochs=20']"]))
   injected.metadata['tags'] = ['injected-parameters']

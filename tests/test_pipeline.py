@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_train import load_config
+from conftest import load_config, write_folder
 from vicreg_jax.data import augment, pipeline, sources
 
 
@@ -18,13 +18,16 @@ def test_digits_split_is_stratified_70_30():
   assert (tr.num_examples, te.num_examples) == (1257, 540)
   assert tr.images.shape[1:] == (8, 8, 1) and 0 <= tr.images.min() and tr.images.max() <= 1
   np.testing.assert_allclose(np.bincount(tr.labels) / 1257, np.bincount(te.labels) / 540, atol=0.01)
+  up = sources.digits('train', 16)
+  assert up.images.shape == (1257, 16, 16, 1) and (up.labels == tr.labels).all()
+  assert np.abs(up.images.reshape(-1, 8, 2, 8, 2).mean((2, 4)) - tr.images[..., 0]).mean() < 0.1  # same digits (another: 0.23)
 
 
 def test_digits_views_shapes_and_values():
   config = load_config('digits')
   (b,) = batches(config, 0, 1)
-  assert b['view1'].shape == (256, 8, 8, 1) and b['view1'].dtype == np.float32
-  assert 0 <= b['view1'].min() and b['view1'].max() <= 1
+  assert b['view1'].shape == (256, 16, 16, 1) and b['view1'].dtype == np.float32  # upsampled to 16×16
+  assert -1 < b['view1'].min() < 0 and 1 < b['view1'].max() < 2  # [0, 1] images plus unclipped noise
   assert np.abs(b['view1'] - b['view2']).mean() > 0.01  # two different augmentations
 
 
@@ -54,7 +57,7 @@ def test_two_processes_build_the_halves_of_the_one_process_batches():
       np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]), one[step][k])
   # Within an epoch no example repeats across the processes' rows (1257 examples, 9 batches of 128).
   config.augment.view1 = dict(augment.RECIPE_DEFAULTS)  # identity views: recover the raw images
-  train = sources.digits('train').images.reshape(1257, -1)
+  train = sources.digits('train', 16).images.reshape(1257, -1)
   seen = []
   for p in range(2):
     for b in batches(config, 0, 9, process_index=p, process_count=2):
@@ -121,7 +124,7 @@ def eval_rows(data, split, batch_size, **kw):
 
 def test_eval_dataset_shares_are_contiguous_padded_equally_and_honour_max_examples():
   data = load_config('digits').data
-  test = sources.digits('test')
+  test = sources.digits('test', 16)
   whole, _ = eval_rows(data, 'test', 64, crop=8)
   assert whole['index'].tolist() == list(range(540))
   np.testing.assert_array_equal(whole['image'], test.images)
@@ -144,7 +147,6 @@ def folder_config(root, size=16):
 
 
 def test_resumed_folder_pipeline_sees_the_same_batches(tmp_path):
-  from test_sources import write_folder
   write_folder(tmp_path, {'a': 6, 'b': 5}, shape=(12, 16))
   config = folder_config(tmp_path)
   fresh = batches(config, 0, 4)
@@ -158,7 +160,7 @@ def test_resumed_folder_pipeline_sees_the_same_batches(tmp_path):
 
 @pytest.mark.slow
 def test_imagenet_config_trains_two_steps_on_an_image_folder(tmp_path):
-  from vicreg_jax import train
+  from vicreg_jax import runs, train
   rng = np.random.default_rng(0)
   for k in range(32):  # ImageNet-like JPEGs: 500×375 (some portrait), smooth random content, 2 classes
     low = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
@@ -171,7 +173,7 @@ def test_imagenet_config_trains_two_steps_on_an_image_folder(tmp_path):
   config.batch_size = 16
   config.num_steps = 2
   config.log_every_steps = 1
-  assert train.train_examples(config) == 32
+  assert runs.train_examples(config) == 32
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['steps'] == 2
   assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == ['2']

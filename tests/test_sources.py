@@ -10,23 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import load_config, write_folder
 from vicreg_jax.data import augment, pipeline, sources
 
 
-def write_folder(root, counts: dict, shape=(6, 8), fmt='mixed', start=0):
-  """``counts[class]`` constant-colour images per class under ``root/class/`` (JPEG and PNG alternating for
-  'mixed'); image k (from ``start``, over all classes) has grey level 8·k, so a decoded image names itself."""
-  k = start
-  for name, n in counts.items():
-    (root / name).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-      image = tf.fill(list(shape) + [3], tf.constant(8 * k, tf.uint8))
-      png = fmt == 'png' or (fmt == 'mixed' and i % 2)
-      data = tf.io.encode_png(image) if png else tf.io.encode_jpeg(image, quality=100)
-      (root / name / f'img{i:03d}.{"png" if png else "jpg"}').write_bytes(data.numpy())
-      k += 1
-  (root / 'notes.txt').write_text('not a class')  # files at the top are ignored
-  return root
 
 
 def image_id(image):
@@ -45,8 +32,8 @@ def test_labels_come_from_sorted_class_names(tmp_path):
   assert files.classes == ['ant', 'moth', 'zebra']
   for path, label in zip(files.paths, files.labels):
     assert path.split('/')[-2] == files.classes[label]
-  assert sources.num_classes(folder_data(tmp_path)) == 3
-  assert sources.split_examples(folder_data(tmp_path), 'train') == 6
+  assert sources.get(folder_data(tmp_path)).num_classes(folder_data(tmp_path)) == 3
+  assert sources.get(folder_data(tmp_path)).num_examples(folder_data(tmp_path), 'train') == 6
 
 
 def test_validation_fraction_split_is_disjoint_covering_and_fixed(tmp_path):
@@ -59,7 +46,7 @@ def test_validation_fraction_split_is_disjoint_covering_and_fixed(tmp_path):
   again = sources.folder_split(str(tmp_path), 'validation', 0.2)
   assert val.paths.tolist() == again.paths.tolist()
   data = folder_data(tmp_path, val_fraction=0.2)
-  assert sources.split_examples(data, 'train') == 24 and sources.split_examples(data, 'validation') == 6
+  assert sources.get(data).num_examples(data, 'train') == 24 and sources.get(data).num_examples(data, 'validation') == 6
   with pytest.raises(ValueError, match='val_fraction'):
     sources.folder_split(str(tmp_path), 'validation', 0.0)
 
@@ -130,7 +117,6 @@ def test_tfds_images_stay_encoded_when_every_view_crops(tmp_path, mock_tfds):
 
 def test_cached_tfds_stream_yields_the_same_batches(tmp_path, mock_tfds):
   """data.cache keeps the examples after one pass; the batches (here beyond the first epoch) are unchanged."""
-  from test_train import load_config
   config = load_config('cifar10')
   config.batch_size = 8
   config.data.update(data_dir=str(tmp_path / 'tfds'), shuffle_buffer=4)
@@ -147,7 +133,6 @@ def test_tfds_stream_resumes_exactly(tmp_path, mock_tfds):
   """A TFDS pipeline restarted at step k yields the batches of an uninterrupted one from step k, across epoch
   boundaries (24 examples, batches of 16: steps 3 and 4 start inside epochs 2 and 3). One process: the mock
   yields whole splits whatever the slice, so per-process shares cannot be mocked."""
-  from test_train import load_config
   config = load_config('cifar10')
   config.batch_size = 16
   config.data.update(data_dir=str(tmp_path / 'tfds'), shuffle_buffer=6)

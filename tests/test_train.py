@@ -1,6 +1,5 @@
 """End-to-end trainer tests: sharded step vs one device, resume, the ImageNet config on mocked TFDS, the CLI."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,31 +11,13 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, job_env
-from vicreg_jax import parallel, train
+from conftest import REPO, job_env, load_config, tiny_digits
+from vicreg_jax import methods, parallel, runs, train
 from vicreg_jax.data import pipeline
 
 
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
-def tiny_digits(**overrides):
-  c = load_config('digits')
-  c.model.update(width_multiplier=1 / 16, projector='32-32-32')
-  c.batch_size = 64
-  c.eval.final_probe = False
-  c.log_every_steps = 1
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 def restore_params(workdir, step):
@@ -44,9 +25,10 @@ def restore_params(workdir, step):
   return ocp.StandardCheckpointer().restore(path)['params']
 
 
-def test_sharded_step_equals_single_device_step():
+@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins'])
+def test_sharded_step_equals_single_device_step(method):
   """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch."""
-  config = tiny_digits(num_steps=10)
+  config = tiny_digits(num_steps=10, method=method)
   ds = pipeline.pretrain_dataset(config)
   host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
   results = []
@@ -62,7 +44,7 @@ def test_sharded_step_equals_single_device_step():
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (s1, m1), (s8, m8) = results
   assert len(jax.devices()) == 8
-  for k in ('loss', 'invariance', 'variance', 'covariance', 'embedding_std', 'online_probe_top1'):
+  for k in ('loss', *methods.METHODS[method].terms, 'embedding_std', 'online_probe_top1'):
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.params, s1.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.batch_stats,
@@ -117,7 +99,7 @@ def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
   config.data.data_dir = str(tmp_path / 'tfds')
   workdir = str(tmp_path / 'run')
   with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 1_281_167, 'validation': 50_000}, 32):
-    assert train.train_examples(config) == 1_281_167  # read from the prepared dataset's metadata
+    assert runs.train_examples(config) == 1_281_167  # read from the prepared dataset's metadata
     summary = train.train_and_evaluate(config, workdir)
   assert summary['steps'] == 2
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
@@ -150,7 +132,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   workdir = tmp_path / 'run'
-  r = run_cli('--config.num_steps=2', '--config.model.width_multiplier=0.0625', '--config.model.projector=32-32-32',
+  r = run_cli('--config.num_steps=2', '--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32',
               '--config.eval.draws=1', f'--workdir={workdir}', timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads((workdir / 'summary.json').read_text())

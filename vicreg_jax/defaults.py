@@ -11,6 +11,15 @@ import ml_collections
 from vicreg_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS
 
 
+def view_recipe(**keys) -> dict:
+  """A view recipe with every key of :data:`augment.RECIPE_DEFAULTS` (so ``--config.augment.view1.KEY=…`` works
+  for any key), ``keys`` overriding the "off" defaults."""
+  unknown = set(keys) - set(RECIPE_DEFAULTS)
+  if unknown:
+    raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
+  return dict(RECIPE_DEFAULTS, **keys)
+
+
 def imagenet_views(size: int = 224) -> tuple[dict, dict]:
   """The official VICReg ImageNet recipe: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
   common = dict(RECIPE_DEFAULTS, crop_size=size, crop_scale=(0.08, 1.0), crop_method='bicubic', flip_p=0.5, jitter_p=0.8,
@@ -20,11 +29,13 @@ def imagenet_views(size: int = 224) -> tuple[dict, dict]:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every pretraining key, defaulting to the paper's ImageNet recipe (configs/imagenet.py adds only bfloat16 and
+  its logging and checkpoint periods)."""
   c = ml_collections.ConfigDict()
   c.job = 'pretrain'
   c.seed = 0
-  c.batch_size = 256          # global, over all devices and hosts
-  c.epochs = 100
+  c.batch_size = 2048         # global, over all devices and hosts
+  c.epochs = 1000
   c.num_steps = 0             # > 0 overrides epochs
   c.max_steps_per_run = 0     # > 0: stop this invocation after that many steps, with a checkpoint (jobs with a
                               # time limit); the same command continues from there
@@ -37,9 +48,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1, momentum=0.9))
 
   c.model = ml_collections.ConfigDict(dict(
-      arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32'))
-  c.loss = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4))
+      arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32',
+      projector_hidden_bias=True))  # biases before the projector's BatchNorms (official VICReg; redundant)
+  # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
+  # keyword arguments and optimiser keys.
+  c.method = 'vicreg'
+  c.vicreg = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4))
+  # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2.
+  c.barlow_twins = ml_collections.ConfigDict(dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024))
   c.optim = ml_collections.ConfigDict(dict(
+      name='lars',  # or 'adamw' (small demos; momentum and eta unused)
       base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
 
   # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', or 'folder' (``data_dir`` holds
@@ -64,6 +82,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def digits_config() -> ml_collections.ConfigDict:
+  """The digits demo (configs/digits.py, whose docstring says why): what every method's digits config starts
+  from. 8×8 digits upsampled to 16×16, a 3-layer ConvNet, projector 512³, AdamW, 150 epochs, shift /
+  brightness / noise / cutout views, the end-of-run probe on the test split."""
+  c = base_config()
+  c.batch_size = 256
+  c.epochs = 150
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 200
+  c.model.update(arch='convnet', projector='512-512-512', projector_hidden_bias=False)  # AdamW: see heads.Projector
+  c.optim.update(name='adamw', base_lr=2e-3, weight_decay=1e-4)
+  c.data.update(source='digits', name='digits', image_size=16, channels=1)
+  view = view_recipe(translate=2, jitter_p=1.0, jitter=(0.4, 0.0, 0.0, 0.0), noise_std=0.1, cutout_p=0.5,
+                     cutout_size=3)
+  c.augment.update(view1=view, view2=dict(view))
+  c.eval.update(final_probe=True, test_split='test', batch_size=512)
+  return c
+
+
 def eval_job_config() -> ml_collections.ConfigDict:
   """Keys of the linear-evaluation (``job='linear'``) and fine-tuning (``job='finetune'``) jobs, defaulting to
   the official ImageNet linear protocol. The backbone comes from the pretraining run's own config.json."""
@@ -79,17 +116,21 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.epochs = 100
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
-  c.head_init_std = 0.01
-  c.optim = ml_collections.ConfigDict(dict(head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9))
+  # The classifier's optimiser (SGD, cosine per epoch, lr per group) and protocol.
+  c.classifier = ml_collections.ConfigDict(dict(
+      head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9, head_init_std=0.01,
+      batchnorm='per_device',  # fine-tuning: each device's batch statistics (official: DDP, no SyncBN) or 'sync'
+      report='best'))          # test top-1 of the 'best' epoch, tested after each (official), or of the 'last'
   c.features = ml_collections.ConfigDict(dict(
       cache=False,            # extract frozen features once (no train augmentation): small datasets
       standardize=False))     # scale cached features by the training features' mean/std (BN without affine)
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', train_split='train', test_split='validation',
       data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, labels_per_class=0, channels=3,
+      image_size=0,           # in-memory (digits) images: 0 takes the pretraining run's
       shuffle_buffer=10_000, threadpool_size=0, prefetch=2, cache=False))
-  c.augment = ml_collections.ConfigDict(dict(
-      # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) + CenterCrop(224).
+  c.transforms = ml_collections.ConfigDict(dict(
+      # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) (bilinear) + CenterCrop(224).
       train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method='bilinear', flip_p=0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD),
       eval=dict(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)))

@@ -97,6 +97,64 @@ def vicreg_loss(z_a: jax.Array,
   return loss, metrics
 
 
+def _column_block(x: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, int]:
+  """This replica's block of columns of ``x`` [N, D] (all of them without an axis or when D is not divisible by
+  the axis size) and the number of blocks."""
+  n_rep = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  d = x.shape[1]
+  if n_rep == 1 or d % n_rep:
+    return x, 1
+  width = d // n_rep
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * width, width, axis=1), n_rep
+
+
+def barlow_twins_loss(z_a: jax.Array,
+                      z_b: jax.Array,
+                      *,
+                      lambd: float = 0.0051,
+                      eps: float = 1e-5,
+                      axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """Barlow Twins loss (Zbontar et al., 2021) with the semantics of the official implementation.
+
+  Args:
+    z_a, z_b: [n, D] embeddings of the two views on this replica (cast to float32).
+    lambd: weight λ of the off-diagonal (redundancy reduction) term.
+    eps: added to the variance before the square root (BatchNorm1d's 1e-5).
+    axis_name: replicas to gather the batch over (see the module docstring).
+
+  Returns:
+    ``(loss, metrics)``: ``loss = Σ_i (1 - C_ii)² + λ·Σ_{i≠j} C_ij²`` over the global batch of N examples, where
+    ``C = ẑ_aᵀ ẑ_b / N`` and ẑ is z standardised per dimension over the batch with the biased variance,
+    ``(z - mean z) / sqrt(Var z + eps)`` (the official code's ``BatchNorm1d(affine=False)`` in training mode,
+    synchronised over GPUs, then ``c / batch_size`` summed over GPUs); ``metrics`` holds ``on_diagonal`` (the
+    first sum), ``off_diagonal`` (the second, unweighted) and ``loss``.
+
+  With ``axis_name`` (and D divisible by the axis size) each replica computes only its block of D / replicas
+  columns of C and the partial sums are added with ``psum``, as for VICReg's covariance.
+  """
+  z_a = gather_batch(z_a.astype(jnp.float32), axis_name)
+  z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
+  n = z_a.shape[0]
+  if n < 2:
+    raise ValueError(f'barlow_twins_loss needs a global batch of at least 2 examples, got {n}.')
+
+  def standardise(z):
+    zc = z - jnp.mean(z, axis=0)
+    return zc / jnp.sqrt(jnp.mean(zc**2, axis=0) + eps)
+
+  a, b = standardise(z_a), standardise(z_b)
+  a_block, n_blocks = _column_block(a, axis_name)
+  b_block, _ = _column_block(b, axis_name)
+  c = a.T @ b_block / n                        # [D, width]: this replica's columns of C
+  diag = jnp.sum(a_block * b_block, axis=0) / n  # their entries on C's diagonal
+  on_diag = jnp.sum((diag - 1.0)**2)
+  off_diag = jnp.sum(c**2) - jnp.sum(diag**2)
+  if n_blocks > 1:
+    on_diag, off_diag = jax.lax.psum((on_diag, off_diag), axis_name)
+  loss = on_diag + lambd * off_diag
+  return loss, {'loss': loss, 'on_diagonal': on_diag, 'off_diagonal': off_diag}
+
+
 def embedding_std(z: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
   """Mean over dimensions of the per-dimension std of the embeddings ``z`` [n, D] across the global batch.
 

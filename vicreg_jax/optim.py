@@ -1,4 +1,4 @@
-"""LARS in the official VICReg order, and its warmup-cosine learning-rate schedule."""
+"""LARS in the official VICReg order, AdamW for small demos, and their warmup-cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -53,3 +53,15 @@ def lars(learning_rate: optax.ScalarOrSchedule,
       optax.trace(decay=momentum, nesterov=False),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay, scaled by the learning rate) with weight decay on weights only (ndim > 1)."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay, mask=exclude_bias_and_norm)
+
+
+def scale_bias_and_norm(factor: float) -> optax.GradientTransformation:
+  """Multiplies the final updates of biases and norm parameters (ndim == 1) by ``factor``: after
+  :func:`lars`, whose learning rate is its last factor, the same as a learning rate ``factor·lr`` for them (the
+  official Barlow Twins' second parameter group, lr-biases 0.0048 = 0.024 × lr-weights 0.2)."""
+  return optax.masked(optax.scale(factor), lambda params: jax.tree.map(lambda p: p.ndim <= 1, params))

@@ -1,14 +1,16 @@
-"""VICReg pretraining: state, the sharded jit step, the loop with metrics and checkpoints, the final probe."""
+"""Pretraining: state, the sharded jit step (written once, for every method), the loop and its periodic
+actions, the final probe."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -23,11 +25,10 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import losses, optim, parallel
+from vicreg_jax import losses, methods, parallel, runs
 from vicreg_jax.data import device_augment, pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
-from vicreg_jax.models import heads, resnet
-
+from vicreg_jax.models import backbones, heads
 
 
 @flax.struct.dataclass
@@ -40,11 +41,12 @@ class TrainState:
   probe_opt_state: Any = None
 
 
-def build_model(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
   """Backbone + projector from ``config.model``; BatchNorm statistics synchronised over ``axis_name``."""
   projector = heads.Projector(config.model.projector, axis_name=axis_name,
-                              dtype=resnet.DTYPES[config.model.dtype])
-  return heads.SSLModel(resnet.from_config(config.model, axis_name), projector)
+                              dtype=backbones.DTYPES[config.model.dtype],
+                              hidden_bias=config.model.get('projector_hidden_bias', True))
+  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector)
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -52,26 +54,9 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (1, size, size, config.data.channels)
 
 
-def train_examples(config: ml_collections.ConfigDict) -> int:
-  return sources.split_examples(config.data, config.data.train_split)
-
-
-def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
-  return max(num_examples // config.batch_size, 1)
-
-
-def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
-  """(total steps, warmup steps) from epochs over ``num_examples``, unless ``config.num_steps`` is set."""
-  per_epoch = steps_per_epoch(config, num_examples)
-  total = config.num_steps or int(config.epochs * per_epoch)
-  warmup = int(config.optim.warmup_epochs * per_epoch)
-  return total, min(warmup, total)
-
-
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
-  o = config.optim
-  schedule = optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup_steps, o.end_lr_factor)
-  return optim.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta), schedule
+  """``(optimizer, schedule)`` of the method's official treatment (:func:`methods.make_optimizer`)."""
+  return methods.make_optimizer(config, total_steps, warmup_steps)
 
 
 def make_probe(config, num_classes: int):
@@ -94,30 +79,14 @@ def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
                     opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state)
 
 
-def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
-  """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
-  ``'data'``, each device one shard of the batch.
-
-  Each device runs the model on its shard (BatchNorm statistics averaged over all devices, as SyncBN), the
-  loss gathers the embeddings of all devices, and gradients are averaged; the state stays replicated. The
-  online probe (if any) trains on the stop-gradient representations of view 1 and the labels. The first view's
-  representations and embeddings come back sharded, for the collapse diagnostics.
-
-  With ``config.augment.on_device`` the batch's views are the host's geometric part only (uint8) and each device
-  first applies the colour part of the view recipes (:func:`device_augment.apply_colour_ops_per_example`), with
-  example keys from (seed, step, view, the example's row in the global batch): the same augmentations whatever
-  the number of devices, and a resumed run repeats them.
-  """
-  coeffs = dict(config.loss)
-  axis = parallel.AXIS
-  head, probe_tx = online_probe
-  on_device = bool(config.augment.get('on_device', False))
+def _colour_ops(config):
+  """``(batch, step) -> batch`` applying the colour part of the view recipes on the device (``augment.on_device``),
+  with keys per example from (seed, step, view, the example's row ``device·local_b + i`` in the global batch)."""
   recipes = (dict(config.augment.view1), dict(config.augment.view2))
 
-  def colour_ops(batch, step):
-    """The views after the device colour ops; keys per example from its global row ``device·local_b + i``."""
+  def apply(batch, step):
     local_b = batch['view1'].shape[0]
-    rows = jax.lax.axis_index(axis) * local_b + jnp.arange(local_b)
+    rows = jax.lax.axis_index(parallel.AXIS) * local_b + jnp.arange(local_b)
     step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x636f6c), step)
     out = dict(batch)
     for v, (name, recipe) in enumerate(zip(('view1', 'view2'), recipes)):
@@ -126,8 +95,41 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       out[name] = device_augment.apply_colour_ops_per_example(batch[name], keys, recipe)
     return out
 
+  return apply
+
+
+def _probe_update(head, probe_tx, params, opt_state, h, labels):
+  """One SGD step of the online probe on stop-gradient representations ``h``; (params, opt_state, top-1)."""
+  def probe_loss(p):
+    logits = head.apply({'params': p}, jax.lax.stop_gradient(h))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
+  (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(params)
+  upd, opt_state = probe_tx.update(jax.lax.pmean(g, parallel.AXIS), opt_state, params)
+  return optax.apply_updates(params, upd), opt_state, jax.lax.pmean(top1, parallel.AXIS)
+
+
+def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
+  """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
+  ``'data'``, each device one shard of the batch.
+
+  Each device runs the model on its shard of both views (BatchNorm statistics averaged over all devices, as
+  SyncBN); the method's loss (``config.method``) gathers the embeddings of all devices, and gradients are
+  averaged; the state stays replicated. The online probe (if any) trains on the stop-gradient representations
+  of view 1 and the labels. The first view's representations and embeddings come back sharded, for the
+  collapse diagnostics.
+
+  With ``config.augment.on_device`` the batch's views are the host's geometric part only (uint8) and each device
+  first applies the colour part of the view recipes (:func:`_colour_ops`): the same augmentations whatever the
+  number of devices, and a resumed run repeats them.
+  """
+  axis = parallel.AXIS
+  loss_of, loss_kwargs = methods.get(config).loss, methods.loss_kwargs(config)
+  head, probe_tx = online_probe
+  colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
+
   def per_device(state: TrainState, batch):
-    if on_device:
+    if colour_ops is not None:
       batch = colour_ops(batch, state.step)
 
     def loss_fn(params):
@@ -135,24 +137,17 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
                                   train=True, mutable=['batch_stats'])
       (_, z2), upd = model.apply({'params': params, 'batch_stats': upd['batch_stats']}, batch['view2'],
                                  train=True, mutable=['batch_stats'])
-      loss, metrics = losses.vicreg_loss(z1, z2, axis_name=axis, **coeffs)
+      loss, metrics = loss_of(z1, z2, axis_name=axis, **loss_kwargs)
       return loss, (metrics, upd['batch_stats'], h1, z1)
 
     grads, (metrics, batch_stats, h1, z1) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, axis)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(jax.lax.pmean(grads, axis), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, embedding_std=losses.embedding_std(z1, axis), learning_rate=schedule(state.step))
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if head is not None:
-      def probe_loss(p):
-        logits = head.apply({'params': p}, jax.lax.stop_gradient(h1))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-        return ce, jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-      (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(probe_params)
-      upd, probe_opt_state = probe_tx.update(jax.lax.pmean(g, axis), probe_opt_state, probe_params)
-      probe_params = optax.apply_updates(probe_params, upd)
-      metrics['online_probe_top1'] = jax.lax.pmean(top1, axis)
+      probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
+          head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                            probe_params=probe_params, probe_opt_state=probe_opt_state)
     return new_state, metrics, (h1, z1)
@@ -160,17 +155,6 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
-
-
-def save_config(workdir: str, config) -> None:
-  if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
 
 
 def collapse_metrics(h, z) -> tuple[dict, tuple]:
@@ -182,92 +166,154 @@ def collapse_metrics(h, z) -> tuple[dict, tuple]:
   return scalars, spectra
 
 
-def _format_metrics(step: int, total: int, m: dict) -> str:
-  return (f'step {step}/{total}  loss {m["loss"]:.4f}  inv {m["invariance"]:.4f}  var {m["variance"]:.4f}  '
-          f'cov {m["covariance"]:.4f}  emb_std {m["embedding_std"]:.3f}  emb_rankme {m["emb/rankme"]:.1f}  '
-          f'lr {m["learning_rate"]:.4g}')
+# --- the loop's periodic actions ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepOutput:
+  """What one step returned; the collapse diagnostics are computed at most once, by the first action asking."""
+  state: TrainState
+  metrics: dict
+  h1: jax.Array
+  z1: jax.Array
+  diagnose: Any
+  _collapse: Any = None
+
+  def collapse(self):
+    if self._collapse is None:
+      self._collapse = self.diagnose(self.h1, self.z1)
+    return self._collapse
 
 
-def absolute_workdir(path: str) -> str:
-  """A local ``path`` made absolute (orbax refuses relative checkpoint paths, and only when a save is already
-  in flight); URLs such as gs://… unchanged."""
-  return path if '://' in path else os.path.abspath(path)
+def _every(step: int, every: int, last: int) -> bool:
+  return step % every == 0 or step == last
+
+
+class OnlineProbeEpoch:
+  """At the end of every epoch: the online probe's mean train top-1 over the epoch (an early collapse
+  warning), summed on device meanwhile."""
+
+  def __init__(self, writer, epoch_steps: int, total_steps: int):
+    self.writer, self.epoch_steps, self.total_steps = writer, epoch_steps, total_steps
+    self.sum, self.n = 0.0, 0
+
+  def __call__(self, step: int, out: StepOutput):
+    self.sum, self.n = self.sum + out.metrics['online_probe_top1'], self.n + 1
+    if _every(step, self.epoch_steps, self.total_steps):
+      top1 = float(self.sum) / self.n
+      self.writer.write_scalars(step, {'online_probe/epoch_top1': top1})
+      logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / self.epoch_steps), top1)
+      self.sum, self.n = 0.0, 0
+
+
+class LogMetrics:
+  """Every ``log_every_steps``: the step's metrics and collapse diagnostics to the writer and one progress line
+  (loss, the method's terms, embedding std and RankMe, learning rate); a non-finite loss stops the run."""
+
+  def __init__(self, writer, every: int, total_steps: int, terms):
+    self.writer, self.every, self.total_steps, self.terms = writer, every, total_steps, terms
+
+  def __call__(self, step: int, out: StepOutput):
+    if not _every(step, self.every, self.total_steps):
+      return
+    m = jax.device_get(out.metrics)
+    if not math.isfinite(float(m['loss'])):
+      raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
+    m.update(jax.device_get(out.collapse()[0]))
+    self.writer.write_scalars(step, m)
+    terms = '  '.join(f'{t} {m[t]:.4f}' for t in self.terms)
+    logging.info(f'step {step}/{self.total_steps}  loss {m["loss"]:.4f}  {terms}  emb_std {m["embedding_std"]:.3f}  '
+                 f'emb_rankme {m["emb/rankme"]:.1f}  lr {m["learning_rate"]:.4g}')
+
+
+class SpectrumImage:
+  """Every ``every`` steps: the singular-value spectra of the batch's representations and embeddings as a
+  TensorBoard image."""
+
+  def __init__(self, writer, every: int, total_steps: int):
+    self.writer, self.every, self.total_steps = writer, every, total_steps
+
+  def __call__(self, step: int, out: StepOutput):
+    if _every(step, self.every, self.total_steps):
+      s_h, s_z = jax.device_get(out.collapse()[1])
+      image = diagnostics.spectrum_plot({'representations': s_h, 'embeddings': s_z}, title=f'step {step}')
+      self.writer.write_images(step, {'spectrum': image[None]})
+
+
+class Checkpoint:
+  """Every ``every`` steps and at this invocation's last step: an orbax checkpoint (asynchronous; every process
+  joins)."""
+
+  def __init__(self, mngr, every: int, stop_step: int):
+    self.mngr, self.every, self.stop_step = mngr, every, stop_step
+
+  def __call__(self, step: int, out: StepOutput):
+    if _every(step, self.every, self.stop_step):
+      self.mngr.save(step, args=ocp.args.StandardSave(out.state))
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+def _initial_state(config, tx, online, mesh, mngr) -> TrainState:
+  """A fresh replicated state, or the latest checkpoint's."""
+  init = functools.partial(init_state, config, build_model(config, None), tx, online_probe=online)
+  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+  if mngr.latest_step() is not None:
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('Resumed from %s at step %d.', mngr.directory, int(state.step))
+  return state
+
+
+def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int) -> TrainState:
+  """Steps ``start_step + 1 … stop_step``, each followed by the periodic ``actions``."""
+  diagnose = jax.jit(collapse_metrics)
+  metrics = None
+  for step in range(start_step + 1, stop_step + 1):
+    previous = metrics
+    state, metrics, (h1, z1) = train_step(state, next(batches))
+    # At most two steps in flight: the host prepares the next batch while the devices run, without an
+    # unbounded dispatch queue (which can also starve XLA:CPU's collective threads on small machines).
+    jax.block_until_ready(previous)
+    out = StepOutput(state, metrics, h1, z1, diagnose)
+    for action in actions:
+      action(step, out)
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
-  workdir = absolute_workdir(workdir)
-  if not jax.process_index():
-    tf.io.gfile.makedirs(workdir)  # local path or gs://
+  methods.get(config)  # an unknown method fails before anything is written
+  workdir = runs.make_workdir(workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  n_train = train_examples(config)
-  total_steps, warmup_steps = schedule_steps(config, n_train)
-  epoch_steps = steps_per_epoch(config, n_train)
-  model = build_model(config)
+  total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
-  online = make_probe(config, sources.num_classes(config.data))
-
-  rng = jax.random.key(config.seed)
-  state = jax.jit(functools.partial(init_state, config, build_model(config, None), tx, online_probe=online),
-                  out_shardings=parallel.replicated(mesh))(rng)
-  mngr = checkpoint_manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info('Resumed from %s at step %d.', mngr.directory, int(state.step))
-  save_config(workdir, config)
+  online = make_probe(config, sources.get(config.data).num_classes(config.data))
+  mngr = runs.checkpoint_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  state = _initial_state(config, tx, online, mesh, mngr)
+  runs.save_config(workdir, config)
   start_step = int(state.step)
-
-  train_step = make_train_step(config, model, tx, schedule, mesh, online)
-  diagnose = jax.jit(collapse_metrics, out_shardings=parallel.replicated(mesh))
-  spectrum_every = config.spectrum_every_steps or config.checkpoint_every_steps
-  probe_sum, probe_n = 0.0, 0
-  metrics = None
-  ds = pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count())
-  batches = pipeline.global_batches(ds, parallel.data_sharding(mesh))
+  stop_step = min(total_steps, start_step + config.max_steps_per_run) if config.max_steps_per_run else total_steps
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps, every_secs=None)]
-  stop_step = min(total_steps, start_step + config.max_steps_per_run) if config.max_steps_per_run else total_steps
-  logging.info('Training %d steps (%d warmup) of global batch %d on %d devices of %d process(es).', total_steps,
-               warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
+  actions = [lambda step, out: progress(step)]
+  if online[0] is not None:
+    actions.append(OnlineProbeEpoch(writer, epoch_steps, total_steps))
+  actions += [LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms),
+              SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps),
+              Checkpoint(mngr, config.checkpoint_every_steps, stop_step)]
+  batches = pipeline.global_batches(
+      pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
+      parallel.data_sharding(mesh))
+  logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
+               config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
   try:
-    for step in range(start_step + 1, stop_step + 1):
-      previous = metrics
-      state, metrics, (h1, z1) = train_step(state, next(batches))
-      # At most two steps in flight: the host prepares the next batch while the devices run, without an
-      # unbounded dispatch queue (which can also starve XLA:CPU's collective threads on small machines).
-      jax.block_until_ready(previous)
-      for h in hooks:
-        h(step)
-      if online[0] is not None:  # mean train top-1 of the online probe over each epoch (summed on device)
-        probe_sum, probe_n = probe_sum + metrics['online_probe_top1'], probe_n + 1
-        if step % epoch_steps == 0 or step == total_steps:
-          top1 = float(probe_sum) / probe_n
-          writer.write_scalars(step, {'online_probe/epoch_top1': top1})
-          logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / epoch_steps), top1)
-          probe_sum, probe_n = 0.0, 0
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      spectrum_now = step % spectrum_every == 0 or step == total_steps
-      if log_now or spectrum_now:
-        collapse, (s_h, s_z) = diagnose(h1, z1)
-      if log_now:
-        m = jax.device_get(metrics)
-        if not math.isfinite(float(m['loss'])):
-          raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
-        m.update(jax.device_get(collapse))
-        writer.write_scalars(step, m)
-        logging.info(_format_metrics(step, total_steps, m))
-      if spectrum_now:
-        s_h, s_z = jax.device_get((s_h, s_z))
-        image = diagnostics.spectrum_plot({'representations': s_h, 'embeddings': s_z}, title=f'step {step}')
-        writer.write_images(step, {'spectrum': image[None]})
-      if step % config.checkpoint_every_steps == 0 or step == stop_step:
-        mngr.save(step, args=ocp.args.StandardSave(state))
+    state = _run_steps(make_train_step(config, build_model(config), tx, schedule, mesh, online), state, batches,
+                       actions, start_step, stop_step)
   finally:  # also on interruption: let the checkpoint in flight land
     mngr.wait_until_finished()
     writer.flush()
@@ -276,15 +322,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  stop_step, total_steps)
     writer.close()
     return {'steps': stop_step}
+  return _summarise(config, state, mesh, workdir, writer, start_time)
 
+
+def _summarise(config, state: TrainState, mesh, workdir: str, writer, start_time: float) -> dict:
+  """The final probe's figures (if enabled) and the wall time: to the writer, ``summary.json`` and stdout."""
   summary = {'steps': int(state.step)}
   if config.eval.final_probe:
     summary.update(final_probe(config, state, mesh, workdir))
     writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in summary.items() if k != 'steps'})
   summary['wall_seconds'] = round(time.time() - start_time, 1)
-  if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  runs.write_json(os.path.join(workdir, 'summary.json'), summary)
   logging.info('Summary: %s', json.dumps(summary))
   print(json.dumps(summary), flush=True)
   writer.close()

@@ -8,6 +8,7 @@ and a small-image one side by side.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
@@ -38,36 +39,49 @@ def _maybe(seed, p: float, fn, image):
   return tf.cond(_coin(seed, p), lambda: fn(image), lambda: image)
 
 
-def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """The random-resized-crop window ``[y, x, h, w]`` (int32) for an image of ``shape`` [H, W, ...].
+def crop_window_from_uniforms(shape, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """torchvision's ``RandomResizedCrop.get_params`` as a function of its random draws ``u`` (float [22] in
+  [0, 1)): the window ``[y, x, h, w]`` (int32) for an image of ``shape`` [H, W, ...].
 
-  ``tf.image.stateless_sample_distorted_bounding_box`` draws an area fraction in ``scale`` and an aspect
-  ratio (w/h) in ``ratio`` (10 attempts). When no attempt fits it returns the whole image; then, as
-  torchvision's ``RandomResizedCrop`` does, the window becomes the central crop of the image whose aspect
-  ratio is clamped into ``ratio`` (full width if the image is too tall, full height if too wide). A failure is
-  recognised as "the whole image came back although the whole image is not a valid crop" (its aspect ratio is
-  outside ``ratio`` or ``scale`` excludes 1); where the whole image is valid the two rules agree.
+  Ten tries t = 0…9: target area ``H·W·U(scale)`` (``u[t]``), aspect ratio ``exp(U(log ratio))`` (``u[10 + t]``),
+  ``w = round(sqrt(area·ratio))``, ``h = round(sqrt(area/ratio))`` (round half to even, as Python's); the
+  first try with ``0 < w ≤ W`` and ``0 < h ≤ H`` wins, at offsets ``y = floor(u[20]·(H - h + 1))`` and
+  ``x = floor(u[21]·(W - w + 1))`` (uniform over every position, both edges included). If none fits: the central
+  crop with the aspect ratio clamped into ``ratio`` (the whole image when its ratio is inside). Computed in
+  float64, so the rounding is that of torchvision's Python floats.
   """
   shape = tf.cast(shape, tf.int32)
-  h, w = shape[0], shape[1]
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-  in_ratio = wf / hf
-  whole_is_valid = (in_ratio >= ratio[0]) & (in_ratio <= ratio[1]) & (scale[1] >= 1.0)
-  failed = (size[0] == h) & (size[1] == w) & tf.logical_not(whole_is_valid)
-  # torchvision's fallback: clamp the aspect ratio, keep the limiting side whole, centre the window.
-  fh = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), h)
-  fw = tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32), w)
-  fh, fw = tf.minimum(fh, h), tf.minimum(fw, w)
-  fallback = tf.stack([(h - fh) // 2, (w - fw) // 2, fh, fw])
-  return tf.where(failed, fallback, tf.stack([begin[0], begin[1], size[0], size[1]]))
+  height, width = shape[0], shape[1]
+  hf, wf = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  u = tf.cast(u, tf.float64)
+  area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[:10])
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[10:20])
+  w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # 0 when none fits (then unused)
+  h_t, w_t = h[first], w[first]
+  y = tf.cast(tf.floor(u[20] * tf.cast(height - h_t + 1, tf.float64)), tf.int32)
+  x = tf.cast(tf.floor(u[21] * tf.cast(width - w_t + 1, tf.float64)), tf.int32)
+  found = tf.stack([y, x, h_t, w_t])
+  in_ratio = wf / hf  # torchvision's fallback: clamp the aspect ratio, keep the limiting side whole, centre
+  fh = tf.where(in_ratio < min(ratio), tf.cast(tf.round(wf / min(ratio)), tf.int32), height)
+  fw = tf.where(in_ratio > max(ratio), tf.cast(tf.round(hf * max(ratio)), tf.int32), width)
+  fallback = tf.stack([(height - fh) // 2, (width - fw) // 2, fh, fw])
+  return tf.where(tf.reduce_any(fits), found, fallback)
+
+
+def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """The random-resized-crop window ``[y, x, h, w]`` (int32) for an image of ``shape`` [H, W, ...]: torchvision's
+  sampler (:func:`crop_window_from_uniforms`) on 22 stateless uniforms drawn from ``seed``."""
+  u = tf.random.stateless_uniform([22], seed=seed, dtype=tf.float64)
+  return crop_window_from_uniforms(shape, u, scale, ratio)
 
 
 def _resize(crop, size: int, method: str, channels):
-  out = tf.image.resize(crop, (size, size), method=method, antialias=False)
+  """``crop`` resized to ``size``×``size``, antialiased when shrinking (as PIL, which torchvision resizes with)."""
+  out = tf.image.resize(crop, (size, size), method=method, antialias=True)
   out.set_shape([size, size, channels])
   return tf.clip_by_value(out, 0.0, 1.0)
 
@@ -225,6 +239,22 @@ def random_affine(image, seed, degrees: float = 0.0, scale=(1.0, 1.0), shear: fl
   return out
 
 
+def gaussian_noise(image, seed, std: float):
+  """``image`` plus independent N(0, ``std``²) noise on every pixel (not clipped)."""
+  return image + std * tf.random.stateless_normal(tf.shape(image), seed=seed, dtype=image.dtype)
+
+
+def cutout(image, seed, size: int):
+  """``image`` with a ``size``×``size`` square set to zero, its top-left corner uniform over the positions where
+  it fits inside the image."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  corner = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
+  y, x = corner[0] % (h - size + 1), corner[1] % (w - size + 1)
+  rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
+  inside = (rows >= y) & (rows < y + size) & (cols >= x) & (cols < x + size)
+  return tf.where(inside[..., None], tf.zeros_like(image), image)
+
+
 def normalize(image, mean: Sequence[float], std: Sequence[float]):
   """``(image - mean) / std`` per channel (as a per-channel scale and ``bias_add``: CPU broadcasting is slow)."""
   scale = tf.constant([1.0 / s for s in std], tf.float32)
@@ -254,6 +284,9 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
     blur_sigma=(0.1, 2.0),
     blur_kernel_fraction=0.1,
     solarize_p=0.0,
+    noise_std=0.0,          # additive Gaussian pixel noise (small images; not clipped)
+    cutout_p=0.0,           # a square of zeros at a random position (small images)
+    cutout_size=0,
     mean=None,              # normalisation; None leaves [0, 1] values
     std=None,
 )
@@ -317,6 +350,13 @@ def _after_crop(image, s, r):
   image = _maybe(s[_BLUR_P], r['blur_p'],
                  lambda x: gaussian_blur(x, s[_BLUR], r['blur_sigma'], r['blur_kernel_fraction']), image)
   image = _maybe(s[_SOLARIZE], r['solarize_p'], solarize, image)
+  if r['noise_std']:
+    image = gaussian_noise(image, tf.random.experimental.stateless_fold_in(s[_AFFINE], 1), r['noise_std'])
+  if r['cutout_p'] and r['cutout_size']:
+    cut_seed = tf.random.experimental.stateless_fold_in(s[_AFFINE], 2)
+    image = _maybe(cut_seed, r['cutout_p'],
+                   lambda x: cutout(x, tf.random.experimental.stateless_fold_in(cut_seed, 1), r['cutout_size']),
+                   image)
   if r['mean'] is not None:
     image = normalize(image, r['mean'], r['std'])
   return image

@@ -25,8 +25,13 @@ GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale (ITU-R 601 
 def host_recipe(recipe: Mapping[str, Any]) -> dict:
   """``recipe`` without its colour part (jitter, grayscale, blur, solarize, normalisation): what the host still
   does when the colour ops run on the accelerator. The geometric ops keep their sub-seeds, so crops and flips
-  are those of the full recipe on the host."""
-  return dict(full_recipe(recipe), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
+  are those of the full recipe on the host; a cutout too (its zeros survive the uint8 transfer; the colour ops
+  then run after it). Pixel noise is not among the device ops: a recipe with ``noise_std`` is refused."""
+  r = full_recipe(recipe)
+  if r['noise_std']:
+    raise ValueError('augment.on_device does not do the pixel noise of noise_std (it would be clipped by the '
+                     'uint8 transfer): set --config.augment.on_device=False, or noise_std=0 in the views')
+  return dict(r, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
 
 
 def to_uint8(image):

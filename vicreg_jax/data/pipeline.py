@@ -45,7 +45,7 @@ def _options(data: ml_collections.ConfigDict) -> tf.data.Options:
 def _encoded(data: ml_collections.ConfigDict, recipes) -> bool:
   """Whether images stay encoded until the views decode them: file-backed sources (TFDS, image folders) when
   every view starts with a random resized crop, so each view decodes only its crop window (JPEG)."""
-  return data.source in ('tfds', 'folder') and all(dict(r).get('crop_size') for r in recipes)
+  return sources.get(data).file_backed and all(dict(r).get('crop_size') for r in recipes)
 
 
 def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start_step: int, local_b: int,
@@ -60,64 +60,70 @@ def _stream(data: ml_collections.ConfigDict, split: str, seed: int, start_step: 
   ``index_shuffle(pos mod n)`` of a permutation of all n examples seeded by (seed, epoch = pos // n), seed
   ``fold_in((seed, 0), pos)``; the same for any number of processes and exactly resumable at any step.
   """
-  if data.source in ('digits', 'folder'):
-    if data.source == 'digits':
-      arrays = sources.digits(split)
-      items, labels = arrays.images, arrays.labels
-    else:
-      files = sources.folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
-      items, labels = files.paths, files.labels
+  source = sources.get(data)
+  in_memory = source.in_memory(data, split)
+  if in_memory is not None:
+    items, labels = in_memory
     if indices is not None:
       items, labels = items[indices], labels[indices]
-    n = len(labels)
-    if n == 0:
-      raise ValueError(f'Split {split!r} has no examples.')
-    items, labels = tf.constant(items), tf.constant(labels)
-    global_b = local_b * process_count
-    base_seed = tf.constant([seed, 0], tf.int64)
+    return _global_stream(items, labels, data, seed, start_step, local_b, process_index, process_count,
+                          decode=None if not source.file_backed else (not encoded))
+  if indices is not None:
+    raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
+                     "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
+  return _tfds_stream(data, split, seed, start_step, local_b, process_index, process_count, encoded)
 
-    def load(t):
-      pos = (start_step + t // local_b) * global_b + process_index * local_b + t % local_b
-      idx = tf.random.experimental.index_shuffle(
-          pos % n, seed=tf.stack([tf.constant(seed, tf.int64), pos // n]), max_index=n - 1)
-      item = tf.gather(items, idx)
-      if data.source == 'folder':
-        item = tf.io.read_file(item)
-        if not encoded:
-          item = augment.decode(item, data.channels)
-      return tf.random.experimental.stateless_fold_in(base_seed, pos), item, tf.gather(labels, idx)
 
-    return tf.data.Dataset.counter(dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-  if data.source == 'tfds':
-    if indices is not None:
-      raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
-                       "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
-    # Exactly resumable: a fixed file order (TFDS shuffles examples into its files when it builds a dataset),
-    # reshuffled per epoch by a buffer seeded with (seed, epoch). This process's stream position p =
-    # start_step·local_b lies in epoch p // n at offset p % n; the stream starts at that epoch and skips the
-    # offset (reading, not decoding, at most one epoch of this process's records).
-    start = start_step * local_b
-    base = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                              process_count=process_count, decode=not encoded)
-    if data.get('cache', False):  # small datasets: keep this process's examples in memory after the first epoch
-      base = base.cache()
-    n = max(sources.num_examples(data.name, split, data.data_dir) // process_count, 1)
-    first_epoch, offset = divmod(start, n)
-    seed_base = tf.constant(seed, tf.int64) * 1_000_003 + process_index * 7_919
+def _global_stream(items, labels, data, seed, start_step, local_b, process_index, process_count, decode):
+  """:func:`_stream` of in-memory ``items`` (images, or file paths read here and decoded if ``decode``)."""
+  n = len(labels)
+  if n == 0:
+    raise ValueError('The training split has no examples.')
+  items, labels = tf.constant(items), tf.constant(labels)
+  global_b = local_b * process_count
+  base_seed = tf.constant([seed, 0], tf.int64)
 
-    def epoch(e):
-      return base.shuffle(data.shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
+  def load(t):
+    pos = (start_step + t // local_b) * global_b + process_index * local_b + t % local_b
+    idx = tf.random.experimental.index_shuffle(
+        pos % n, seed=tf.stack([tf.constant(seed, tf.int64), pos // n]), max_index=n - 1)
+    item = tf.gather(items, idx)
+    if decode is not None:  # a file path
+      item = tf.io.read_file(item)
+      if decode:
+        item = augment.decode(item, data.channels)
+    return tf.random.experimental.stateless_fold_in(base_seed, pos), item, tf.gather(labels, idx)
 
-    ds = tf.data.Dataset.counter(start=first_epoch, dtype=tf.int64).flat_map(epoch).skip(offset)
-    if encoded:
-      ds = ds.map(lambda ex: (ex['image'], ex['label']))
-    else:
-      ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-    base_seed = tf.constant([seed, process_index], tf.int64)
-    return tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds).map(
-        lambda pos, ex: (tf.random.experimental.stateless_fold_in(base_seed, pos), ex[0], ex[1]))
-  raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
+  return tf.data.Dataset.counter(dtype=tf.int64).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tfds_stream(data, split, seed, start_step, local_b, process_index, process_count, encoded):
+  """:func:`_stream` of a TFDS split, per process."""
+  # Exactly resumable: a fixed file order (TFDS shuffles examples into its files when it builds a dataset),
+  # reshuffled per epoch by a buffer seeded with (seed, epoch). This process's stream position p =
+  # start_step·local_b lies in epoch p // n at offset p % n; the stream starts at that epoch and skips the
+  # offset (reading, not decoding, at most one epoch of this process's records).
+  start = start_step * local_b
+  base = sources.tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                            process_count=process_count, decode=not encoded)
+  if data.get('cache', False):  # small datasets: keep this process's examples in memory after the first epoch
+    base = base.cache()
+  n = max(sources.num_examples(data.name, split, data.data_dir) // process_count, 1)
+  first_epoch, offset = divmod(start, n)
+  seed_base = tf.constant(seed, tf.int64) * 1_000_003 + process_index * 7_919
+
+  def epoch(e):
+    return base.shuffle(data.shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.counter(start=first_epoch, dtype=tf.int64).flat_map(epoch).skip(offset)
+  if encoded:
+    ds = ds.map(lambda ex: (ex['image'], ex['label']))
+  else:
+    ds = ds.map(lambda ex: (tf.image.convert_image_dtype(ex['image'], tf.float32), ex['label']),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  base_seed = tf.constant([seed, process_index], tf.int64)
+  return tf.data.Dataset.zip(tf.data.Dataset.counter(start=start, dtype=tf.int64), ds).map(
+      lambda pos, ex: (tf.random.experimental.stateless_fold_in(base_seed, pos), ex[0], ex[1]))
 
 
 def _finish(ds, data, local_b):
@@ -181,23 +187,23 @@ def global_batches(ds: tf.data.Dataset, sharding: jax.sharding.Sharding) -> Iter
 
 
 def _resize_centre_crop(image, resize: int, crop: int):
-  """Shorter side to ``resize`` (bicubic, clipped to [0, 1]), then the central ``crop``×``crop``."""
+  """Shorter side to ``resize``, then the central ``crop``×``crop``: the official evaluation transform
+  (torchvision ``Resize(256)`` + ``CenterCrop(224)`` on PIL images: bilinear, antialiased when shrinking; the
+  longer side ``int(resize·long/short)``; the crop's offset ``round((side - crop)/2)``)."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  scale = tf.cast(resize, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
-  new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
-  image = tf.clip_by_value(tf.image.resize(image, new, method='bicubic'), 0.0, 1.0)
-  return tf.image.resize_with_crop_or_pad(image, crop, crop)
-
-
-def eval_share(total: int, process_index: int = 0, process_count: int = 1) -> tuple[int, int]:
-  """This process's contiguous share ``[start, stop)`` of ``total`` examples (sizes differ by at most one)."""
-  return process_index * total // process_count, (process_index + 1) * total // process_count
+  short, long_ = tf.minimum(h, w), tf.maximum(h, w)
+  new_long = tf.cast(tf.cast(resize, tf.int64) * tf.cast(long_, tf.int64) // tf.cast(short, tf.int64), tf.int32)
+  new = tf.where(h <= w, tf.stack([resize, new_long]), tf.stack([new_long, resize]))
+  image = tf.clip_by_value(tf.image.resize(image, new, method='bilinear', antialias=True), 0.0, 1.0)
+  top = tf.cast(tf.round(tf.cast(new[0] - crop, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new[1] - crop, tf.float32) / 2), tf.int32)
+  return tf.image.crop_to_bounding_box(image, top, left, crop, crop)
 
 
 def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *, crop: int, resize: int = 0,
                  mean=None, std=None, process_index: int = 0, process_count: int = 1,
                  max_examples: int = 0) -> tf.data.Dataset:
-  """One pass over this process's share (:func:`eval_share`) of the first ``max_examples`` (0: all) examples
+  """One pass over this process's share (:func:`sources.eval_share_bounds`) of the first ``max_examples`` (0: all) examples
   of ``split``, in batches ``{'image', 'label', 'index', 'mask'}`` of ``batch_size / process_count``; ``index``
   is the example's position in the split. Batches are padded (mask 0, index -1) so every process yields the
   same number of full batches (collectives must match).
@@ -206,34 +212,16 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   In-memory (digits) images are used as they are. Then normalised by ``mean``/``std`` if given.
   """
   local_b = local_batch_size(batch_size, process_count)
-  if data.source == 'digits':
-    arrays = sources.digits(split)
-    total = min(max_examples or arrays.num_examples, arrays.num_examples)
-    a, b = eval_share(total, process_index, process_count)
-    ds = tf.data.Dataset.from_tensor_slices((arrays.images[a:b], arrays.labels[a:b]))
-  else:
+  source = sources.get(data)
+  ds, a, b, total = source.eval_share(data, split, process_index, process_count, max_examples)
+  if source.file_backed:
     resize = resize or crop * 8 // 7
-    if data.source == 'folder':
-      files = sources.folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
-      total = min(max_examples or files.num_examples, files.num_examples)
-      a, b = eval_share(total, process_index, process_count)
-      ds = sources.folder_dataset(files, a, b)
-    elif data.source == 'tfds':
-      if max_examples and ('[' in split or '+' in split):
-        raise ValueError(f'max_examples with the sliced or combined split {split!r}: put the limit into the '
-                         'split instead.')
-      if max_examples:  # a limit above the split's size is the whole split (TFDS refuses such a slice)
-        split = f'{split}[:{min(max_examples, sources.num_examples(data.name, split, data.data_dir))}]'
-      ds, a, b, total = sources.tfds_share(data.name, split, data.data_dir, process_index, process_count)
-    else:
-      raise ValueError(f"Unknown data.source {data.source!r}: use 'digits', 'tfds' or 'folder'.")
 
-    def prep(ex):
-      image = ex['image']
+    def prep(image, label):
       if image.dtype == tf.string:
         image = augment.decode(image, data.channels)
       image = _resize_centre_crop(tf.image.convert_image_dtype(image, tf.float32), resize, crop)
-      return tf.ensure_shape(image, [crop, crop, data.channels]), ex['label']
+      return tf.ensure_shape(image, [crop, crop, data.channels]), label
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   if mean is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -28,22 +28,26 @@ class ArraySplit:
     return len(self.labels)
 
 
-def digits(split: str) -> ArraySplit:
+@functools.lru_cache(maxsize=8)
+def digits(split: str, size: int = 8) -> ArraySplit:
   """scikit-learn's 1,797 8×8 handwritten digits, 70/30 stratified split (``random_state=0``).
 
-  ``split`` is 'train' (1,257 images) or 'test' (540). Pixels 0–16 are scaled to [0, 1], shape [N, 8, 8, 1].
+  ``split`` is 'train' (1,257 images) or 'test' (540). Pixels 0–16 are scaled to [0, 1], shape [N, 8, 8, 1];
+  with ``size`` > 8, upsampled bilinearly to [N, size, size, 1] (room for a convolutional backbone's strides).
   """
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
   data = load_digits()
   x = (data.images / 16.0).astype(np.float32)[..., None]
   y = data.target.astype(np.int32)
+  if split not in ('train', 'test'):
+    raise ValueError(f"digits has splits 'train' and 'test', not {split!r}.")
   x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
-  if split == 'train':
-    return ArraySplit(x_tr, y_tr)
-  if split == 'test':
-    return ArraySplit(x_te, y_te)
-  raise ValueError(f"digits has splits 'train' and 'test', not {split!r}.")
+  x, y = (x_tr, y_tr) if split == 'train' else (x_te, y_te)
+  if size != 8:
+    x = tf.image.resize(x, (size, size), method='bilinear').numpy()
+  x.flags.writeable = y.flags.writeable = False  # cached: shared by every caller
+  return ArraySplit(x, y)
 
 
 def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -117,7 +121,7 @@ def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
 
   For ``name='folder'`` (or a TFDS name not prepared under ``data_dir`` when ``data_dir`` is an image folder),
   the number of images in that split of the image folder ``data_dir`` (see :func:`folder_split`; the default
-  ``val_fraction`` of 0 unless the folder has train/ and val/ subfolders). Prefer :func:`split_examples`,
+  ``val_fraction`` of 0 unless the folder has train/ and val/ subfolders). Prefer ``get(data).num_examples``,
   which knows the config's source and ``val_fraction``.
   """
   if name == 'folder':
@@ -234,22 +238,85 @@ def folder_dataset(split: FileSplit, start: int = 0, stop: Optional[int] = None)
   return ds.map(lambda p, y: {'image': tf.io.read_file(p), 'label': y}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-# --- any source, from the config's data section ---------------------------------------------------------------
+# --- one interface over the three sources ----------------------------------------------------------------
 
-def split_examples(data, split: str) -> int:
-  """Number of examples in ``split`` of the dataset ``data`` (a config's ``data`` section) names, all
-  processes together."""
-  if data.source == 'digits':
-    return digits(split).num_examples
-  if data.source == 'folder':
-    return folder_split(data.data_dir, split, data.get('val_fraction', 0.0)).num_examples
-  return num_examples(data.name, split, data.data_dir)
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What the pipelines and jobs need from a dataset; one record per ``data.source``, each function taking the
+  config's ``data`` section.
+
+  - ``num_examples(data, split)``: examples in the split, all processes together;
+  - ``num_classes(data)``;
+  - ``in_memory(data, split)``: ``(items, labels)`` for sources held in memory, one global stream over all
+    processes (digits: float images [N, H, W, C] in [0, 1]; folder: file paths), else None (TFDS: each process
+    reads its own files);
+  - ``eval_share(data, split, process_index, process_count, max_examples)``: for one pass over the first
+    ``max_examples`` (0: all) examples, this process's contiguous share as a dataset of ``(image, label)``
+    (decoded float images, or encoded bytes / uint8 where ``file_backed``), the indices in the split of its
+    first and one-past-last example, and the number of examples;
+  - ``file_backed``: images come from encoded files (decoded per view; resized and centre-cropped to evaluate).
+  """
+  num_examples: Callable[[Any, str], int]
+  num_classes: Callable[[Any], int]
+  in_memory: Callable[[Any, str], Optional[tuple]]
+  eval_share: Callable[..., tuple]
+  file_backed: bool
 
 
-def num_classes(data) -> int:
-  """Number of classes of the dataset ``data`` (a config's ``data`` section) names."""
-  if data.source == 'digits':
-    return 10
-  if data.source == 'folder':
-    return len(folder_split(data.data_dir, data.train_split, data.get('val_fraction', 0.0)).classes)
-  return tfds_builder(data.name, data.data_dir).info.features['label'].num_classes
+def eval_share_bounds(total: int, process_index: int = 0, process_count: int = 1) -> tuple[int, int]:
+  """This process's contiguous share ``[start, stop)`` of ``total`` examples (sizes differ by at most one)."""
+  return process_index * total // process_count, (process_index + 1) * total // process_count
+
+
+def _digits_split(data, split: str) -> ArraySplit:
+  return digits(split, data.get('image_size', 0) or 8)
+
+
+def _digits_eval(data, split, process_index, process_count, max_examples):
+  arrays = _digits_split(data, split)
+  total = min(max_examples or arrays.num_examples, arrays.num_examples)
+  a, b = eval_share_bounds(total, process_index, process_count)
+  return tf.data.Dataset.from_tensor_slices((arrays.images[a:b], arrays.labels[a:b])), a, b, total
+
+
+def _folder(data, split: str) -> FileSplit:
+  return folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
+
+
+def _folder_eval(data, split, process_index, process_count, max_examples):
+  files = _folder(data, split)
+  total = min(max_examples or files.num_examples, files.num_examples)
+  a, b = eval_share_bounds(total, process_index, process_count)
+  return folder_dataset(files, a, b).map(lambda ex: (ex['image'], ex['label'])), a, b, total
+
+
+def _tfds_eval(data, split, process_index, process_count, max_examples):
+  if max_examples and ('[' in split or '+' in split):
+    raise ValueError(f'max_examples with the sliced or combined split {split!r}: put the limit into the split '
+                     'instead.')
+  if max_examples:  # a limit above the split's size is the whole split (TFDS refuses such a slice)
+    split = f'{split}[:{min(max_examples, num_examples(data.name, split, data.data_dir))}]'
+  ds, a, b, total = tfds_share(data.name, split, data.data_dir, process_index, process_count)
+  return ds.map(lambda ex: (ex['image'], ex['label'])), a, b, total
+
+
+SOURCES = {
+    'digits': Source(num_examples=lambda data, split: _digits_split(data, split).num_examples,
+                     num_classes=lambda data: 10,
+                     in_memory=lambda data, split: (lambda a: (a.images, a.labels))(_digits_split(data, split)),
+                     eval_share=_digits_eval, file_backed=False),
+    'folder': Source(num_examples=lambda data, split: _folder(data, split).num_examples,
+                     num_classes=lambda data: len(_folder(data, data.train_split).classes),
+                     in_memory=lambda data, split: (lambda f: (f.paths, f.labels))(_folder(data, split)),
+                     eval_share=_folder_eval, file_backed=True),
+    'tfds': Source(num_examples=lambda data, split: num_examples(data.name, split, data.data_dir),
+                   num_classes=lambda data: tfds_builder(data.name, data.data_dir).info.features['label'].num_classes,
+                   in_memory=lambda data, split: None, eval_share=_tfds_eval, file_backed=True),
+}
+
+
+def get(data) -> Source:
+  """The :class:`Source` for a config's ``data`` section (``data.source``)."""
+  if data.source not in SOURCES:
+    raise ValueError(f'Unknown data.source {data.source!r}: use one of {sorted(SOURCES)}.')
+  return SOURCES[data.source]

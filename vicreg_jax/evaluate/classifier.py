@@ -27,10 +27,10 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import parallel
+from vicreg_jax import parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
-from vicreg_jax.models import resnet
+from vicreg_jax.models import backbones
 
 
 @flax.struct.dataclass
@@ -53,21 +53,6 @@ class Head(nn.Module):
 
 
 # --- the pretrained backbone --------------------------------------------------------------------------------
-
-def read_pretrain_config(pretrain_workdir: str) -> Optional[ml_collections.ConfigDict]:
-  """The pretraining run's ``config.json`` as a ConfigDict, or None if the run has not written it yet."""
-  path = os.path.join(pretrain_workdir, 'config.json')
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def pretrain_checkpoints(pretrain_workdir: str) -> ocp.CheckpointManager:
-  """A reader of the pretraining run's checkpoints (it never writes or deletes there)."""
-  return ocp.CheckpointManager(os.path.join(pretrain_workdir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-
 
 def backbone_target(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[str, dict]:
   """The path of pretraining checkpoint ``step`` and the shapes of its ``params`` and ``batch_stats``, replicated
@@ -96,7 +81,7 @@ def init_backbone(pre_config: ml_collections.ConfigDict, seed: int, mesh) -> dic
   replicated over ``mesh`` (the baseline a pretrained checkpoint is compared with)."""
   size = pre_config.data.image_size
   x = jnp.zeros((1, size, size, pre_config.data.channels), jnp.float32)
-  variables = resnet.from_config(pre_config.model).init(jax.random.key(seed), x, train=False)
+  variables = backbones.from_config(pre_config.model).init(jax.random.key(seed), x, train=False)
   return parallel.replicate({k: variables[k] for k in ('params', 'batch_stats')}, mesh)
 
 
@@ -119,12 +104,15 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: dict, steps_per_epo
   return optax.multi_transform({k: sgd(lrs[k]) for k in params}, {k: k for k in params})
 
 
-def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool):
+def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool,
+                    sync_bn: bool = True):
   """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
 
   ``backbone=None``: the batch holds features (cached extraction). Frozen backbone: ``frozen`` holds its
-  variables and it runs in inference mode. Fine-tuning: its params are in ``state`` and BatchNorm uses the
-  global batch statistics. Each replica's loss is the global mean cross-entropy, so the averaged gradients
+  variables and it runs in inference mode. Fine-tuning: its params are in ``state`` and BatchNorm runs in train
+  mode, with the global batch statistics when ``sync_bn`` (``backbone`` built with the ``'data'`` axis), else each
+  device's own (the official evaluate.py: DDP without SyncBN), the running statistics then device 0's (DDP
+  broadcasts rank 0's buffers). Each replica's loss is the global mean cross-entropy, so the averaged gradients
   are those of one device on the whole batch.
   """
   axis = parallel.AXIS
@@ -145,6 +133,8 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
       return jax.lax.pmean(ce, axis), (batch_stats, logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if finetune and not sync_bn:
+      batch_stats = jax.tree.map(lambda x: jax.lax.all_gather(x, axis)[0], batch_stats)
     grads = jax.lax.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = ClassifierState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -213,105 +203,152 @@ def padded_feature_batches(h: np.ndarray, y: np.ndarray, batch_size: int, shardi
 
 # --- the training loop --------------------------------------------------------------------------------------
 
-def train_labels(data: ml_collections.ConfigDict):
-  """Labels of an in-memory training split (digits, image folder), to draw ``labels_per_class`` subsets."""
-  if data.source == 'digits':
-    return sources.digits(data.train_split).labels
-  if data.source == 'folder':
-    return sources.folder_split(data.data_dir, data.train_split, data.get('val_fraction', 0.0)).labels
-  raise ValueError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
-                   "subset split instead (e.g. 'imagenet2012_subset/1pct').")
+def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetune: bool):
+  """``(train features or None, test features or None, feature dim)``: with ``features.cache`` (linear job only)
+  the frozen features of the un-augmented train and test images, extracted once (each process its share,
+  gathered to all) and optionally standardised; else Nones and the backbone's output width."""
+  tr = config.transforms.eval
+  if not (config.features.cache and not finetune):
+    if config.features.standardize:
+      raise ValueError('features.standardize needs features.cache=True (statistics of fixed features).')
+    size = tr.crop or config.data.image_size  # file-backed sources: the crop; in-memory: as stored
+    shape = jax.ShapeDtypeStruct((1, size, size, pre_config.data.channels), jnp.float32)
+    return None, None, jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
+                                      shape).shape[-1]
+  apply = jax.jit(functools.partial(eval_backbone.apply, train=False))
+  h_tr, y_tr = probe.extract(apply, pretrained, _eval_batches(config, config.data.train_split, mesh))
+  h_te, y_te = probe.extract(apply, pretrained, _eval_batches(config, config.data.test_split, mesh))
+  if config.features.standardize:  # BatchNorm without affine, statistics of the training features
+    mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
+    h_tr, h_te = (h_tr - mu) / sd, (h_te - mu) / sd
+  return (h_tr, y_tr), (h_te, y_te), h_tr.shape[1]
+
+
+def _eval_batches(config, split: str, mesh):
+  """One pass over ``split`` with the evaluation transform, as global batches."""
+  tr = config.transforms.eval
+  ds = pipeline.eval_dataset(config.data, split, config.batch_size, crop=tr.crop, resize=tr.resize, mean=tr.mean,
+                             std=tr.std, process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.global_batches(ds, parallel.data_sharding(mesh))
+
+
+def _train_subset(config) -> tuple[Optional[np.ndarray], int]:
+  """The indices of ``data.labels_per_class`` examples per class (None: the whole split) and the number of
+  training examples."""
+  data = config.data
+  source = sources.get(data)
+  if not data.labels_per_class:
+    return None, source.num_examples(data, data.train_split)
+  in_memory = source.in_memory(data, data.train_split)
+  if in_memory is None:
+    raise ValueError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
+                     "subset split instead (e.g. 'imagenet2012_subset/1pct').")
+  indices = sources.per_class_subset(in_memory[1], data.labels_per_class, config.seed)
+  return indices, len(indices)
+
+
+def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool, tx_of, mngr, mesh, tag: str):
+  """The replicated classifier state (head, and the backbone when fine-tuning), or its checkpoint's."""
+  params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
+  batch_stats = {}
+  if finetune:
+    params['backbone'], batch_stats = pretrained['params'], pretrained['batch_stats']
+  tx = tx_of(params)
+  state = parallel.replicate(ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                                             batch_stats=batch_stats, opt_state=tx.init(params)), mesh)
+  if mngr.latest_step() is not None:
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('%s: resumed head training at step %d.', tag, int(state.step))
+  return state, tx
 
 
 def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collections.ConfigDict,
                      pretrained: dict, ckpt_dir: str, writer, tag: str, finetune: bool) -> dict:
   """Trains the head (and the backbone when ``finetune``) on ``config.data.train_split`` for
-  ``config.epochs``, resuming from ``ckpt_dir``; returns top-1/top-5 on ``config.data.test_split``."""
+  ``config.epochs``, resuming from ``ckpt_dir``; returns top-1/top-5 on ``config.data.test_split``: of the last
+  epoch, or with ``classifier.report='best'`` (official) of the epoch with the best top-1, tested after each."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   sharding = parallel.data_sharding(mesh)
-  pi, pc = jax.process_index(), jax.process_count()
-  indices = None
-  if config.data.labels_per_class:
-    indices = sources.per_class_subset(train_labels(config.data), config.data.labels_per_class, config.seed)
-  n_train = len(indices) if indices is not None else sources.split_examples(config.data, config.data.train_split)
+  cl = config.classifier
+  indices, n_train = _train_subset(config)
   steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
-  total_steps = config.epochs * steps_per_epoch
-  cached = config.features.cache and not finetune
-  eval_backbone = resnet.from_config(pre_config.model)
-  ev = config.augment.eval
-
-  def eval_batches():
-    ds = pipeline.eval_dataset(config.data, config.data.test_split, config.batch_size, crop=ev.crop,
-                               resize=ev.resize, mean=ev.mean, std=ev.std, process_index=pi, process_count=pc)
-    return pipeline.global_batches(ds, sharding)
-
-  frozen = pretrained
-  if cached:  # features of un-augmented images, extracted once: each process its share, gathered to all
-    ds = pipeline.eval_dataset(config.data, config.data.train_split, config.batch_size, crop=ev.crop,
-                               resize=ev.resize, mean=ev.mean, std=ev.std, process_index=pi, process_count=pc)
-    apply = jax.jit(functools.partial(eval_backbone.apply, train=False))
-    h_tr, y_tr = probe.extract(apply, frozen, pipeline.global_batches(ds, sharding))
-    h_te, y_te = probe.extract(apply, frozen, eval_batches())
-    if config.features.standardize:  # BatchNorm without affine, statistics of the training features
-      mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
-      h_tr, h_te = (h_tr - mu) / sd, (h_te - mu) / sd
-    feat_dim = h_tr.shape[1]
-    train_backbone = None
-  else:
-    if config.features.standardize:
-      raise ValueError('features.standardize needs features.cache=True (statistics of fixed features).')
-    feat_dim = jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
-                              jax.ShapeDtypeStruct((1, ev.crop, ev.crop, pre_config.data.channels),
-                                                   jnp.float32)).shape[-1]
-    train_backbone = resnet.from_config(pre_config.model, parallel.AXIS if finetune else None)
-
-  head = Head(sources.num_classes(config.data), config.head_init_std)
-  params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
-  batch_stats = {}
-  if finetune:
-    params['backbone'], batch_stats = pretrained['params'], pretrained['batch_stats']
-  tx = make_optimizer(config.optim, params, steps_per_epoch, config.epochs)
-  state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                          opt_state=tx.init(params))
-  state = parallel.replicate(state, mesh)
+  eval_backbone = backbones.from_config(pre_config.model)
+  train_feats, test_feats, feat_dim = _features(config, pre_config, pretrained, eval_backbone, mesh, finetune)
+  head = Head(sources.get(config.data).num_classes(config.data), cl.head_init_std)
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-  if mngr.latest_step() is not None:
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info('%s: resumed head training at step %d.', tag, int(state.step))
+  state, tx = _initial_state(config, head, feat_dim, pretrained, finetune,
+                             lambda p: make_optimizer(cl, p, steps_per_epoch, config.epochs), mngr, mesh, tag)
   start = int(state.step)
-
-  if cached:
-    batches = feature_batches(h_tr, y_tr, config.batch_size, config.seed, start, sharding)
+  if train_feats is not None:
+    batches = feature_batches(*train_feats, config.batch_size, config.seed, start, sharding)
   else:
-    ds = pipeline.labelled_dataset(config.data, dict(config.augment.train), config.batch_size, config.seed,
-                                   start, pi, pc, indices)
+    ds = pipeline.labelled_dataset(config.data, dict(config.transforms.train), config.batch_size, config.seed,
+                                   start, jax.process_index(), jax.process_count(), indices)
     batches = pipeline.global_batches(ds, sharding)
-  train_step = make_train_step(head, train_backbone, tx, mesh, finetune)
-  t0, last = time.time(), start
-  try:
-    metrics = None
-    for step in range(start + 1, total_steps + 1):
-      previous = metrics
-      state, metrics = train_step(state, frozen, next(batches))
-      jax.block_until_ready(previous)  # at most two steps in flight (see train.py)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        m = jax.device_get(metrics)
-        rate = (step - last) / max(time.time() - t0, 1e-9)
-        t0, last = time.time(), step
-        writer.write_scalars(step, {f'{tag}/{k}': v for k, v in m.items()})
-        logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', tag,
-                     step, total_steps, math.ceil(step / steps_per_epoch), config.epochs, m['loss'],
-                     m['train_top1'], rate, (total_steps - step) / max(rate, 1e-9))
-      if step % config.checkpoint_every_steps == 0:
-        mngr.save(step, args=ocp.args.StandardSave(state))
-  finally:
-    mngr.wait_until_finished()
+  sync_bn = not finetune or cl.batchnorm == 'sync'
+  train_backbone = None if train_feats is not None else backbones.from_config(
+      pre_config.model, parallel.AXIS if finetune and sync_bn else None)
+  train_step = make_train_step(head, train_backbone, tx, mesh, finetune, sync_bn)
+  eval_step = make_eval_step(head, None if train_feats is not None else eval_backbone, mesh)
 
-  eval_step = make_eval_step(head, None if cached else eval_backbone, mesh)
-  if cached:
-    result = evaluate(eval_step, state, frozen, padded_feature_batches(h_te, y_te, config.batch_size, sharding))
-  else:
-    result = evaluate(eval_step, state, frozen, eval_batches())
+  def test(state):
+    batches = (padded_feature_batches(*test_feats, config.batch_size, sharding) if test_feats is not None
+               else _eval_batches(config, config.data.test_split, mesh))
+    return evaluate(eval_step, state, pretrained, batches)
+
+  if cl.report not in ('best', 'last'):
+    raise ValueError(f"classifier.report must be 'best' or 'last', not {cl.report!r}")
+  loop = _TrainLoop(config, tag, writer, mngr, steps_per_epoch, test if cl.report == 'best' else None,
+                    ckpt_dir.rstrip('/') + '_best.json')
+  state, best = loop.run(train_step, state, pretrained, batches, start)
+  result = test(state)
+  if cl.report == 'best':
+    result = dict(best, last_top1=result['top1'], last_top5=result['top5'])
   result['epochs'] = config.epochs
   return result
+
+
+class _TrainLoop:
+  """The classifier's steps with their periodic actions: a progress line every ``log_every_steps``, a
+  checkpoint every ``checkpoint_every_steps``, and with ``test`` the test accuracy after every epoch (the best
+  one kept, and kept across a restart in ``best_path``)."""
+
+  def __init__(self, config, tag: str, writer, mngr, steps_per_epoch: int, test, best_path: str):
+    self.config, self.tag, self.writer, self.mngr, self.test = config, tag, writer, mngr, test
+    self.steps_per_epoch, self.total = steps_per_epoch, config.epochs * steps_per_epoch
+    self.best_path = best_path
+
+  def _load_best(self) -> dict:
+    found = parallel.share_from_process_0(
+        lambda: json.loads(tf.io.gfile.GFile(self.best_path).read()) if tf.io.gfile.exists(self.best_path) else {})
+    return found or {'top1': -1.0, 'top5': -1.0, 'epoch': 0}
+
+  def _log(self, step, metrics, rate):
+    m = jax.device_get(metrics)
+    self.writer.write_scalars(step, {f'{self.tag}/{k}': v for k, v in m.items()})
+    logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', self.tag, step,
+                 self.total, math.ceil(step / self.steps_per_epoch), self.config.epochs, m['loss'], m['train_top1'],
+                 rate, (self.total - step) / max(rate, 1e-9))
+
+  def run(self, train_step, state, frozen, batches, start: int):
+    best = self._load_best() if self.test is not None else None
+    t0, last, metrics = time.time(), start, None
+    try:
+      for step in range(start + 1, self.total + 1):
+        previous = metrics
+        state, metrics = train_step(state, frozen, next(batches))
+        jax.block_until_ready(previous)  # at most two steps in flight (see train.py)
+        if step % self.config.log_every_steps == 0 or step == self.total:
+          self._log(step, metrics, (step - last) / max(time.time() - t0, 1e-9))
+          t0, last = time.time(), step
+        if self.test is not None and step % self.steps_per_epoch == 0:
+          result = self.test(state)
+          if result['top1'] > best['top1']:
+            best = dict(result, epoch=step // self.steps_per_epoch)
+            runs.write_json(self.best_path, best)
+        if step % self.config.checkpoint_every_steps == 0:
+          self.mngr.save(step, args=ocp.args.StandardSave(state))
+    finally:
+      self.mngr.wait_until_finished()
+    return state, best

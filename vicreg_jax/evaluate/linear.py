@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
-from vicreg_jax import parallel, train
+from vicreg_jax import parallel, runs
 from vicreg_jax.evaluate import classifier
 
 
@@ -41,13 +41,8 @@ def load_results(workdir: str) -> dict:
 
 
 def save_results(workdir: str, results: dict) -> None:
-  """Writes results.json atomically (a reader never sees half a file)."""
-  if jax.process_index():
-    return
-  tmp = os.path.join(workdir, 'results.json.tmp')
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    json.dump(dict(sorted(results.items(), key=lambda kv: int(kv[0]))), f, indent=2)
-  tf.io.gfile.rename(tmp, os.path.join(workdir, 'results.json'), overwrite=True)
+  """Writes results.json atomically (a reader never sees half a file), by step."""
+  runs.write_json(os.path.join(workdir, 'results.json'), dict(sorted(results.items(), key=lambda kv: int(kv[0]))))
 
 
 def _poll(what: str, find: Callable[[], Any], config) -> Any:
@@ -84,14 +79,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
     raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
   if config.checkpoints not in ('all', 'latest', 'final'):
     raise ValueError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
-  workdir = train.absolute_workdir(workdir)
-  tf.io.gfile.makedirs(workdir)  # local path or gs://
-  pre = train.absolute_workdir(config.pretrain_workdir)
+  workdir = runs.make_workdir(workdir)
+  pre = runs.absolute_workdir(config.pretrain_workdir)
   pre_config = ml_collections.ConfigDict(_poll(
-      f'{pre}/config.json', lambda: (c := classifier.read_pretrain_config(pre)) and c.to_dict(), config))
-  if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
+      f'{pre}/config.json', lambda: (c := runs.read_config(pre)) and c.to_dict(), config))
+  runs.save_config(workdir, config)
+  if not config.data.image_size and pre_config.data.get('image_size'):
+    config = _with_image_size(config, pre_config.data.image_size)
 
   results = parallel.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -105,6 +99,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   writer.close()
   print(json.dumps(results), flush=True)
   return results
+
+
+def _with_image_size(config, size: int):
+  """``config`` with ``data.image_size`` set to the pretraining run's (in-memory digits: the size it trained at)."""
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
+  config.data.image_size = size
+  return config
 
 
 def _next_checkpoint(mngr, results: dict, config, final_step: int) -> Optional[int]:
@@ -123,8 +124,8 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
   """Evaluates the checkpoints of the pretraining run in ``pre`` as they land, adding each to ``results`` and
   results.json, until the run's last step is in it. Process 0 lists the checkpoints and chooses; every process
   evaluates the one it chose."""
-  final_step, _ = train.schedule_steps(pre_config, train.train_examples(pre_config))
-  mngr = classifier.pretrain_checkpoints(pre)
+  final_step, _, _ = runs.schedule_steps(pre_config)
+  mngr = runs.checkpoint_reader(os.path.join(pre, 'checkpoints'))
   failures: dict[int, int] = {}
   while str(final_step) not in results:
     step = _poll(f'checkpoint {final_step} in {pre}/checkpoints',

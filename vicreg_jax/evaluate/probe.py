@@ -9,13 +9,14 @@ import jax
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from vicreg_jax import parallel
 from vicreg_jax.data import sources
 
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+# Fixed, scikit-learn's default: on the digits benchmark, choosing C from (0.001 … 100) by 5-fold CV on the
+# training split picked 0.1, 1 or 10 from run to run and added about ±0.004 of noise to the test top-1.
+C = 1.0
 
 
 def extract(apply_fn, variables, batches) -> tuple[Any, np.ndarray]:
@@ -38,14 +39,11 @@ def extract(apply_fn, variables, batches) -> tuple[Any, np.ndarray]:
   return jax.tree.map(lambda *o: np.concatenate(o)[order], *outs), np.concatenate(labels)[order]
 
 
-def _fit(h: np.ndarray, y: np.ndarray, folds: int, seed: int):
-  """Multinomial logistic regression on (h, y), C chosen by stratified k-fold CV on (h, y) alone."""
-  search = GridSearchCV(LogisticRegression(max_iter=1000), {'C': C_GRID},
-                        cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+def _fit(h: np.ndarray, y: np.ndarray, c: float):
+  """Multinomial logistic regression on (h, y) with inverse L2 strength ``c``."""
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', ConvergenceWarning)
-    search.fit(h, y)
-  return search
+    return LogisticRegression(C=c, max_iter=1000).fit(h, y)
 
 
 def standardize(h_tr: np.ndarray, h_te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,22 +52,22 @@ def standardize(h_tr: np.ndarray, h_te: np.ndarray) -> tuple[np.ndarray, np.ndar
   return scaler.transform(h_tr), scaler.transform(h_te)
 
 
-def linear_probe(h_tr, y_tr, h_te, y_te, seed: int = 0) -> float:
-  """Test top-1 of a linear classifier on standardised features, trained on all training labels (C by
-  5-fold CV on train)."""
+def linear_probe(h_tr, y_tr, h_te, y_te, c: float = C) -> float:
+  """Test top-1 of a logistic-regression classifier (``C = c``) on standardised features, trained on all
+  training labels."""
   h_tr, h_te = standardize(h_tr, h_te)
-  return float(_fit(h_tr, y_tr, 5, seed).score(h_te, y_te))
+  return float(_fit(h_tr, y_tr, c).score(h_te, y_te))
 
 
-def few_label_probe(h_tr, y_tr, h_te, y_te, per_class: int, draws: int, seed: int = 0) -> float:
+def few_label_probe(h_tr, y_tr, h_te, y_te, per_class: int, draws: int, seed: int = 0, c: float = C) -> float:
   """Mean test top-1 over ``draws`` seeded draws of ``per_class`` labelled training examples per class.
 
-  Features are standardised with all (unlabelled) training features; C is chosen by stratified CV within each
-  labelled subset, so no other label is used.
+  Features are standardised with all (unlabelled) training features; the classifier (``C = c``) sees only the
+  labelled subset.
   """
   h_tr, h_te = standardize(h_tr, h_te)
   accs = []
   for d in range(draws):
     idx = sources.per_class_subset(y_tr, per_class, seed + d)
-    accs.append(_fit(h_tr[idx], y_tr[idx], min(per_class, 5), seed + d).score(h_te, y_te))
+    accs.append(_fit(h_tr[idx], y_tr[idx], c).score(h_te, y_te))
   return float(np.mean(accs))

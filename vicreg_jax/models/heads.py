@@ -23,16 +23,22 @@ def parse_mlp_spec(spec: str) -> list[int]:
 
 
 class Projector(nn.Module):
-  """Official VICReg projector: (Linear-BN-ReLU) for every size but the last, then Linear without bias."""
+  """Official VICReg projector: (Linear-BN-ReLU) for every size but the last, then Linear without bias.
+
+  ``hidden_bias=False`` drops the biases of the hidden Linear layers (as the official Barlow Twins projector):
+  BatchNorm in training mode subtracts them again, so the function is the same, but an adaptive optimiser
+  (AdamW) would otherwise move them on rounding noise alone.
+  """
   spec: str
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  hidden_bias: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     sizes = parse_mlp_spec(self.spec)
     for i, size in enumerate(sizes[:-1]):
-      x = nn.Dense(size, kernel_init=linear_init, dtype=self.dtype, name=f'dense{i}')(x)
+      x = nn.Dense(size, use_bias=self.hidden_bias, kernel_init=linear_init, dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                        axis_name=self.axis_name if train else None, name=f'bn{i}')(x)
       x = nn.relu(x)

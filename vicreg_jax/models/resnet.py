@@ -17,6 +17,13 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def torch_conv(features: int, kernel_size, strides=(1, 1), **kwargs) -> nn.Conv:
+  """``nn.Conv`` padded as torchvision's ResNets pad: ``(k - 1) / 2`` on both sides of every spatial axis
+  (Flax's 'SAME' pads a strided convolution on an even input by (0, 1) instead, shifting the sampling grid)."""
+  kwargs.setdefault('padding', [((k - 1) // 2, (k - 1) // 2) for k in kernel_size])
+  return nn.Conv(features, kernel_size, strides, **kwargs)
+
+
 class BasicBlock(nn.Module):
   """Two 3×3 convolutions with an identity (or 1×1 projection) shortcut: ResNet-18/34."""
   filters: int
@@ -68,12 +75,12 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype, padding='SAME')
+    conv = functools.partial(torch_conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype, axis_name=self.axis_name if train else None)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
-      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='stem_conv')(x)
+      x = conv(self.width, (7, 7), (2, 2), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     elif self.stem == 'small':
@@ -104,12 +111,3 @@ def resnet(arch: str, *, width_multiplier: float = 1.0, base_width: int = 64, **
     raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
   stages, block = ARCHS[arch]
   return ResNet(stage_sizes=stages, block=block, width=max(1, int(round(base_width * width_multiplier))), **kwargs)
-
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def from_config(model, axis_name: Optional[str] = None) -> ResNet:
-  """The backbone a config's ``model`` section describes (``arch``, ``width_multiplier``, ``stem``, ``dtype``)."""
-  return resnet(model.arch, width_multiplier=model.width_multiplier, stem=model.stem, axis_name=axis_name,
-                dtype=DTYPES[model.dtype])

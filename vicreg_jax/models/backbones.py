@@ -1,0 +1,24 @@
+"""The backbone a config's ``model`` section names: a ResNet (``resnet18`` … ``resnet200``) or ``convnet``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vicreg_jax.models import convnet, resnet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def from_config(model, axis_name: Optional[str] = None) -> nn.Module:
+  """``model.arch`` 'convnet': :class:`convnet.ConvNet` with widths 32-64-128 × ``width_multiplier``; a ResNet
+  name: :func:`resnet.resnet` with ``width_multiplier`` and ``stem``. BatchNorm statistics are synchronised over
+  ``axis_name`` in training."""
+  dtype = DTYPES[model.dtype]
+  if model.arch == 'convnet':
+    widths = tuple(max(1, int(round(w * model.width_multiplier))) for w in (32, 64, 128))
+    return convnet.ConvNet(widths=widths, strides=(1, 2, 2), axis_name=axis_name, dtype=dtype)
+  return resnet.resnet(model.arch, width_multiplier=model.width_multiplier, stem=model.stem, axis_name=axis_name,
+                       dtype=dtype)

@@ -1,0 +1,82 @@
+"""Run helpers shared by the pretraining and evaluation jobs: workdirs, the step schedule, config files,
+checkpoint managers and JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+from vicreg_jax.data import sources
+
+
+def absolute_workdir(path: str) -> str:
+  """A local ``path`` made absolute (orbax refuses relative checkpoint paths, and only when a save is already
+  in flight); URLs such as gs://… unchanged."""
+  return path if '://' in path else os.path.abspath(path)
+
+
+def make_workdir(path: str) -> str:
+  """:func:`absolute_workdir` of ``path``, created by process 0 (local path or gs://)."""
+  path = absolute_workdir(path)
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(path)
+  return path
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Full global batches per pass over ``num_examples`` (at least 1)."""
+  return max(num_examples // config.batch_size, 1)
+
+
+def train_examples(config: ml_collections.ConfigDict) -> int:
+  """Examples in a pretraining config's training split, all processes together."""
+  return sources.get(config.data).num_examples(config.data, config.data.train_split)
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(total steps, warmup steps, steps per epoch) of a pretraining config: epochs over its training split,
+  unless ``config.num_steps`` is set."""
+  per_epoch = steps_per_epoch(config, train_examples(config))
+  total = config.num_steps or int(config.epochs * per_epoch)
+  warmup = int(config.optim.warmup_epochs * per_epoch)
+  return total, min(warmup, total), per_epoch
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """``workdir/config.json`` (process 0), which the evaluation jobs read to rebuild the backbone."""
+  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+
+
+def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
+  """A run's ``config.json`` as a ConfigDict, or None if the run has not written it yet."""
+  path = os.path.join(workdir, 'config.json')
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_json(path: str, value) -> None:
+  """Writes ``value`` as JSON to ``path`` atomically (a reader never sees half a file), on process 0 only."""
+  if jax.process_index():
+    return
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def checkpoint_reader(directory: str) -> ocp.CheckpointManager:
+  """An orbax manager that only lists and reads ``directory`` (never writes or deletes there)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
