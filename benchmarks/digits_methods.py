@@ -65,6 +65,7 @@ def supervised_row(workdir: str, seeds) -> list[dict]:
     results = os.path.join(w, 'results.json')
     if not os.path.exists(results):
       print(f'supervised seed {s} ...', flush=True)
+      os.makedirs(w, exist_ok=True)
       run(['--config=configs/digits_supervised.py', f'--workdir={w}', f'--config.pretrain_workdir={pre}',
            f'--config.seed={s}'], w + '.log')
     with open(results) as f:

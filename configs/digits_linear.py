@@ -5,11 +5,12 @@
       --config.pretrain_workdir=runs/digits
 
 It may start before or alongside the pretraining run: it waits, then evaluates every checkpoint as it lands.
-Features of the un-augmented 8×8 images are extracted once per checkpoint and standardised (no augmentation on
-a linear probe of 1,257 images); the head is trained with SGD on them.
+Features of the un-augmented images (at the run's 16×16) are extracted once per checkpoint and standardised (no
+augmentation on a linear probe of 1,257 images); the head is trained with SGD on them; the last epoch is reported
+(digits has no validation split to choose an epoch on).
 
-Measured on the default digits run (1,200 steps): checkpoints 500 / 1000 / 1200 → top-1 0.972 / 0.970 / 0.976,
-about 5 s each on 2 CPU cores; the run's own sklearn probe says 0.980 at step 1200.
+Measured on the default digits run, seed 0 (600 steps): checkpoints 200 / 400 / 600 → top-1 0.981 / 0.987 /
+0.987, 12 s for all three on 2 CPU cores; the run's own scikit-learn probe says 0.987 at step 600.
 """
 
 from vicreg_jax.defaults import eval_job_config

@@ -5,7 +5,9 @@ configs/imagenet_semi.py (same job, same code path).
       --config.pretrain_workdir=runs/digits
 
 The whole network (backbone + linear head) trains on 50 labelled images (the first of the final probe's
-seeded 5-per-class draws) with the pretraining augmentations, SyncBN in train mode, no weight decay.
+seeded 5-per-class draws) with the pretraining views, BatchNorm in train mode with each device's statistics
+(official), no weight decay, 100 epochs, the last reported. Measured on the default digits run, seed 0: top-1
+0.867 in 21 s on 2 CPU cores (the frozen 5-per-class probe of that run: 0.903).
 """
 
 from vicreg_jax.defaults import digits_config, eval_job_config

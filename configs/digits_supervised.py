@@ -5,13 +5,11 @@ measured against.
   python -m vicreg_jax.main --config=configs/digits_supervised.py --workdir=runs/digits_supervised \
       --config.pretrain_workdir=runs/digits
 
-Only the run's config.json is read (its architecture); no checkpoint. ±1-pixel shifts as the only augmentation
-(a supervised loop with the pretraining crops instead reached only 0.969 after 100 epochs). With
---config.job=linear instead, the same fresh backbone stays frozen under a linear head: the random-encoder
-baseline (0.19 here: the fresh residual branches are zero, see README).
+Only the run's config.json is read (its architecture); no checkpoint. ±2-pixel shifts (at 16×16) as the only
+augmentation, SGD lr 0.1, weight decay 5e-4, 200 epochs, SyncBN. With --config.job=linear instead, the same
+fresh backbone stays frozen under a linear head: the random-encoder baseline.
 
-Measured on the digits run's backbone (ResNet-18 ×0.25): top-1 0.987 (seed 0), 0.993 (seed 1), 207 s each on
-2 CPU cores.
+Measured on the digits run's ConvNet (README, seeds 0–2): top-1 0.988 ± 0.002, 174–220 s each on 2 CPU cores.
 """
 
 from vicreg_jax.defaults import eval_job_config
