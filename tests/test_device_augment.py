@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_digits
-from vicreg_jax import defaults, parallel, train
+from vicreg_jax import defaults, methods, parallel, train
 from vicreg_jax.data import augment, pipeline
 from vicreg_jax.data import device_augment as da
 
@@ -213,7 +213,7 @@ def test_digits_train_step_with_colour_ops_on_device_moves_parameters_and_ignore
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
-    tx, schedule = train.make_optimizer(config, 10, 2)
+    tx, schedule = methods.make_optimizer(config, 10, 2)
     online = train.make_probe(config, 10)
     state = jax.device_put(train.init_state(config, train.build_model(config, None), tx, jax.random.key(0),
                                             online), parallel.replicated(mesh))

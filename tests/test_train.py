@@ -34,7 +34,7 @@ def test_sharded_step_equals_single_device_step(method):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    tx, schedule = train.make_optimizer(config, 10, 2)
+    tx, schedule = methods.make_optimizer(config, 10, 2)
     online = train.make_probe(config, 10)
     state = train.init_state(config, train.build_model(config, None), tx, jax.random.key(0), online)
     state = jax.device_put(state, parallel.replicated(mesh))
@@ -52,7 +52,7 @@ def test_sharded_step_equals_single_device_step(method):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.probe_params,
                s1.probe_params)
   # The steps did move the parameters (the comparison above is not between two initial states).
-  p0 = train.init_state(config, train.build_model(config, None), train.make_optimizer(config, 10, 2)[0],
+  p0 = train.init_state(config, train.build_model(config, None), methods.make_optimizer(config, 10, 2)[0],
                         jax.random.key(0)).params
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), s1.params, p0))
   assert max(moved) > 1e-4

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from vicreg_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS
+from vicreg_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS, full_recipe
 
 
 def view_recipe(**keys) -> dict:
   """A view recipe with every key of :data:`augment.RECIPE_DEFAULTS` (so ``--config.augment.view1.KEY=…`` works
   for any key), ``keys`` overriding the "off" defaults."""
-  unknown = set(keys) - set(RECIPE_DEFAULTS)
-  if unknown:
-    raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
-  return dict(RECIPE_DEFAULTS, **keys)
+  return full_recipe(keys)
 
 
 def imagenet_views(size: int = 224) -> tuple[dict, dict]:

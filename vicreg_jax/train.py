@@ -54,11 +54,6 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (1, size, size, config.data.channels)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
-  """``(optimizer, schedule)`` of the method's official treatment (:func:`methods.make_optimizer`)."""
-  return methods.make_optimizer(config, total_steps, warmup_steps)
-
-
 def make_probe(config, num_classes: int):
   """The online probe's head and optimiser (SGD with momentum, constant lr), or (None, None) when disabled."""
   if not config.online_probe.enabled:
@@ -263,9 +258,9 @@ def _initial_state(config, tx, online, mesh, mngr) -> TrainState:
   return state
 
 
-def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int) -> TrainState:
+def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int, mesh) -> TrainState:
   """Steps ``start_step + 1 … stop_step``, each followed by the periodic ``actions``."""
-  diagnose = jax.jit(collapse_metrics)
+  diagnose = jax.jit(collapse_metrics, out_shardings=parallel.replicated(mesh))  # every process reads them
   metrics = None
   for step in range(start_step + 1, stop_step + 1):
     previous = metrics
@@ -287,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
-  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
+  tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps)
   online = make_probe(config, sources.get(config.data).num_classes(config.data))
   mngr = runs.checkpoint_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state = _initial_state(config, tx, online, mesh, mngr)
@@ -313,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
   try:
     state = _run_steps(make_train_step(config, build_model(config), tx, schedule, mesh, online), state, batches,
-                       actions, start_step, stop_step)
+                       actions, start_step, stop_step, mesh)
   finally:  # also on interruption: let the checkpoint in flight land
     mngr.wait_until_finished()
     writer.flush()

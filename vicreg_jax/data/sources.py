@@ -272,6 +272,11 @@ def _digits_split(data, split: str) -> ArraySplit:
   return digits(split, data.get('image_size', 0) or 8)
 
 
+def _digits_arrays(data, split: str) -> tuple:
+  arrays = _digits_split(data, split)
+  return arrays.images, arrays.labels
+
+
 def _digits_eval(data, split, process_index, process_count, max_examples):
   arrays = _digits_split(data, split)
   total = min(max_examples or arrays.num_examples, arrays.num_examples)
@@ -281,6 +286,11 @@ def _digits_eval(data, split, process_index, process_count, max_examples):
 
 def _folder(data, split: str) -> FileSplit:
   return folder_split(data.data_dir, split, data.get('val_fraction', 0.0))
+
+
+def _folder_files(data, split: str) -> tuple:
+  files = _folder(data, split)
+  return files.paths, files.labels
 
 
 def _folder_eval(data, split, process_index, process_count, max_examples):
@@ -303,11 +313,11 @@ def _tfds_eval(data, split, process_index, process_count, max_examples):
 SOURCES = {
     'digits': Source(num_examples=lambda data, split: _digits_split(data, split).num_examples,
                      num_classes=lambda data: 10,
-                     in_memory=lambda data, split: (lambda a: (a.images, a.labels))(_digits_split(data, split)),
+                     in_memory=_digits_arrays,
                      eval_share=_digits_eval, file_backed=False),
     'folder': Source(num_examples=lambda data, split: _folder(data, split).num_examples,
                      num_classes=lambda data: len(_folder(data, data.train_split).classes),
-                     in_memory=lambda data, split: (lambda f: (f.paths, f.labels))(_folder(data, split)),
+                     in_memory=_folder_files,
                      eval_share=_folder_eval, file_backed=True),
     'tfds': Source(num_examples=lambda data, split: num_examples(data.name, split, data.data_dir),
                    num_classes=lambda data: tfds_builder(data.name, data.data_dir).info.features['label'].num_classes,
