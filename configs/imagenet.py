@@ -18,13 +18,8 @@ run in parallel with autotune; ``data.threadpool_size`` sets a private thread po
 ``data.shuffle_buffer`` the TFDS shuffle buffer (encoded images, about 110 kB each).
 """
 
-from vicreg_jax.defaults import base_config
+from vicreg_jax.defaults import imagenet_config
 
 
 def get_config():
-  c = base_config()  # the defaults are the paper's recipe
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2500
-  c.model.dtype = 'bfloat16'
-  c.data.shuffle_buffer = 50_000
-  return c
+  return imagenet_config()  # the defaults are the paper's recipe, here in bfloat16

@@ -11,14 +11,11 @@ Expected: 73.2% linear top-1 with configs/imagenet_linear.py (paper, Table 1); 5
 labels (Table 2).
 """
 
-from vicreg_jax.defaults import base_config
+from vicreg_jax.defaults import imagenet_config
 
 
 def get_config():
-  c = base_config()
+  c = imagenet_config()
   c.method = 'barlow_twins'  # c.barlow_twins holds the official λ and bias_lr_factor
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2500
-  c.model.update(dtype='bfloat16', projector_hidden_bias=False)  # official: Linear(bias=False)-BN-ReLU
-  c.data.shuffle_buffer = 50_000
+  c.model.projector_hidden_bias = False  # official: Linear(bias=False)-BN-ReLU
   return c

@@ -150,6 +150,24 @@ def max_abs_difference(a, b) -> float:
 
 # --- helpers shared by the test modules ---------------------------------------------------------------------
 
+def sharded_value_and_grad(loss, w, xa, xb, devices: int = 8):
+  """``loss(w, xa, xb, axis_name)`` under ``shard_map`` over ``devices`` simulated devices, the rows of ``xa``
+  and ``xb`` split between them: (every replica's loss value [devices], the pmean of the replicated weight's
+  gradients)."""
+  import jax
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+
+  def body(w, a, b):
+    value, g = jax.value_and_grad(loss)(w, a, b, 'data')
+    return value[None], jax.lax.pmean(g, 'data')
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ('data',))
+  f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=(P('data'), P()),
+                    check_vma=False)
+  return jax.jit(f)(w, xa, xb)
+
+
 def load_config(name):
   """``get_config()`` of ``configs/NAME.py``."""
   spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')

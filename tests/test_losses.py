@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import sharded_value_and_grad
 from vicreg_jax.losses import barlow_twins_loss, vicreg_loss
 
 N_DEV = 8
@@ -393,14 +394,7 @@ def test_barlow_twins_on_8_devices_equals_1_device(n, d):
     return barlow_twins_loss(xa @ w, xb @ w, lambd=0.05, axis_name=axis_name)[0]
 
   single_loss, single_grad = jax.value_and_grad(loss)(w, xa, xb)
-
-  def body(w, xa, xb):
-    value, g = jax.value_and_grad(loss)(w, xa, xb, 'data')
-    return value[None], jax.lax.pmean(g, 'data')
-
-  f = jax.shard_map(body, mesh=_mesh(), in_specs=(P(), P('data'), P('data')), out_specs=(P('data'), P()),
-                    check_vma=False)
-  values, grad = jax.jit(f)(w, xa, xb)
+  values, grad = sharded_value_and_grad(loss, w, xa, xb, N_DEV)
   np.testing.assert_allclose(values, np.full(N_DEV, single_loss), rtol=1e-5)
   np.testing.assert_allclose(grad, single_grad, rtol=1e-5, atol=1e-5 * np.abs(single_grad).max())
   np.testing.assert_allclose(single_loss, ref_barlow_twins(xa @ w.astype(np.float64), xb @ w, 0.05)[0],

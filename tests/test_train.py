@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, job_env, load_config, tiny_digits
+from conftest import REPO, checkpoint_arrays, job_env, load_config, tiny_digits
 from vicreg_jax import methods, parallel, runs, train
 from vicreg_jax.data import pipeline
 
@@ -25,10 +25,15 @@ def restore_params(workdir, step):
   return ocp.StandardCheckpointer().restore(path)['params']
 
 
-@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins'])
+TINY_HEADS = {'wmse.projector': '32-16', 'wmse.w_size': 32, 'byol.predictor': '32', 'simsiam.predictor': '16',
+              'swav.num_prototypes': 12, 'swav.freeze_prototypes_steps': 1, 'swav.queue_length': 64}
+
+
+@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins', 'byol', 'swav'])
 def test_sharded_step_equals_single_device_step(method):
-  """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch."""
-  config = tiny_digits(num_steps=10, method=method)
+  """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch;
+  BYOL's EMA target and SwAV's queue (full at the second step) included."""
+  config = tiny_digits(num_steps=10, method=method, **TINY_HEADS)
   ds = pipeline.pretrain_dataset(config)
   host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
   results = []
@@ -51,6 +56,7 @@ def test_sharded_step_equals_single_device_step(method):
                s1.batch_stats)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.probe_params,
                s1.probe_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.extra, s1.extra)
   # The steps did move the parameters (the comparison above is not between two initial states).
   p0 = train.init_state(config, train.build_model(config, None), methods.make_optimizer(config, 10, 2)[0],
                         jax.random.key(0)).params
@@ -106,6 +112,31 @@ def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['imagenet_wmse', 'imagenet_simclr', 'imagenet_byol', 'imagenet_simsiam',
+                                  'imagenet_swav'])
+def test_method_imagenet_configs_run_on_mocked_tfds(name, tmp_path, mock_tfds):
+  """Each method's ImageNet config (its optimiser and state at their official settings, its heads shrunk) takes
+  two steps of a tiny ResNet-18 on mocked ImageNet."""
+  config = load_config(name)
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
+  if 'predictor' in config[config.method]:
+    config[config.method].predictor = '32'
+  config.update(batch_size=16, num_steps=2, log_every_steps=1)
+  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'), image_size=32)
+  for view in (config.augment.view1, config.augment.view2):
+    view['crop_size'] = 32
+  if config.method == 'wmse':
+    config.wmse.update(projector='64-8', w_size=16)
+  if config.method == 'swav':
+    config.swav.update(num_prototypes=20, freeze_prototypes_steps=1)
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 1_281_167, 'validation': 50_000}, 32):
+    summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 2
+  state = checkpoint_arrays(tmp_path / 'run' / 'checkpoints' / '2' / 'default')
+  assert set(methods.get(config).heads(config, None, None)) <= set(state['params'])
+
+
 def run_cli(*args, env_extra=None, timeout=120):
   env = dict(job_env(2), **(env_extra or {}))  # 2 devices: the command line, not the 8-device paths again
   return subprocess.run([sys.executable, '-m', 'vicreg_jax.main', *args], cwd=REPO, env=env,
@@ -137,7 +168,7 @@ def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   assert set(summary) == {'linear_top1', 'linear_top1_5_per_class', 'knn_top1_20', 'knn_top1_200', 'rankme',
-                          'rankme_embeddings', 'embedding_std', 'steps', 'wall_seconds'}
+                          'rankme_embeddings', 'embedding_std', 'embedding_std_unit', 'steps', 'wall_seconds'}
   spectra = np.load(workdir / 'spectra.npz')
   assert spectra['representations'].ndim == 1 and np.all(np.diff(spectra['representations']) <= 0)
   assert summary['steps'] == 2 and 0.1 < summary['linear_top1'] <= 1.0

@@ -46,15 +46,37 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32',
-      projector_hidden_bias=True))  # biases before the projector's BatchNorms (official VICReg; redundant)
+      projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
+      projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
+      projector_output_bn=False))   # a BatchNorm without affine after the projector's last layer (SimSiam)
   # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
   # keyword arguments and optimiser keys.
   c.method = 'vicreg'
   c.vicreg = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4))
   # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2.
   c.barlow_twins = ml_collections.ConfigDict(dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024))
+  # W-MSE (htdt/self-supervised): its own head (official Linear-BN-ReLU-Linear to 64-d, used instead of
+  # model.projector: the whitening needs D < w_size), whitening of random sub-batches of w_size, w_iter draws,
+  # shrinkage eps (official 0).
+  c.wmse = ml_collections.ConfigDict(dict(projector='1024-64', w_size=128, w_iter=1, eps=0.0))
+  # SimCLR: NT-Xent temperature (official ImageNet 0.1, CIFAR 0.5).
+  c.simclr = ml_collections.ConfigDict(dict(temperature=0.1))
+  # BYOL (deepmind-research/byol, 1000 epochs): the predictor MLP's hidden sizes (its output is the
+  # projector's), EMA base decay τ (cosine to 1);
+  # std_coeff / cov_coeff add VICReg's variance / covariance terms (the VICReg paper's Table 4: 1 and 0.01).
+  c.byol = ml_collections.ConfigDict(dict(predictor='4096', tau_base=0.996, std_coeff=0.0, cov_coeff=0.0))
+  # SimSiam (facebookresearch/simsiam): the predictor's hidden sizes ('' = none, the collapsing ablation), the
+  # predictor's learning rate held at its peak (--fix-pred-lr), and the same optional VICReg terms.
+  c.simsiam = ml_collections.ConfigDict(dict(predictor='512', fixed_predictor_lr=True, std_coeff=0.0,
+                                             cov_coeff=0.0))
+  # SwAV (facebookresearch/swav): prototypes, softmax temperature, Sinkhorn-Knopp ε and iterations, prototypes
+  # frozen for the first steps, and a queue of the last queue_length embeddings per crop (0: none; official
+  # 3840 for batch 256) filled from queue_start_step.
+  c.swav = ml_collections.ConfigDict(dict(
+      num_prototypes=3000, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3, freeze_prototypes_steps=313,
+      queue_length=0, queue_start_step=0))
   c.optim = ml_collections.ConfigDict(dict(
-      name='lars',  # or 'adamw' (small demos; momentum and eta unused)
+      name='lars',  # or 'sgd' (SimSiam; eta unused) or 'adamw' (small demos; momentum and eta unused)
       base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
 
   # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', or 'folder' (``data_dir`` holds
@@ -76,6 +98,17 @@ def base_config() -> ml_collections.ConfigDict:
       final_probe=False, test_split='validation', labels_per_class=5, draws=5, batch_size=256,
       max_train_examples=0, max_test_examples=0))
   c.lock()
+  return c
+
+
+def imagenet_config() -> ml_collections.ConfigDict:
+  """The ImageNet runs (configs/imagenet*.py): the paper's recipe in bfloat16, a progress line every 100 steps,
+  a checkpoint every 2500, a shuffle buffer of 50,000 encoded images."""
+  c = base_config()
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2500
+  c.model.dtype = 'bfloat16'
+  c.data.shuffle_buffer = 50_000
   return c
 
 

@@ -155,6 +155,165 @@ def barlow_twins_loss(z_a: jax.Array,
   return loss, {'loss': loss, 'on_diagonal': on_diag, 'off_diagonal': off_diag}
 
 
+def variance_covariance(z_a: jax.Array, z_b: jax.Array, axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
+  """VICReg's unweighted variance and covariance terms of two views' embeddings (see :func:`vicreg_loss`), for
+  the regularised BYOL and SimSiam of the VICReg paper's Table 4. ``z_a``, ``z_b`` are this replica's rows."""
+  z_a = gather_batch(z_a.astype(jnp.float32), axis_name)
+  z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
+  n, d = z_a.shape
+  za_c, zb_c = z_a - jnp.mean(z_a, axis=0), z_b - jnp.mean(z_b, axis=0)
+  hinge = lambda zc: jnp.mean(jax.nn.relu(1.0 - jnp.sqrt(jnp.sum(zc**2, axis=0) / (n - 1) + 1e-4)))
+  variance = (hinge(za_c) + hinge(zb_c)) / 2
+  covariance = (off_diagonal_sq_sum(za_c, axis_name) + off_diagonal_sq_sum(zb_c, axis_name)) / d
+  return variance, covariance
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Row-wise cosine similarity, each row scaled by ``1 / max(‖row‖, 1e-12)`` (PyTorch's F.normalize)."""
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return jnp.sum(unit(a) * unit(b), axis=-1)
+
+
+def _check_batch(name: str, n: int, minimum: int = 2):
+  if n < minimum:
+    raise ValueError(f'{name} needs a global batch of at least {minimum} examples, got {n}.')
+
+
+def simclr_loss(z_a: jax.Array, z_b: jax.Array, *, temperature: float = 0.1,
+                axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """SimCLR's NT-Xent loss (Chen et al., 2020) with the semantics of the official TF code.
+
+  The embeddings are L2-normalised. For each of the N examples of the global batch, view a's row is scored
+  against every row of view b and every other row of view a (``cos / temperature``; its own row of a excluded),
+  with cross-entropy towards its positive (the same example in b), and symmetrically for view b:
+  ``loss = mean_i CE_a(i) + mean_i CE_b(i)`` (the official sum of the two directions' means). Negatives come
+  from every replica's rows. ``metrics``: ``loss`` and ``top1`` (share of anchors whose positive scores highest).
+  """
+  a = gather_batch(z_a.astype(jnp.float32), axis_name)
+  b = gather_batch(z_b.astype(jnp.float32), axis_name)
+  n = a.shape[0]
+  _check_batch('simclr_loss', n)
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  a, b = unit(a), unit(b)
+  self_mask = jnp.eye(n, dtype=bool)
+
+  def direction(x, y):  # anchors x against [y, x without itself]; positive at column i of the first block
+    logits = jnp.concatenate([x @ y.T, jnp.where(self_mask, -jnp.inf, x @ x.T)], axis=1) / temperature
+    ce = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+    return jnp.mean(ce), jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(n))
+
+  (ce_a, top1_a), (ce_b, top1_b) = direction(a, b), direction(b, a)
+  loss = ce_a + ce_b
+  return loss, {'loss': loss, 'top1': (top1_a + top1_b) / 2}
+
+
+def whiten(x: jax.Array, eps: float = 0.0) -> jax.Array:
+  """W-MSE's whitening of a sub-batch ``x`` [w, D]: ``(x - mean) · L⁻ᵀ`` where ``L Lᵀ = (1 - eps)·C + eps·I`` is
+  the Cholesky factor of the unbiased covariance C (divisor w - 1); the output's covariance is the identity.
+  Needs w > D (for a full-rank C)."""
+  w, d = x.shape
+  xc = x - jnp.mean(x, axis=0)
+  cov = xc.T @ xc / (w - 1)
+  cov = (1 - eps) * cov + eps * jnp.eye(d, dtype=x.dtype)
+  chol = jnp.linalg.cholesky(cov)
+  inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(d, dtype=x.dtype), lower=True)  # L⁻¹
+  return xc @ inv.T
+
+
+def wmse_loss(z_a: jax.Array, z_b: jax.Array, *, key: jax.Array, w_size: int = 128, w_iter: int = 1,
+              eps: float = 0.0, axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """W-MSE (Ermolov et al., 2021) for two views, with the semantics of the authors' code (htdt/self-supervised).
+
+  ``w_iter`` times: a random permutation (from ``key``, the same on every replica) splits the global batch of N
+  into N / w_size sub-batches; each view's rows of each sub-batch are whitened on their own (:func:`whiten`);
+  the loss is the normalised MSE ``2 - 2·mean_i cos(ŵ_a,i, ŵ_b,i)`` over all rows. The result is the mean over
+  the ``w_iter`` repetitions. N must be a multiple of ``w_size`` and the embedding dimension below it.
+  ``metrics``: ``loss`` and ``cosine`` (the mean cosine of the whitened pairs).
+  """
+  a = gather_batch(jnp.asarray(z_a, jnp.float32), axis_name)
+  b = gather_batch(jnp.asarray(z_b, jnp.float32), axis_name)
+  n, d = a.shape
+  if n % w_size or d >= w_size:
+    raise ValueError(f'wmse_loss needs the global batch ({n}) to be a multiple of w_size ({w_size}) and the '
+                     f'embedding dimension ({d}) below w_size.')
+  cosines = []
+  for it in range(w_iter):
+    groups = jax.random.permutation(jax.random.fold_in(key, it), n).reshape(-1, w_size)
+    wa = jax.vmap(lambda idx: whiten(a[idx], eps))(groups)
+    wb = jax.vmap(lambda idx: whiten(b[idx], eps))(groups)
+    cosines.append(jnp.mean(_cosine(wa, wb)))
+  cosine = jnp.mean(jnp.stack(cosines))
+  loss = 2 - 2 * cosine
+  return loss, {'loss': loss, 'cosine': cosine}
+
+
+def byol_loss(p_a: jax.Array, p_b: jax.Array, t_a: jax.Array, t_b: jax.Array, *,
+              axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """BYOL's symmetrised regression loss (Grill et al., 2020; deepmind-research/byol): the online predictions
+  ``p`` of each view regress the target projections ``t`` of the other view (stop-gradient),
+  ``loss = mean_i (2 - 2 cos(p_a,i, t_b,i)) + mean_i (2 - 2 cos(p_b,i, t_a,i))`` over the global batch.
+  ``metrics``: ``loss`` and ``cosine`` (mean of the two mean cosines)."""
+  p_a, p_b = (gather_batch(x.astype(jnp.float32), axis_name) for x in (p_a, p_b))
+  t_a, t_b = (jax.lax.stop_gradient(gather_batch(x.astype(jnp.float32), axis_name)) for x in (t_a, t_b))
+  cosine = (jnp.mean(_cosine(p_a, t_b)) + jnp.mean(_cosine(p_b, t_a))) / 2
+  loss = 4 - 4 * cosine
+  return loss, {'loss': loss, 'cosine': cosine}
+
+
+def simsiam_loss(p_a: jax.Array, p_b: jax.Array, z_a: jax.Array, z_b: jax.Array, *,
+                 axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """SimSiam's loss (Chen & He, 2021; facebookresearch/simsiam): negative cosine of each view's prediction
+  ``p`` with the other view's stop-gradient projection ``z``, halved per direction,
+  ``loss = -(mean_i cos(p_a,i, sg z_b,i) + mean_i cos(p_b,i, sg z_a,i)) / 2``. Without a predictor, pass
+  ``p = z`` (the collapsing "stop-gradient only" ablation). ``metrics``: ``loss`` and ``cosine`` (= -loss)."""
+  p_a, p_b = (gather_batch(x.astype(jnp.float32), axis_name) for x in (p_a, p_b))
+  z_a, z_b = (jax.lax.stop_gradient(gather_batch(x.astype(jnp.float32), axis_name)) for x in (z_a, z_b))
+  cosine = (jnp.mean(_cosine(p_a, z_b)) + jnp.mean(_cosine(p_b, z_a))) / 2
+  return -cosine, {'loss': -cosine, 'cosine': cosine}
+
+
+def sinkhorn(scores: jax.Array, *, epsilon: float = 0.05, iterations: int = 3) -> jax.Array:
+  """SwAV's Sinkhorn-Knopp codes for scores [B, K] (the official ``distributed_sinkhorn`` on the global batch):
+  ``Q = exp(scores / ε)ᵀ`` scaled to sum 1, then ``iterations`` times rows to sum 1/K and columns to sum 1/B;
+  returns ``B·Qᵀ`` [B, K] (each row a distribution over prototypes). No gradient flows through it."""
+  scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
+  b, k = scores.shape
+  # exp(s/ε) / Σ exp(s/ε), with the max subtracted first: the same after the first normalisation, never inf.
+  q = jnp.exp((scores - jnp.max(scores)) / epsilon).T
+  q = q / jnp.sum(q)
+  for _ in range(iterations):
+    q = q / jnp.sum(q, axis=1, keepdims=True) / k
+    q = q / jnp.sum(q, axis=0, keepdims=True) / b
+  return (q * b).T
+
+
+def swav_loss(scores_a: jax.Array, scores_b: jax.Array, *, temperature: float = 0.1, epsilon: float = 0.05,
+              sinkhorn_iterations: int = 3, queue_scores: Optional[jax.Array] = None,
+              axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """SwAV's swapped prediction (Caron et al., 2020; facebookresearch/swav) for two crops.
+
+  ``scores_v`` [n, K] are this replica's prototype scores of crop v. For each crop the codes ``q`` are the
+  Sinkhorn-Knopp assignment (:func:`sinkhorn`) of the global batch's scores, with ``queue_scores`` [2, Q, K]
+  (the queued embeddings of that crop against the current prototypes) prepended when given and dropped after;
+  the other crop predicts them: ``loss = -(mean_i Σ_k q_a log softmax(s_b / T) + mean_i Σ_k q_b log
+  softmax(s_a / T)) / 2``. ``metrics``: ``loss`` and ``entropy`` (mean entropy of the codes; low = confident).
+  """
+  s_a = gather_batch(scores_a.astype(jnp.float32), axis_name)
+  s_b = gather_batch(scores_b.astype(jnp.float32), axis_name)
+  n = s_a.shape[0]
+
+  def codes(s, crop):
+    if queue_scores is not None:
+      s = jnp.concatenate([queue_scores[crop], s], axis=0)
+    return sinkhorn(s, epsilon=epsilon, iterations=sinkhorn_iterations)[-n:]
+
+  q_a, q_b = codes(s_a, 0), codes(s_b, 1)
+  ce = lambda q, s: -jnp.mean(jnp.sum(q * jax.nn.log_softmax(s / temperature, axis=1), axis=1))
+  loss = (ce(q_a, s_b) + ce(q_b, s_a)) / 2
+  entropy = -jnp.mean(jnp.sum(q_a * jnp.log(q_a + 1e-12), axis=1))
+  return loss, {'loss': loss, 'entropy': entropy}
+
+
 def embedding_std(z: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
   """Mean over dimensions of the per-dimension std of the embeddings ``z`` [n, D] across the global batch.
 

@@ -1,42 +1,199 @@
 """The self-supervised methods the trainer runs: one small record per method, chosen by ``config.method``.
 
-Adding a method means its loss in :mod:`vicreg_jax.losses`, its section of keys in
-:func:`vicreg_jax.defaults.base_config` (named like the method), its configs, and one line in :data:`METHODS`.
-The train step (:mod:`vicreg_jax.train`) is written once: it embeds both views with the backbone and projector,
-calls the method's loss on the two embeddings with the method's config section as keyword arguments, and
-updates with the method's optimiser treatment.
+Four families on one train step (:mod:`vicreg_jax.train`): information maximisation (``vicreg``,
+``barlow_twins``, ``wmse``), contrastive (``simclr``), distillation (``byol``: predictor and EMA target;
+``simsiam``: predictor and stop-gradient) and clustering (``swav``: prototypes, Sinkhorn-Knopp, a queue).
+
+The step embeds both views with the backbone and projector (and the method's heads: a predictor, prototypes),
+runs the EMA target network where the method has one, and hands everything to the method's ``objective`` as a
+:class:`Views`, with the keys of the method's config section (``config[config.method]``, minus its
+``trainer_keys``) as keyword arguments. Adding a method means its pure loss in :mod:`vicreg_jax.losses`, its
+section in :func:`vicreg_jax.defaults.base_config`, its configs, and one :class:`Method` line in
+:data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 from vicreg_jax import losses, optim
+from vicreg_jax.models import heads
+
+
+class Views(NamedTuple):
+  """What an objective sees of one step: this replica's rows of both views (each a pair, view 1 then view 2).
+
+  z: the online projector's embeddings; p: the predictor's outputs (None without a predictor); scores: the
+  prototype scores (None without prototypes); target: the EMA target network's embeddings (None without one);
+  key: a random key of this step, the same on every replica; extra: the method's state (SwAV's queue);
+  params: the online parameters (stop-gradient), for objectives that score the queue against the prototypes.
+  """
+  z: tuple
+  p: Optional[tuple] = None
+  scores: Optional[tuple] = None
+  target: Optional[tuple] = None
+  key: Any = None
+  extra: Any = None
+  params: Any = None
+
+
+def _no_heads(config, axis_name, dtype) -> dict:
+  return {}
+
+
+def _no_extra(config) -> dict:
+  return {}
+
+
+def _keep_extra(extra, views: Views, step, *, axis_name, **section):
+  return extra
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """What the train step needs from a method.
 
-  loss: ``loss(z_a, z_b, *, axis_name, **kwargs) -> (loss, metrics)``, global over ``axis_name``; ``metrics``
-    holds ``loss`` and the method's terms.
+  objective: ``objective(views, *, axis_name, **kwargs) -> (loss, metrics)``, global over ``axis_name`` (the
+    gradient convention of :mod:`vicreg_jax.losses`); ``metrics`` holds ``loss`` and the method's terms.
   terms: the metrics shown in the progress line beside the loss.
-  optimizer_keys: keys of the method's config section that set its optimiser treatment rather than the loss:
-    ``bias_lr_factor`` multiplies the learning rate of biases and norm parameters (ndim == 1).
+  trainer_keys: keys of the method's section read by the trainer rather than the objective: the model's heads
+    (``predictor``: hidden sizes; ``num_prototypes``; ``projector``: the method's own projector sizes), the EMA
+    target's ``tau_base``, the queue's ``queue_length`` and ``queue_start_step``, and the optimiser treatment:
+    ``bias_lr_factor`` (biases and norm parameters, ndim 1), ``fixed_predictor_lr`` (the predictor's learning
+    rate stays at its peak), ``freeze_prototypes_steps``.
+  heads: ``heads(config, axis_name, dtype) -> {'predictor': module, 'prototypes': module}`` (those it has).
+  ema_target: the step runs an EMA copy of the online network (``tau_base``; τ rises to 1 by cosine).
+  init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
+    step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
+  prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).
   """
-  loss: Callable
+  objective: Callable
   terms: tuple[str, ...]
-  optimizer_keys: tuple[str, ...] = ()
+  trainer_keys: tuple[str, ...] = ()
+  heads: Callable = _no_heads
+  ema_target: bool = False
+  init_extra: Callable = _no_extra
+  update_extra: Callable = _keep_extra
+  prepare_params: Callable = lambda params: params
+
+
+# --- objectives: each method's loss on the step's views -------------------------------------------------------
+
+def _vicreg(v: Views, *, axis_name, **kw):
+  return losses.vicreg_loss(*v.z, axis_name=axis_name, **kw)
+
+
+def _barlow_twins(v: Views, *, axis_name, **kw):
+  return losses.barlow_twins_loss(*v.z, axis_name=axis_name, **kw)
+
+
+def _simclr(v: Views, *, axis_name, **kw):
+  return losses.simclr_loss(*v.z, axis_name=axis_name, **kw)
+
+
+def _wmse(v: Views, *, axis_name, **kw):
+  return losses.wmse_loss(*v.z, key=v.key, axis_name=axis_name, **kw)
+
+
+def _regularised(loss, metrics, v: Views, std_coeff: float, cov_coeff: float, axis_name):
+  """``loss + std_coeff·variance + cov_coeff·covariance`` of the online embeddings (VICReg's terms added to
+  BYOL and SimSiam, the VICReg paper's Table 4); both terms are reported either way."""
+  variance, covariance = losses.variance_covariance(*v.z, axis_name=axis_name)
+  loss = loss + std_coeff * variance + cov_coeff * covariance
+  return loss, dict(metrics, loss=loss, variance=variance, covariance=covariance)
+
+
+def _byol(v: Views, *, axis_name, std_coeff=0.0, cov_coeff=0.0):
+  loss, metrics = losses.byol_loss(*v.p, *v.target, axis_name=axis_name)
+  return _regularised(loss, metrics, v, std_coeff, cov_coeff, axis_name)
+
+
+def _simsiam(v: Views, *, axis_name, std_coeff=0.0, cov_coeff=0.0):
+  loss, metrics = losses.simsiam_loss(*(v.p if v.p is not None else v.z), *v.z, axis_name=axis_name)
+  return _regularised(loss, metrics, v, std_coeff, cov_coeff, axis_name)
+
+
+def _swav(v: Views, *, axis_name, **kw):
+  extra = v.extra or {}
+  if 'queue' not in extra:
+    return losses.swav_loss(*v.scores, axis_name=axis_name, **kw)
+  kernel = jax.lax.stop_gradient(v.params['prototypes']['dense']['kernel'])
+  queue_scores = extra['queue'] @ kernel  # [2, Q, K]: queued (unit) embeddings against the current prototypes
+  full = extra['queue_count'] >= extra['queue'].shape[1]
+  # The official queue takes part once it is full (its last row non-zero).
+  return jax.lax.cond(full, lambda: losses.swav_loss(*v.scores, queue_scores=queue_scores, axis_name=axis_name, **kw),
+                      lambda: losses.swav_loss(*v.scores, axis_name=axis_name, **kw))
+
+
+# --- heads and state ------------------------------------------------------------------------------------------
+
+def projector_spec(config: ml_collections.ConfigDict) -> str:
+  """The projector's sizes: the method's own ``projector`` where its section has one (W-MSE's head, whose small
+  output the whitening needs), else ``config.model.projector``."""
+  return config[config.method].get('projector') or config.model.projector
+
+
+def _predictor(hidden_bias: Optional[bool]):
+  """The ``predictor`` head: an MLP with the hidden sizes of the section's ``predictor`` ('' = none) and the
+  projector's output size; biases before its BatchNorms as ``hidden_bias`` says (None: as the projector's)."""
+  def make(config, axis_name, dtype) -> dict:
+    hidden = config[config.method].predictor
+    if not hidden:
+      return {}
+    spec = f'{hidden}-{heads.parse_mlp_spec(projector_spec(config))[-1]}'
+    bias = config.model.get('projector_hidden_bias', True) if hidden_bias is None else hidden_bias
+    return {'predictor': heads.Projector(spec, axis_name=axis_name, dtype=dtype, hidden_bias=bias,
+                                         batchnorm=config.model.get('projector_bn', True))}
+  return make
+
+
+def _prototypes(config, axis_name, dtype) -> dict:
+  return {'prototypes': heads.Prototypes(config.swav.num_prototypes)}
+
+
+def _swav_queue(config) -> dict:
+  length = config.swav.queue_length
+  if not length:
+    return {}
+  if length < config.batch_size:
+    raise ValueError(f'swav.queue_length ({length}) must be 0 or at least the global batch ({config.batch_size}).')
+  dim = heads.parse_mlp_spec(projector_spec(config))[-1]
+  return {'queue': jnp.zeros((2, length, dim), jnp.float32), 'queue_count': jnp.zeros((), jnp.int32)}
+
+
+def _swav_enqueue(extra, v: Views, step, *, axis_name, queue_start_step=0, **section):
+  """The global batch's unit embeddings of each crop pushed to the front of its queue (from ``queue_start_step``;
+  the oldest drop off the end), as the official code does per GPU."""
+  if 'queue' not in extra:
+    return extra
+  new = jnp.stack([heads.l2_normalize(losses.gather_batch(z.astype(jnp.float32), axis_name)) for z in v.z])
+  new = jax.lax.stop_gradient(new)
+  pushed = jnp.concatenate([new, extra['queue'][:, :-new.shape[1]]], axis=1)
+  start = step >= queue_start_step
+  return {'queue': jnp.where(start, pushed, extra['queue']),
+          'queue_count': extra['queue_count'] + jnp.where(start, new.shape[1], 0)}
 
 
 METHODS: dict[str, Method] = {
-    'vicreg': Method(losses.vicreg_loss, ('invariance', 'variance', 'covariance')),
-    'barlow_twins': Method(losses.barlow_twins_loss, ('on_diagonal', 'off_diagonal'),
-                           optimizer_keys=('bias_lr_factor',)),
+    'vicreg': Method(_vicreg, ('invariance', 'variance', 'covariance')),
+    'barlow_twins': Method(_barlow_twins, ('on_diagonal', 'off_diagonal'), trainer_keys=('bias_lr_factor',)),
+    'wmse': Method(_wmse, ('cosine',), trainer_keys=('projector',)),
+    'simclr': Method(_simclr, ('top1',)),
+    'byol': Method(_byol, ('cosine', 'variance', 'covariance'), trainer_keys=('predictor', 'tau_base'),
+                   heads=_predictor(hidden_bias=None), ema_target=True),
+    'simsiam': Method(_simsiam, ('cosine', 'variance', 'covariance'),
+                      trainer_keys=('predictor', 'fixed_predictor_lr'), heads=_predictor(hidden_bias=False)),
+    'swav': Method(_swav, ('entropy',), trainer_keys=('num_prototypes', 'freeze_prototypes_steps', 'queue_length',
+                                                      'queue_start_step'),
+                   heads=_prototypes, init_extra=_swav_queue, update_extra=_swav_enqueue,
+                   prepare_params=heads.normalize_prototypes),
 }
 
 
@@ -47,25 +204,51 @@ def get(config: ml_collections.ConfigDict) -> Method:
   return METHODS[config.method]
 
 
+def section(config: ml_collections.ConfigDict) -> dict:
+  """The method's config section as a dict."""
+  get(config)
+  return dict(config[config.method])
+
+
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments of the method's loss: its config section without its optimiser keys."""
+  """The keyword arguments of the method's objective: its config section without its ``trainer_keys``."""
   method = get(config)
-  return {k: v for k, v in config[config.method].items() if k not in method.optimizer_keys}
+  return {k: v for k, v in section(config).items() if k not in method.trainer_keys}
+
+
+def ema_decay(tau_base: float, step, total_steps: int):
+  """BYOL's target decay at ``step``: ``1 - (1 - tau_base)·(cos(π·step/total) + 1)/2``, from tau_base to 1."""
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
+  return 1 - (1 - tau_base) * (jnp.cos(math.pi * frac) + 1) / 2
+
+
+def _base_optimizer(o, learning_rate):
+  if o.name == 'lars':
+    return optim.lars(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
+  if o.name == 'adamw':
+    return optim.adamw(learning_rate, weight_decay=o.weight_decay)
+  if o.name == 'sgd':
+    return optim.sgd(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum)
+  raise ValueError(f"Unknown optim.name {o.name!r}: use 'lars', 'sgd' or 'adamw'.")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
-  """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins optimiser, or
-  'adamw') on the warmup-cosine schedule, with the method's treatment of biases and norm parameters."""
-  method = get(config)
+  """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL / SwAV
+  optimiser; 'sgd', SimSiam's; or 'adamw') on the warmup-cosine schedule, with the method's treatment of
+  biases and norm parameters (``bias_lr_factor``), of its predictor (``fixed_predictor_lr``: SimSiam's
+  predictor keeps the peak learning rate) and of its prototypes (``freeze_prototypes_steps``: SwAV's are not
+  updated for that many first steps)."""
+  sec = section(config)
   o = config.optim
   schedule = optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup_steps, o.end_lr_factor)
-  if o.name == 'lars':
-    tx = optim.lars(schedule, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
-  elif o.name == 'adamw':
-    tx = optim.adamw(schedule, weight_decay=o.weight_decay)
-  else:
-    raise ValueError(f"Unknown optim.name {o.name!r}: use 'lars' or 'adamw'.")
-  factor = config[config.method].get('bias_lr_factor', 1.0) if 'bias_lr_factor' in method.optimizer_keys else 1.0
-  if factor != 1.0:
-    tx = optax.chain(tx, optim.scale_bias_and_norm(factor))
+  tx = _base_optimizer(o, schedule)
+  if sec.get('fixed_predictor_lr') and sec.get('predictor'):
+    fixed = _base_optimizer(o, float(schedule(max(warmup_steps, 0))))
+    tx = optax.multi_transform({'scheduled': tx, 'fixed': fixed}, lambda params: {
+        k: jax.tree.map(lambda _, k=k: 'fixed' if k == 'predictor' else 'scheduled', v) for k, v in params.items()})
+  if sec.get('bias_lr_factor', 1.0) != 1.0:
+    tx = optax.chain(tx, optim.scale_bias_and_norm(sec['bias_lr_factor']))
+  if sec.get('freeze_prototypes_steps'):
+    freeze = optim.freeze('prototypes', sec['freeze_prototypes_steps'])
+    tx = optax.chain(freeze, tx, freeze)
   return tx, schedule

@@ -65,3 +65,30 @@ def scale_bias_and_norm(factor: float) -> optax.GradientTransformation:
   :func:`lars`, whose learning rate is its last factor, the same as a learning rate ``factor·lr`` for them (the
   official Barlow Twins' second parameter group, lr-biases 0.0048 = 0.024 × lr-weights 0.2)."""
   return optax.masked(optax.scale(factor), lambda params: jax.tree.map(lambda p: p.ndim <= 1, params))
+
+
+def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4,
+        momentum: float = 0.9) -> optax.GradientTransformation:
+  """SGD with momentum as PyTorch's (SimSiam's optimiser): ``dp = g + wd·p`` on every parameter (biases and norms
+  too), ``mu = momentum·mu + dp``, ``p -= lr·mu``."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=False),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def freeze(name: str, steps: int) -> optax.GradientTransformation:
+  """Zeroes the updates of the top-level subtree ``name`` for the first ``steps`` calls (SwAV keeps its
+  prototypes fixed for the first iterations). Chained before and after an optimiser, the frozen parameters get
+  neither gradient nor update."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    keep = state.count >= steps
+    updates = {k: jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), v) if k == name else v
+               for k, v in updates.items()}
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)

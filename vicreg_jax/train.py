@@ -39,14 +39,20 @@ class TrainState:
   opt_state: Any
   probe_params: Any = None     # the online linear probe ({} when disabled)
   probe_opt_state: Any = None
+  extra: Any = None            # the method's state: 'target' (BYOL's EMA network: params, batch_stats), SwAV's
+                               # 'queue' and 'queue_count'; {} for methods without
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
-  """Backbone + projector from ``config.model``; BatchNorm statistics synchronised over ``axis_name``."""
-  projector = heads.Projector(config.model.projector, axis_name=axis_name,
-                              dtype=backbones.DTYPES[config.model.dtype],
-                              hidden_bias=config.model.get('projector_hidden_bias', True))
-  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector)
+  """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
+  statistics synchronised over ``axis_name``."""
+  dtype = backbones.DTYPES[config.model.dtype]
+  projector = heads.Projector(methods.projector_spec(config), axis_name=axis_name, dtype=dtype,
+                              hidden_bias=config.model.get('projector_hidden_bias', True),
+                              batchnorm=config.model.get('projector_bn', True),
+                              output_bn=config.model.get('projector_output_bn', False))
+  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector,
+                        **methods.get(config).heads(config, axis_name, dtype))
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -63,15 +69,24 @@ def make_probe(config, num_classes: int):
 
 
 def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
-  (h, _), variables = model.init_with_output(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
+  """The initial state: the model from ``rng``, its optimiser state, the online probe's, and the method's state
+  (BYOL's target network initialised from its own key, as the official code does)."""
+  x = jnp.zeros(input_shape(config), jnp.float32)
+  (h, _, _), variables = model.init_with_output(rng, x, train=False, heads=True)
   params = variables['params']
   head, probe_tx = online_probe
   probe_params, probe_opt_state = {}, {}
   if head is not None:
     probe_params = head.init(jax.random.fold_in(rng, 1), h)['params']
     probe_opt_state = probe_tx.init(probe_params)
+  method = methods.get(config)
+  extra = dict(method.init_extra(config))
+  if method.ema_target:
+    target = model.init(jax.random.fold_in(rng, 2), x, train=False, heads=True)
+    extra['target'] = {'params': target['params'], 'batch_stats': target['batch_stats']}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state)
+                    opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state,
+                    extra=extra)
 
 
 def _colour_ops(config):
@@ -104,48 +119,92 @@ def _probe_update(head, probe_tx, params, opt_state, h, labels):
   return optax.apply_updates(params, upd), opt_state, jax.lax.pmean(top1, parallel.AXIS)
 
 
+def _target_embeddings(model, target, batch):
+  """The EMA target network's embeddings of both views (training-mode BatchNorm with its own statistics, as the
+  official BYOL) and its updated statistics; no gradient."""
+  stats = target['batch_stats']
+  out = []
+  for name in ('view1', 'view2'):
+    (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
+                              mutable=['batch_stats'])
+    stats = upd['batch_stats']
+    out.append(jax.lax.stop_gradient(z))
+  return tuple(out), stats
+
+
+def _online_views(model, params, batch_stats, batch):
+  """The online network on both views: ``((h1, h2), (z1, z2), (heads1, heads2), batch_stats)``."""
+  hs, zs, extras = [], [], []
+  for name in ('view1', 'view2'):
+    (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, batch[name], train=True,
+                                     heads=True, mutable=['batch_stats'])
+    batch_stats = upd['batch_stats']
+    hs.append(h), zs.append(z), extras.append(extra)
+  return tuple(hs), tuple(zs), tuple(extras), batch_stats
+
+
+def _ema_update(target, params, batch_stats, tau):
+  """BYOL's target after a step: parameters ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm
+  statistics from its own forward pass."""
+  return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
+          'batch_stats': batch_stats}
+
+
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
 
-  Each device runs the model on its shard of both views (BatchNorm statistics averaged over all devices, as
-  SyncBN); the method's loss (``config.method``) gathers the embeddings of all devices, and gradients are
-  averaged; the state stays replicated. The online probe (if any) trains on the stop-gradient representations
-  of view 1 and the labels. The first view's representations and embeddings come back sharded, for the
-  collapse diagnostics.
+  Each device runs the model (and the method's heads) on its shard of both views (BatchNorm statistics
+  averaged over all devices, as SyncBN), and the EMA target network where the method has one; the method's
+  objective (``config.method``) gathers what it needs from all devices, and gradients are averaged; the state
+  stays replicated. After the update the method's state moves on (the EMA target towards the new parameters,
+  SwAV's queue). The online probe (if any) trains on the stop-gradient representations of view 1 and the
+  labels. The first view's representations and embeddings come back sharded, for the collapse diagnostics.
 
   With ``config.augment.on_device`` the batch's views are the host's geometric part only (uint8) and each device
   first applies the colour part of the view recipes (:func:`_colour_ops`): the same augmentations whatever the
   number of devices, and a resumed run repeats them.
   """
   axis = parallel.AXIS
-  loss_of, loss_kwargs = methods.get(config).loss, methods.loss_kwargs(config)
+  method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
+  total_steps = runs.schedule_steps(config)[0] if method.ema_target else 0
   head, probe_tx = online_probe
   colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
 
   def per_device(state: TrainState, batch):
     if colour_ops is not None:
       batch = colour_ops(batch, state.step)
+    params = method.prepare_params(state.params)
+    extra = {k: v for k, v in state.extra.items() if k != 'target'}
+    target, target_stats = None, None
+    if method.ema_target:
+      target, target_stats = _target_embeddings(model, state.extra['target'], batch)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
 
     def loss_fn(params):
-      (h1, z1), upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['view1'],
-                                  train=True, mutable=['batch_stats'])
-      (_, z2), upd = model.apply({'params': params, 'batch_stats': upd['batch_stats']}, batch['view2'],
-                                 train=True, mutable=['batch_stats'])
-      loss, metrics = loss_of(z1, z2, axis_name=axis, **loss_kwargs)
-      return loss, (metrics, upd['batch_stats'], h1, z1)
+      (h1, _), z, out, batch_stats = _online_views(model, params, state.batch_stats, batch)
+      views = methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
+                            scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
+                            target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
+      loss, metrics = method.objective(views, axis_name=axis, **kwargs)
+      return loss, (metrics, batch_stats, h1, views)
 
-    grads, (metrics, batch_stats, h1, z1) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(jax.lax.pmean(grads, axis), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, embedding_std=losses.embedding_std(z1, axis), learning_rate=schedule(state.step))
+    grads, (metrics, batch_stats, h1, views) = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(jax.lax.pmean(grads, axis), state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
+    extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
+    if method.ema_target:
+      tau = methods.ema_decay(section['tau_base'], state.step, total_steps)
+      extra['target'] = _ema_update(state.extra['target'], params, target_stats, tau)
+      metrics['ema_decay'] = tau
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
           head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                           probe_params=probe_params, probe_opt_state=probe_opt_state)
-    return new_state, metrics, (h1, z1)
+                           probe_params=probe_params, probe_opt_state=probe_opt_state, extra=extra)
+    return new_state, metrics, (h1, views.z[0])
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
@@ -336,7 +395,8 @@ def _summarise(config, state: TrainState, mesh, workdir: str, writer, start_time
 
 def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   """Linear probes on frozen representations (all labels; k labels per class over several draws), weighted
-  k-NN (k = 20, 200), RankMe of representations and embeddings and the std of the embeddings, on the
+  k-NN (k = 20, 200), RankMe of representations and embeddings, the std of the embeddings and of the embeddings
+  scaled to unit norm (:func:`diagnostics.unit_std`), on the
   train/test splits named in ``config.eval``. Writes the singular values of the training set's
   representations and embeddings to ``workdir/spectra.npz`` (for ``python -m vicreg_jax.evaluate.diagnostics``).
 
@@ -374,6 +434,7 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
         'rankme': diagnostics.rankme_from_spectrum(s_h),
         'rankme_embeddings': diagnostics.rankme_from_spectrum(s_z),
         'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
+        'embedding_std_unit': diagnostics.unit_std(z_tr),
     }
     return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
 

@@ -44,6 +44,16 @@ def rankme(x: np.ndarray, eps: float = 1e-7) -> float:
   return rankme_from_spectrum(singular_values(x), eps)
 
 
+def unit_std(z: np.ndarray) -> float:
+  """Complete-collapse score of embeddings ``z`` [N, D]: the mean per-dimension std of the rows scaled to unit
+  norm, times √D. About 1 for directions spread over the sphere (each coordinate's std is then ≈ 1/√D),
+  0 when every input maps to the same direction; unlike the raw std it does not depend on the embeddings'
+  scale (BYOL, SimSiam and SwAV do not fix it)."""
+  z = np.asarray(z, np.float64)
+  unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  return float(np.mean(np.std(unit, axis=0)) * np.sqrt(z.shape[1]))
+
+
 def spectrum(x: jax.Array) -> jax.Array:
   """Singular values of ``x`` [N, D] in float32, sorted in decreasing order (min(N, D) of them; jit-able).
 

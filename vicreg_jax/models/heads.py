@@ -1,10 +1,11 @@
-"""Projector (expander) head, and the backbone + projector model the trainer uses."""
+"""Projector (expander) and predictor MLPs, SwAV's prototypes, and the backbone + heads model the trainer uses."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # PyTorch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -27,31 +28,83 @@ class Projector(nn.Module):
 
   ``hidden_bias=False`` drops the biases of the hidden Linear layers (as the official Barlow Twins projector):
   BatchNorm in training mode subtracts them again, so the function is the same, but an adaptive optimiser
-  (AdamW) would otherwise move them on rounding noise alone.
+  (AdamW) would otherwise move them on rounding noise alone. ``batchnorm=False`` removes the hidden BatchNorms
+  (the "no BN" ablations of VICReg's Table 8 and SimSiam's; the hidden Linear layers then keep their biases);
+  ``output_bn`` adds a BatchNorm without scale and offset after the last Linear (SimSiam's projector). The
+  predictors of BYOL and SimSiam are the same MLP.
   """
   spec: str
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   hidden_bias: bool = True
+  batchnorm: bool = True
+  output_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     sizes = parse_mlp_spec(self.spec)
+
+    def bn(x, name, affine=True):
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                          use_scale=affine, use_bias=affine, axis_name=self.axis_name if train else None,
+                          name=name)(x)
+
     for i, size in enumerate(sizes[:-1]):
-      x = nn.Dense(size, use_bias=self.hidden_bias, kernel_init=linear_init, dtype=self.dtype, name=f'dense{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                       axis_name=self.axis_name if train else None, name=f'bn{i}')(x)
-      x = nn.relu(x)
+      x = nn.Dense(size, use_bias=self.hidden_bias or not self.batchnorm, kernel_init=linear_init,
+                   dtype=self.dtype, name=f'dense{i}')(x)
+      x = nn.relu(bn(x, f'bn{i}') if self.batchnorm else x)
     x = nn.Dense(sizes[-1], use_bias=False, kernel_init=linear_init, dtype=self.dtype,
                  name=f'dense{len(sizes) - 1}')(x)
+    if self.output_bn and self.batchnorm:
+      x = bn(x, 'bn_out', affine=False)
     return x.astype(jnp.float32)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """``x / max(‖x‖, eps)`` along the last axis (PyTorch's ``F.normalize``)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Prototypes(nn.Module):
+  """SwAV's prototypes: scores ``normalize(z) · c_k`` against ``num`` prototype vectors (a bias-free Linear,
+  kernel [D, num]). The trainer renormalises each prototype to unit norm before every step
+  (:func:`normalize_prototypes`), as the official code does in place."""
+  num: int
+
+  @nn.compact
+  def __call__(self, z):
+    return nn.Dense(self.num, use_bias=False, kernel_init=linear_init, name='dense')(l2_normalize(z))
+
+
+def normalize_prototypes(params: dict) -> dict:
+  """``params`` with each prototype (a column of ``params['prototypes']['dense']['kernel']``) of unit norm."""
+  if 'prototypes' not in params:
+    return params
+  k = params['prototypes']['dense']['kernel']
+  k = k / jnp.maximum(jnp.linalg.norm(k, axis=0, keepdims=True), 1e-12)
+  return {**params, 'prototypes': {'dense': {'kernel': k}}}
+
+
 class SSLModel(nn.Module):
-  """Backbone followed by projector; returns ``(representation, embedding)``."""
+  """Backbone followed by projector, and the method's optional heads on the embedding: a ``predictor`` (BYOL,
+  SimSiam) and ``prototypes`` (SwAV).
+
+  ``model(x)`` returns ``(representation h, embedding z)``; ``model(x, heads=True)`` returns ``(h, z, extra)``
+  with ``extra['p']`` the prediction and ``extra['scores']`` the prototype scores, where the model has them.
+  """
   backbone: nn.Module
   projector: nn.Module
+  predictor: Optional[nn.Module] = None
+  prototypes: Optional[nn.Module] = None
 
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, heads: bool = False):
     h = self.backbone(x, train=train)
-    return h, self.projector(h, train=train)
+    z = self.projector(h, train=train)
+    if not heads:
+      return h, z
+    extra = {}
+    if self.predictor is not None:
+      extra['p'] = self.predictor(z, train=train)
+    if self.prototypes is not None:
+      extra['scores'] = self.prototypes(z)
+    return h, z, extra
