@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import checkpoint_arrays, load_config, max_abs_difference
-from vicreg_jax import defaults, losses, methods, train
+from conftest import load_config
+from vicreg_jax import defaults, losses, methods
 from vicreg_jax.models import heads
 
 
@@ -117,26 +117,6 @@ def test_swav_prototypes_are_frozen_for_their_first_steps():
   normed = heads.normalize_prototypes({'prototypes': {'dense': {'kernel': jnp.full((4, 2), 3.0)}}})
   np.testing.assert_allclose(jnp.linalg.norm(normed['prototypes']['dense']['kernel'], axis=0), 1.0, rtol=1e-6)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(methods.METHODS))
-def test_every_method_trains_on_the_digits_config(name, tmp_path):
-  """``--config=configs/digits.py --config.method=NAME`` (with a ×1/4 backbone and 3 steps): finite losses, and
-  the parameters move."""
-  c = load_config('digits')
-  c.update(method=name, num_steps=3, log_every_steps=1, batch_size=128)
-  c.model.width_multiplier = 0.25
-  c.augment.on_device = False
-  c.eval.final_probe = False
-  summary = train.train_and_evaluate(c, str(tmp_path))
-  assert summary['steps'] == 3
-  state = checkpoint_arrays(tmp_path / 'checkpoints' / '3' / 'default')  # the loss was finite at every step
-  tx, _ = methods.make_optimizer(c, 3, 0)
-  init = train.init_state(c, train.build_model(c, None), tx, jax.random.key(c.seed)).params
-  assert max_abs_difference(state['params'], init) > 1e-4
-  assert set(methods.get(c).heads(c, None, jnp.float32)) <= set(state['params'])
-  if name == 'byol':
-    assert max_abs_difference(state['extra']['target']['params'], state['params']) > 1e-3
 
 
 @pytest.mark.parametrize('config', ['digits', 'imagenet', 'cifar10', *(f'{scale}_{m}' for scale in ('digits', 'imagenet')

@@ -1,0 +1,56 @@
+"""Each method's own configs run: ``configs/digits.py --config.method=NAME`` and ``configs/imagenet_NAME.py`` on
+mocked ImageNet (the end-to-end runs of minutes, in the slow tier)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import checkpoint_arrays, load_config, max_abs_difference
+from vicreg_jax import methods, train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['imagenet_wmse', 'imagenet_simclr', 'imagenet_byol', 'imagenet_simsiam',
+                                  'imagenet_swav'])
+def test_method_imagenet_configs_run_on_mocked_tfds(name, tmp_path, mock_tfds):
+  """Each method's ImageNet config (its optimiser and state at their official settings, its heads shrunk) takes
+  two steps of a tiny ResNet-18 on mocked ImageNet."""
+  config = load_config(name)
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')
+  if 'predictor' in config[config.method]:
+    config[config.method].predictor = '32'
+  config.update(batch_size=16, num_steps=2, log_every_steps=1)
+  config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'), image_size=32)
+  for view in (config.augment.view1, config.augment.view2):
+    view['crop_size'] = 32
+  if config.method == 'wmse':
+    config.wmse.update(projector='64-8', w_size=16)
+  if config.method == 'swav':
+    config.swav.update(num_prototypes=20, freeze_prototypes_steps=1)
+  with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 1_281_167, 'validation': 50_000}, 32):
+    summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 2
+  state = checkpoint_arrays(tmp_path / 'run' / 'checkpoints' / '2' / 'default')
+  assert set(methods.get(config).heads(config, None, None)) <= set(state['params'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['wmse', 'simclr', 'simsiam'])
+def test_every_method_trains_on_the_digits_config(name, tmp_path):
+  """``--config=configs/digits.py --config.method=NAME`` (with a ×1/4 backbone and 3 steps): finite losses, and
+  the parameters move. The other methods train on this config in test_train.py (the sharded step: Barlow Twins,
+  BYOL, SwAV; the command line: VICReg) and test_multiprocess.py (BYOL)."""
+  c = load_config('digits')
+  c.update(method=name, num_steps=3, log_every_steps=1, batch_size=128)
+  c.model.width_multiplier = 0.25
+  c.augment.on_device = False
+  c.eval.final_probe = False
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary['steps'] == 3
+  state = checkpoint_arrays(tmp_path / 'checkpoints' / '3' / 'default')  # the loss was finite at every step
+  tx, _ = methods.make_optimizer(c, 3, 0)
+  init = train.init_state(c, train.build_model(c, None), tx, jax.random.key(c.seed)).params
+  assert max_abs_difference(state['params'], init) > 1e-4
+  assert set(methods.get(c).heads(c, None, jnp.float32)) <= set(state['params'])
+  if name == 'byol':
+    assert max_abs_difference(state['extra']['target']['params'], state['params']) > 1e-3
