@@ -5,10 +5,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from conftest import Job, free_port
-from vicreg_jax import parallel
+from vicreg_jax import errors, parallel
 
 SRUN = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'node[01-02]', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '1',
         'SLURM_LOCALID': '0', 'SLURM_STEP_NUM_TASKS': '2'}
@@ -136,3 +137,13 @@ def test_start_up_failures_end_in_one_line_within_the_timeout(tmp_path):
     assert code != 0 and lines[-1].startswith(cases[name][2]), err[-2000:]
     assert 'Traceback' not in err and len([ln for ln in lines if ln.startswith('error')]) == 1, err[-2000:]
   assert time.time() - started < 90  # start-up (imports) plus the 5 s timeout, not the default 300 s
+
+
+def test_a_batch_that_does_not_split_over_devices_or_processes_names_both(monkeypatch):
+  mesh = parallel.make_mesh()  # the suite's 8 devices
+  parallel.check_batch_size(24, mesh)
+  with pytest.raises(errors.ConfigError, match=r'device count \(8\) and the number of processes \(1\)'):
+    parallel.check_batch_size(12, mesh)
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  with pytest.raises(errors.ConfigError, match=r'processes \(3\); set --config.batch_size to a multiple of 24'):
+    parallel.check_batch_size(16, mesh)

@@ -61,6 +61,19 @@ def test_train_and_val_subfolders_are_the_splits(tmp_path):
   assert sources.num_examples('imagenet2012', 'train', str(tmp_path)) == 5
 
 
+def test_val_fraction_holds_out_part_of_a_train_only_folder(tmp_path):
+  write_folder(tmp_path / 'train', {'a': 10, 'b': 10})
+  with pytest.raises(sources.DataNotFoundError, match='val_fraction'):
+    sources.folder_split(str(tmp_path), 'validation')
+  assert sources.folder_split(str(tmp_path), 'train').num_examples == 20  # no fraction: all of train/
+  train, val = (sources.folder_split(str(tmp_path), s, val_fraction=0.2) for s in ('train', 'validation'))
+  assert (train.num_examples, val.num_examples) == (16, 4)
+  assert not set(train.paths) & set(val.paths) and sorted(val.labels.tolist()) == [0, 0, 1, 1]
+  write_folder(tmp_path / 'val', {'b': 2})  # a val/ folder wins over the fraction
+  assert sources.folder_split(str(tmp_path), 'validation', val_fraction=0.2).num_examples == 2
+  assert sources.folder_split(str(tmp_path), 'train', val_fraction=0.2).num_examples == 20
+
+
 @pytest.mark.parametrize('make', ['missing', 'empty', 'unset'])
 def test_missing_or_empty_folder_is_one_line(tmp_path, make):
   root = tmp_path / 'data'

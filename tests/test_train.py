@@ -64,37 +64,6 @@ def test_sharded_step_equals_single_device_step(method):
   assert max(moved) > 1e-4
 
 
-@pytest.mark.slow
-def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
-  """N steps, interruption, resume to 2N gives the parameters of 2N uninterrupted steps."""
-  n = 3
-  config = tiny_digits(num_steps=2 * n, checkpoint_every_steps=n)
-  full = str(tmp_path / 'full')
-  train.train_and_evaluate(config, full)
-
-  interrupted = str(tmp_path / 'interrupted')
-  original = pipeline.global_batches
-
-  def stop_after_n(ds, sharding):
-    for i, batch in enumerate(original(ds, sharding)):
-      if i == n:
-        raise KeyboardInterrupt('simulated preemption')
-      yield batch
-
-  monkeypatch.setattr(pipeline, 'global_batches', stop_after_n)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, interrupted)
-  monkeypatch.setattr(pipeline, 'global_batches', original)
-  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == [str(n)]
-  summary = train.train_and_evaluate(config, interrupted)
-  assert summary['steps'] == 2 * n
-
-  a, b = restore_params(full, 2 * n), restore_params(interrupted, 2 * n)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
-  halfway = restore_params(interrupted, n)
-  assert any(np.abs(x - y).max() > 1e-5 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(halfway)))
-
-
 def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
   config = load_config('imagenet')
   config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')

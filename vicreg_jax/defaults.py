@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # A NaN or inf in the loss or the gradients (checked on every step, one step late, without a host sync):
+  # 'stop' ends the run with one line naming the step and the term, the checkpoints intact; 'skip' drops the
+  # step's update (parameters, optimiser and method state unchanged), counted and logged.
+  c.nonfinite = 'stop'
+  c.debug_nan_at_step = 0     # tests: the loss becomes NaN at this step (0: never)
   c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
   # A linear classifier on stop-gradient representations, trained alongside (never touches the backbone);
   # its train top-1 per epoch is an early collapse warning.
@@ -142,6 +147,7 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.from_scratch = False      # instead: the same backbone freshly initialised (baselines; results key '0')
   c.poll_seconds = 60.0
   c.timeout_seconds = 0.0     # give up after this long without a new checkpoint (0: wait for ever)
+  c.start_timeout_seconds = 600.0  # give up after this long if pretrain_workdir has no config.json yet (0: at once)
   c.batch_size = 256
   c.epochs = 100
   c.log_every_steps = 100

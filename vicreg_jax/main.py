@@ -2,7 +2,8 @@
 
 ``--config`` defaults to configs/digits.py; ``--config.key=value`` overrides any key. Errors a user can cause
 (unknown config key, missing config file or dataset, a batch size that does not split over devices) end in
-one line on stderr and a non-zero exit status.
+one line on stderr and a non-zero exit status (:mod:`vicreg_jax.errors`); a bug keeps its traceback. SIGTERM
+(preemption) stops pretraining with a checkpoint and exit status 0.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def main(argv):
   import tensorflow as tf  # the input pipeline only: keep it off accelerators
   tf.config.set_visible_devices([], 'GPU')
   import jax
-  from vicreg_jax import parallel, train
-  from vicreg_jax.data.sources import DataNotFoundError
+  from vicreg_jax import errors, parallel, train
   from vicreg_jax.evaluate import finetune, linear
 
   try:
@@ -67,9 +67,9 @@ def main(argv):
   jobs = {'pretrain': train.train_and_evaluate, 'linear': linear.run, 'finetune': finetune.run}
   try:
     if config.job not in jobs:
-      raise ValueError(f'unknown job {config.job!r}; choose one of {sorted(jobs)}')
+      raise errors.ConfigError(f'unknown job {config.job!r}; choose one of {sorted(jobs)}')
     jobs[config.job](config, _WORKDIR.value)
-  except (DataNotFoundError, ValueError, FloatingPointError, TimeoutError) as e:
+  except errors.UserError as e:  # a user's mistake: one line; anything else is a bug and keeps its traceback
     fail(str(e))
   except Exception as e:
     if (reason := parallel.lost_peer(e)) is not None:  # a collective lost its peer (CPU collectives raise)

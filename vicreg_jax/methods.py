@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vicreg_jax import losses, optim
+from vicreg_jax import errors, losses, optim
 from vicreg_jax.models import heads
 
 
@@ -163,7 +163,8 @@ def _swav_queue(config) -> dict:
   if not length:
     return {}
   if length < config.batch_size:
-    raise ValueError(f'swav.queue_length ({length}) must be 0 or at least the global batch ({config.batch_size}).')
+    raise errors.ConfigError(f'swav.queue_length ({length}) must be 0 or at least the global batch '
+                             f'({config.batch_size}).')
   dim = heads.parse_mlp_spec(projector_spec(config))[-1]
   return {'queue': jnp.zeros((2, length, dim), jnp.float32), 'queue_count': jnp.zeros((), jnp.int32)}
 
@@ -200,7 +201,7 @@ METHODS: dict[str, Method] = {
 def get(config: ml_collections.ConfigDict) -> Method:
   """The :class:`Method` named by ``config.method``."""
   if config.method not in METHODS:
-    raise ValueError(f'Unknown method {config.method!r}: use one of {sorted(METHODS)}.')
+    raise errors.ConfigError(f'Unknown method {config.method!r}: use one of {sorted(METHODS)}.')
   return METHODS[config.method]
 
 
@@ -229,7 +230,7 @@ def _base_optimizer(o, learning_rate):
     return optim.adamw(learning_rate, weight_decay=o.weight_decay)
   if o.name == 'sgd':
     return optim.sgd(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum)
-  raise ValueError(f"Unknown optim.name {o.name!r}: use 'lars', 'sgd' or 'adamw'.")
+  raise errors.ConfigError(f"Unknown optim.name {o.name!r}: use 'lars', 'sgd' or 'adamw'.")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+
+from vicreg_jax import errors
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -219,8 +221,8 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   """One-line error unless the global batch splits evenly over devices and processes."""
   n, pc = mesh.devices.size, jax.process_count()
   if global_batch % n or global_batch % pc:
-    raise ValueError(f'batch_size {global_batch} must be divisible by the device count ({n}) and the number of '
-                     f'processes ({pc}); set --config.batch_size to a multiple of {np.lcm(n, pc)}.')
+    raise errors.ConfigError(f'batch_size {global_batch} must be divisible by the device count ({n}) and the '
+                             f'number of processes ({pc}); set --config.batch_size to a multiple of {np.lcm(n, pc)}.')
 
 
 def global_array(x, sharding) -> jax.Array:

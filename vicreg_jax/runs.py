@@ -3,8 +3,10 @@ checkpoint managers and JSON results."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from typing import Optional
 
 import jax
@@ -12,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from vicreg_jax import errors
 from vicreg_jax.data import sources
 
 
@@ -22,10 +25,20 @@ def absolute_workdir(path: str) -> str:
 
 
 def make_workdir(path: str) -> str:
-  """:func:`absolute_workdir` of ``path``, created by process 0 (local path or gs://)."""
+  """:func:`absolute_workdir` of ``path``, created by process 0 (local path or gs://), which also checks that it
+  can write there (:class:`errors.WorkdirError` otherwise, before any work)."""
   path = absolute_workdir(path)
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(path)
+    probe = os.path.join(path, f'.write_test_{os.getpid()}')
+    try:
+      tf.io.gfile.makedirs(path)
+      with tf.io.gfile.GFile(probe, 'w') as f:
+        f.write('ok')
+      tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+      reason = getattr(e, 'message', None) or getattr(e, 'strerror', None) or str(e)
+      raise errors.WorkdirError(f'cannot write to workdir {path} ({type(e).__name__}: {reason}); pass a '
+                                '--workdir this job may create and write') from None
   return path
 
 
@@ -46,6 +59,14 @@ def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   total = config.num_steps or int(config.epochs * per_epoch)
   warmup = int(config.optim.warmup_epochs * per_epoch)
   return total, min(warmup, total), per_epoch
+
+
+def check_splits(data: ml_collections.ConfigDict, splits) -> None:
+  """Raises (one line) before any work if a split a job will read is missing or empty."""
+  source = sources.get(data)
+  for split in dict.fromkeys(splits):
+    if not source.num_examples(data, split):
+      raise errors.DataNotFoundError(f'split {split!r} of the dataset ({data.source}) has no examples')
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -73,8 +94,50 @@ def write_json(path: str, value) -> None:
 
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints.
+
+  A save lands in a temporary directory renamed when complete, so a save cut short (a kill) never looks like
+  a checkpoint; the manager deletes such leftovers when it starts. Tests can hold one save open before its
+  rename (:data:`HOLD_SAVE_ENV`)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True, temporary_path_class=_held_save_class()))
+
+
+# Tests: VICREG_JAX_TEST_HOLD_SAVE=STEP holds the save of checkpoint STEP open for ever just before its final
+# rename, after writing the temporary directory's path to WORKDIR/save_held (so a test can kill the run while
+# that save is provably in flight).
+HOLD_SAVE_ENV = 'VICREG_JAX_TEST_HOLD_SAVE'
+
+
+def _held_save_class():
+  hold = os.environ.get(HOLD_SAVE_ENV)
+  if not hold:
+    return None
+  from orbax.checkpoint.path import atomicity
+
+  class HeldSave(atomicity.AtomicRenameTemporaryPath):
+    async def finalize(self):
+      if self.get_final().name == hold:
+        marker = self.get_final().parent.parent / 'save_held'
+        marker.write_text(str(self.get()))
+        while True:
+          await asyncio.sleep(3600)
+      await super().finalize()
+
+  return HeldSave
+
+
+def set_aside_checkpoint(mngr: ocp.CheckpointManager, step: int, workdir: str) -> Optional[str]:
+  """Moves the unreadable checkpoint ``step`` out of the manager's directory to
+  ``workdir/damaged_checkpoints/STEP-TIME`` (process 0; kept for a post-mortem, and out of the way of the
+  run's next save of that step), then reloads the manager's listing. Returns where it went."""
+  where = None
+  if jax.process_index() == 0:
+    where = os.path.join(workdir, 'damaged_checkpoints', f'{step}-{int(time.time())}')
+    tf.io.gfile.makedirs(os.path.dirname(where))
+    tf.io.gfile.rename(os.path.join(str(mngr.directory), str(step)), where)
+  mngr.reload()
+  return where
 
 
 def checkpoint_reader(directory: str) -> ocp.CheckpointManager:

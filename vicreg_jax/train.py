@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
@@ -23,9 +24,10 @@ import tensorflow as tf
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import losses, methods, parallel, runs
+from vicreg_jax import errors, losses, methods, parallel, runs
 from vicreg_jax.data import device_augment, pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
 from vicreg_jax.models import backbones, heads
@@ -143,33 +145,53 @@ def _online_views(model, params, batch_stats, batch):
   return tuple(hs), tuple(zs), tuple(extras), batch_stats
 
 
-def _ema_update(target, params, batch_stats, tau):
-  """BYOL's target after a step: parameters ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm
-  statistics from its own forward pass."""
+def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int):
+  """BYOL's target after step ``step`` and its decay τ (:func:`methods.ema_decay`): parameters
+  ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm statistics from its own forward pass."""
+  tau = methods.ema_decay(tau_base, step, total_steps)
   return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
-          'batch_stats': batch_stats}
+          'batch_stats': batch_stats}, tau
+
+
+def _poisoned(loss, metrics, step, nan_at_step: int):
+  """Tests (``debug_nan_at_step``): the loss, and with it every gradient, NaN at that step."""
+  if not nan_at_step:
+    return loss, metrics
+  loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
+  return loss, dict(metrics, loss=loss)
+
+
+def _all_finite(loss, grads) -> jax.Array:
+  """Whether the (global) loss and every gradient entry are finite."""
+  return jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+
+def _if_finite(finite, new: TrainState, old: TrainState) -> TrainState:
+  """``new`` if the step was finite, else ``old`` with only the step counter moved on: a bad step changes no
+  parameter, statistic or optimiser state, so no checkpoint ever holds its NaNs (the host learns of it a step
+  later, from ``metrics['finite']``: :class:`NonFiniteGuard`)."""
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.replace(step=old.step), old)
+  return kept.replace(step=new.step)
 
 
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
 
-  Each device runs the model (and the method's heads) on its shard of both views (BatchNorm statistics
-  averaged over all devices, as SyncBN), and the EMA target network where the method has one; the method's
-  objective (``config.method``) gathers what it needs from all devices, and gradients are averaged; the state
-  stays replicated. After the update the method's state moves on (the EMA target towards the new parameters,
-  SwAV's queue). The online probe (if any) trains on the stop-gradient representations of view 1 and the
-  labels. The first view's representations and embeddings come back sharded, for the collapse diagnostics.
-
-  With ``config.augment.on_device`` the batch's views are the host's geometric part only (uint8) and each device
-  first applies the colour part of the view recipes (:func:`_colour_ops`): the same augmentations whatever the
-  number of devices, and a resumed run repeats them.
+  Each device runs the model (and heads) on its shard of both views (SyncBN), and the EMA target where the
+  method has one; the objective (``config.method``) gathers what it needs from all devices; gradients are
+  averaged; the state stays replicated. Then the method's state moves on (EMA target, SwAV's queue) and the
+  online probe (if any) trains on view 1's stop-gradient representations. A non-finite loss or gradient moves
+  only the step counter (``metrics['finite']``). View 1's representations and embeddings come back sharded,
+  for the collapse diagnostics. With ``config.augment.on_device`` the views are the host's geometric part only
+  (uint8) and each device applies the colour part first (:func:`_colour_ops`; the same for any device count).
   """
   axis = parallel.AXIS
   method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
   total_steps = runs.schedule_steps(config)[0] if method.ema_target else 0
   head, probe_tx = online_probe
   colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
+  nan_at_step = config.get('debug_nan_at_step', 0)
 
   def per_device(state: TrainState, batch):
     if colour_ops is not None:
@@ -186,25 +208,27 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       views = methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
                             scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
                             target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
-      loss, metrics = method.objective(views, axis_name=axis, **kwargs)
+      loss, metrics = _poisoned(*method.objective(views, axis_name=axis, **kwargs), state.step + 1, nan_at_step)
       return loss, (metrics, batch_stats, h1, views)
 
     grads, (metrics, batch_stats, h1, views) = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(jax.lax.pmean(grads, axis), state.opt_state, params)
+    grads = jax.lax.pmean(grads, axis)
+    finite = _all_finite(metrics['loss'], grads)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
     extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
     if method.ema_target:
-      tau = methods.ema_decay(section['tau_base'], state.step, total_steps)
-      extra['target'] = _ema_update(state.extra['target'], params, target_stats, tau)
-      metrics['ema_decay'] = tau
+      extra['target'], metrics['ema_decay'] = _ema_update(state.extra['target'], params, target_stats,
+                                                          section['tau_base'], state.step, total_steps)
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
           head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                           probe_params=probe_params, probe_opt_state=probe_opt_state, extra=extra)
-    return new_state, metrics, (h1, views.z[0])
+    new_state = _if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                              opt_state=opt_state, probe_params=probe_params,
+                                              probe_opt_state=probe_opt_state, extra=extra), state)
+    return new_state, dict(metrics, finite=finite), (h1, views.z[0])
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
@@ -261,7 +285,7 @@ class OnlineProbeEpoch:
 
 class LogMetrics:
   """Every ``log_every_steps``: the step's metrics and collapse diagnostics to the writer and one progress line
-  (loss, the method's terms, embedding std and RankMe, learning rate); a non-finite loss stops the run."""
+  (loss, the method's terms, embedding std and RankMe, learning rate)."""
 
   def __init__(self, writer, every: int, total_steps: int, terms):
     self.writer, self.every, self.total_steps, self.terms = writer, every, total_steps, terms
@@ -270,8 +294,6 @@ class LogMetrics:
     if not _every(step, self.every, self.total_steps):
       return
     m = jax.device_get(out.metrics)
-    if not math.isfinite(float(m['loss'])):
-      raise FloatingPointError(f'loss became {m["loss"]} at step {step}; lower optim.base_lr or check the data')
     m.update(jax.device_get(out.collapse()[0]))
     self.writer.write_scalars(step, m)
     terms = '  '.join(f'{t} {m[t]:.4f}' for t in self.terms)
@@ -293,32 +315,131 @@ class SpectrumImage:
       self.writer.write_images(step, {'spectrum': image[None]})
 
 
+class NonFiniteGuard:
+  """Reads each step's ``finite`` flag once the step has finished anyway (the loop keeps at most two steps in
+  flight), so without a host sync of its own. A non-finite step (whose update the step itself dropped) ends the
+  run with :class:`errors.NonFiniteError` naming the step and the term (``nonfinite='stop'``), or is counted
+  and logged (``'skip'``)."""
+
+  def __init__(self, mode: str, terms, writer):
+    if mode not in ('stop', 'skip'):
+      raise errors.ConfigError(f"nonfinite must be 'stop' or 'skip', not {mode!r}")
+    self.mode, self.terms, self.writer = mode, terms, writer
+    self.skipped, self.checked = 0, 0
+
+  def check(self, step: int, metrics) -> None:
+    """Checks step ``step`` (once; ``metrics`` of that step, finished or not)."""
+    if metrics is None or step <= self.checked:
+      return
+    self.checked = step
+    if bool(jax.device_get(metrics['finite'])):
+      return
+    m = jax.device_get(metrics)
+    bad = [t for t in (*self.terms, 'loss') if t in m and not math.isfinite(float(m[t]))]  # the culprit first
+    what = f'{bad[0]} became {float(m[bad[0]])}' if bad else 'the gradients became non-finite (the loss did not)'
+    if self.mode == 'stop':
+      raise errors.NonFiniteError(
+          f'step {step}: {what}; stopped, the update not applied and the checkpoints intact. Lower optim.base_lr, '
+          'check the data, or pass --config.nonfinite=skip to skip such steps')
+    self.skipped += 1
+    self.writer.write_scalars(step, {'nonfinite_skipped': self.skipped})
+    logging.warning('step %d: %s; update skipped (%d step(s) skipped so far)', step, what, self.skipped)
+
+
+class Preemption:
+  """SIGTERM (a preempted TPU VM, SLURM's time limit, ``kill``) asks the run to stop after the current step.
+
+  One process: a signal handler sets a flag. Several: JAX's preemption service (which handles SIGTERM itself,
+  on whichever processes receive it) makes every process answer True at the same step, the one after the
+  highest step any process had reached."""
+
+  def __init__(self):
+    self.several = jax.process_count() > 1
+    self.received, self._previous = False, None
+    if not self.several:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if self.several:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 class Checkpoint:
   """Every ``every`` steps and at this invocation's last step: an orbax checkpoint (asynchronous; every process
-  joins)."""
+  joins); never of a step the guard has not cleared."""
 
-  def __init__(self, mngr, every: int, stop_step: int):
-    self.mngr, self.every, self.stop_step = mngr, every, stop_step
+  def __init__(self, mngr, every: int, stop_step: int, guard: NonFiniteGuard):
+    self.mngr, self.every, self.stop_step, self.guard = mngr, every, stop_step, guard
 
-  def __call__(self, step: int, out: StepOutput):
-    if _every(step, self.every, self.stop_step):
-      self.mngr.save(step, args=ocp.args.StandardSave(out.state))
+  def __call__(self, step: int, out: StepOutput, force: bool = False):
+    if force or _every(step, self.every, self.stop_step):
+      self.guard.check(step, out.metrics)
+      self.mngr.save(step, args=ocp.args.StandardSave(out.state), force=force)
 
 
 # --- the run --------------------------------------------------------------------------------------------------
 
-def _initial_state(config, tx, online, mesh, mngr) -> TrainState:
-  """A fresh replicated state, or the latest checkpoint's."""
+def _initial_state(config, tx, online, mesh, mngr, workdir: str) -> TrainState:
+  """A fresh replicated state, or that of the newest checkpoint that can be read: a damaged one (truncated,
+  files missing) is set aside with a warning (:func:`runs.set_aside_checkpoint`) and the one before tried. A
+  checkpoint of another model (other shapes) is :class:`errors.WorkdirError`."""
   init = functools.partial(init_state, config, build_model(config, None), tx, online_probe=online)
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
-  if mngr.latest_step() is not None:
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info('Resumed from %s at step %d.', mngr.directory, int(state.step))
+  for step in sorted(mngr.all_steps(), reverse=True):
+    error, restored = None, None
+    try:
+      _check_same_model(mngr, step, state, workdir)
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(state))
+    except errors.WorkdirError:
+      raise
+    except Exception as e:  # noqa: BLE001  (any reading error: try the previous checkpoint)
+      error = e
+    if all(parallel.gather(np.array([error is None]))):  # every process could read it
+      logging.info('Resumed from %s at step %d.', mngr.directory, int(restored.step))
+      return restored
+    where = parallel.share_from_process_0(lambda s=step: runs.set_aside_checkpoint(mngr, s, workdir))
+    mngr.reload()
+    logging.warning('Checkpoint %d in %s cannot be read (%s); moved to %s, trying the one before.', step,
+                    mngr.directory, f'{type(error).__name__}: {str(error)[:300]}' if error else 'on another process',
+                    where)
   return state
 
 
-def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int, mesh) -> TrainState:
-  """Steps ``start_step + 1 … stop_step``, each followed by the periodic ``actions``."""
+def _check_same_model(mngr, step: int, state: TrainState, workdir: str) -> None:
+  """:class:`errors.WorkdirError` if checkpoint ``step`` (its metadata) holds arrays of other shapes or names
+  than this config's model and optimiser state."""
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), 'default')).item_metadata
+  if meta is None:
+    raise OSError('its metadata cannot be read')
+
+  def shapes(tree) -> dict:  # the model's arrays (plain dicts: the same key paths in the checkpoint and here)
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+            if jax.tree_util.keystr(k).startswith(("['params']", "['batch_stats']"))}
+
+  theirs, ours = shapes(dict(meta)), shapes(flax.serialization.to_state_dict(state))
+  diff = sorted((k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)),
+                key=lambda k: (not k.startswith("['params']"), k))  # a parameter is the clearest example
+  if diff:
+    k = diff[0]
+    raise errors.WorkdirError(
+        f'{workdir} holds checkpoints of another model: {len(diff)} array(s) differ, e.g. {k} is '
+        f'{theirs.get(k, "absent")} there and {ours.get(k, "absent")} in this config; pass a new --workdir, or '
+        'the config that run was started with')
+
+
+def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int, mesh, guard: NonFiniteGuard,
+               preemption: Preemption, checkpoint: Checkpoint) -> tuple[TrainState, bool]:
+  """Steps ``start_step + 1 … stop_step``, each followed by the periodic ``actions``; stops early, with a
+  checkpoint of the step reached, when preempted. Returns the state and whether it was preempted."""
   diagnose = jax.jit(collapse_metrics, out_shardings=parallel.replicated(mesh))  # every process reads them
   metrics = None
   for step in range(start_step + 1, stop_step + 1):
@@ -327,10 +448,16 @@ def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: 
     # At most two steps in flight: the host prepares the next batch while the devices run, without an
     # unbounded dispatch queue (which can also starve XLA:CPU's collective threads on small machines).
     jax.block_until_ready(previous)
+    guard.check(step - 1, previous)
     out = StepOutput(state, metrics, h1, z1, diagnose)
     for action in actions:
       action(step, out)
-  return state
+    if preemption.reached(step) and step < stop_step:
+      if not _every(step, checkpoint.every, checkpoint.stop_step):  # else the action above saved it
+        checkpoint(step, out, force=True)
+      return state, True
+  guard.check(stop_step, metrics)
+  return state, False
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -340,11 +467,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = runs.make_workdir(workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
+  runs.check_splits(config.data, [config.data.train_split] + ([config.eval.test_split] if config.eval.final_probe
+                                                              else []))
   total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
   tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps)
   online = make_probe(config, sources.get(config.data).num_classes(config.data))
   mngr = runs.checkpoint_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  state = _initial_state(config, tx, online, mesh, mngr)
+  state = _initial_state(config, tx, online, mesh, mngr, workdir)
   runs.save_config(workdir, config)
   start_step = int(state.step)
   stop_step = min(total_steps, start_step + config.max_steps_per_run) if config.max_steps_per_run else total_steps
@@ -357,25 +486,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   actions = [lambda step, out: progress(step)]
   if online[0] is not None:
     actions.append(OnlineProbeEpoch(writer, epoch_steps, total_steps))
+  guard = NonFiniteGuard(config.get('nonfinite', 'stop'), methods.get(config).terms, writer)
+  checkpoint = Checkpoint(mngr, config.checkpoint_every_steps, stop_step, guard)
   actions += [LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms),
               SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps),
-              Checkpoint(mngr, config.checkpoint_every_steps, stop_step)]
+              checkpoint]
   batches = pipeline.global_batches(
       pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
       parallel.data_sharding(mesh))
   logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
                config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
+  preemption = Preemption()
   try:
-    state = _run_steps(make_train_step(config, build_model(config), tx, schedule, mesh, online), state, batches,
-                       actions, start_step, stop_step, mesh)
+    state, preempted = _run_steps(make_train_step(config, build_model(config), tx, schedule, mesh, online), state,
+                                  batches, actions, start_step, stop_step, mesh, guard, preemption, checkpoint)
   finally:  # also on interruption: let the checkpoint in flight land
+    preemption.close()
     mngr.wait_until_finished()
     writer.flush()
-  if stop_step < total_steps:
-    logging.info('Stopped at step %d of %d (max_steps_per_run); the same command continues from there.',
-                 stop_step, total_steps)
+  if preempted or stop_step < total_steps:
+    step = int(state.step)
+    why = 'preempted (SIGTERM)' if preempted else 'max_steps_per_run'
+    logging.info('Stopped at step %d of %d (%s), checkpoint saved in %s; the same command continues from there.',
+                 step, total_steps, why, mngr.directory)
+    print(f'Stopped at step {step} of {total_steps} ({why}); checkpoint {step} saved in {mngr.directory}; the same '
+          'command continues from there.', flush=True)
     writer.close()
-    return {'steps': stop_step}
+    return {'steps': step, 'preempted': preempted}
   return _summarise(config, state, mesh, workdir, writer, start_time)
 
 

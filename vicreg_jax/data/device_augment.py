@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from vicreg_jax import errors
 from vicreg_jax.data.augment import full_recipe
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale (ITU-R 601 luma)
@@ -29,7 +30,7 @@ def host_recipe(recipe: Mapping[str, Any]) -> dict:
   then run after it). Pixel noise is not among the device ops: a recipe with ``noise_std`` is refused."""
   r = full_recipe(recipe)
   if r['noise_std']:
-    raise ValueError('augment.on_device does not do the pixel noise of noise_std (it would be clipped by the '
+    raise errors.ConfigError('augment.on_device does not do the pixel noise of noise_std (it would be clipped by the '
                      'uint8 transfer): set --config.augment.on_device=False, or noise_std=0 in the views')
   return dict(r, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
 

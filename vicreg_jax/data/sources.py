@@ -12,9 +12,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vicreg_jax import errors
 
-class DataNotFoundError(RuntimeError):
-  """A dataset the config names is not available; the message says how to provide it."""
+
+DataNotFoundError = errors.DataNotFoundError  # where callers have always found it
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ def digits(split: str, size: int = 8) -> ArraySplit:
   x = (data.images / 16.0).astype(np.float32)[..., None]
   y = data.target.astype(np.int32)
   if split not in ('train', 'test'):
-    raise ValueError(f"digits has splits 'train' and 'test', not {split!r}.")
+    raise errors.ConfigError(f"digits has splits 'train' and 'test', not {split!r}.")
   x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
   x, y = (x_tr, y_tr) if split == 'train' else (x_te, y_te)
   if size != 8:
@@ -106,7 +107,7 @@ def tfds_share(name: str, split: str, data_dir: Optional[str] = None, process_in
   contiguous share (``tfds.even_splits``, nothing dropped), the indices in the split of its first example and
   of the one after its last, and the split's size."""
   if '+' in split and process_count > 1:  # even_splits would split each part: shares not contiguous
-    raise ValueError(f'evaluation split {split!r} on {process_count} processes: use one split (sliced if '
+    raise errors.ConfigError(f'evaluation split {split!r} on {process_count} processes: use one split (sliced if '
                      'need be), not a combination')
   builder = tfds_builder(name, data_dir)
   shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
@@ -180,30 +181,38 @@ def _scan(root: str) -> FileSplit:
   return FileSplit(np.array(paths), np.array(labels, np.int32), classes)
 
 
-def _split_root(root: str, split: str) -> Optional[str]:
-  """``root/train``, ``root/val`` ... when the folder is laid out by split (it has a train/ subfolder)."""
-  if not tf.io.gfile.isdir(os.path.join(root, 'train')):
-    return None
+def _split_dir(root: str, split: str) -> Optional[str]:
+  """``root/train``, ``root/val`` ... : the subfolder of ``split`` in a folder laid out by split, or None."""
   for d in _SPLIT_DIRS.get(split, (split,)):
     if tf.io.gfile.isdir(os.path.join(root, d)):
       return os.path.join(root, d)
-  raise DataNotFoundError(f'Image folder {root} has no subfolder for split {split!r} '
-                          f'(looked for {", ".join(_SPLIT_DIRS.get(split, (split,)))}).')
+  return None
 
 
 def folder_split(root: Optional[str], split: str, val_fraction: float = 0.0) -> FileSplit:
-  """The ``split`` ('train' or 'validation') of the image folder ``root``.
+  """The ``split`` ('train' or 'validation'; 'test' where a test/ subfolder exists) of the image folder ``root``.
 
   If ``root`` has a ``train/`` subfolder, splits are its subfolders (``train``; ``val`` or ``validation``;
   ``test``), each laid out ``CLASS/*.jpg``, with the training split's classes as the label set. Otherwise the
-  classes are ``root``'s subfolders, and 'validation' is a fixed ``val_fraction`` of every class (the same
-  files on every machine and run: a seeded permutation of the sorted file names); 'train' is the rest.
+  classes are ``root``'s subfolders. Where there is no validation subfolder (a flat folder, or ``train/``
+  alone), 'validation' is a fixed ``val_fraction`` of every class of the training images (the same files on
+  every machine and run: a seeded permutation of the sorted file names) and 'train' is the rest.
   """
   if not root:
     raise DataNotFoundError(f'data.source is folder but data.data_dir is not set: {_FOLDER_HOW}.')
-  by_split = _split_root(root, split)
-  if by_split is not None:
-    files = _scan(by_split)
+  if not 0.0 <= val_fraction < 1.0:
+    raise errors.ConfigError(f'data.val_fraction must be in [0, 1), not {val_fraction}.')
+  if tf.io.gfile.isdir(os.path.join(root, 'train')):
+    holdout = val_fraction > 0 and _split_dir(root, 'validation') is None
+    if holdout and split in ('train', 'validation', 'val'):
+      return _held_out(os.path.join(root, 'train'), split, val_fraction)
+    own = _split_dir(root, split)
+    if own is None:
+      hint = (' or set --config.data.val_fraction (e.g. 0.05) to hold out part of train/'
+              if split in ('validation', 'val') else '')
+      raise DataNotFoundError(f'Image folder {root} has no subfolder for split {split!r} (looked for '
+                              f'{", ".join(_SPLIT_DIRS.get(split, (split,)))}){hint}.')
+    files = _scan(own)
     classes = _scan(os.path.join(root, 'train')).classes
     if files.classes != classes:  # validation may lack classes: map by name
       index = {c: i for i, c in enumerate(classes)}
@@ -214,14 +223,17 @@ def folder_split(root: Optional[str], split: str, val_fraction: float = 0.0) -> 
                         classes)
     return files
   if split not in ('train', 'validation', 'val'):
-    raise ValueError(f"An image folder without train/ and val/ subfolders has splits 'train' and 'validation', "
-                     f'not {split!r}.')
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'data.val_fraction must be in [0, 1), not {val_fraction}.')
+    raise errors.ConfigError(f"An image folder without train/ and val/ subfolders has splits 'train' and "
+                             f"'validation', not {split!r}.")
+  return _held_out(root, split, val_fraction)
+
+
+def _held_out(root: str, split: str, val_fraction: float) -> FileSplit:
+  """'train' or 'validation' of the class folders in ``root`` with ``val_fraction`` of every class held out."""
   files = _scan(root)
   if split != 'train' and val_fraction == 0.0:
-    raise ValueError(f'Image folder {root} has no val/ subfolder: set --config.data.val_fraction (e.g. 0.05) '
-                     'to hold out part of every class as the validation split.')
+    raise errors.ConfigError(f'Image folder {root} has no val/ subfolder: set --config.data.val_fraction (e.g. '
+                            '0.05) to hold out part of every class as the validation split.')
   rng = np.random.default_rng(0)
   val = np.zeros(len(files.labels), bool)
   for c in range(len(files.classes)):
@@ -302,7 +314,7 @@ def _folder_eval(data, split, process_index, process_count, max_examples):
 
 def _tfds_eval(data, split, process_index, process_count, max_examples):
   if max_examples and ('[' in split or '+' in split):
-    raise ValueError(f'max_examples with the sliced or combined split {split!r}: put the limit into the split '
+    raise errors.ConfigError(f'max_examples with the sliced or combined split {split!r}: put the limit into the split '
                      'instead.')
   if max_examples:  # a limit above the split's size is the whole split (TFDS refuses such a slice)
     split = f'{split}[:{min(max_examples, num_examples(data.name, split, data.data_dir))}]'
@@ -328,5 +340,5 @@ SOURCES = {
 def get(data) -> Source:
   """The :class:`Source` for a config's ``data`` section (``data.source``)."""
   if data.source not in SOURCES:
-    raise ValueError(f'Unknown data.source {data.source!r}: use one of {sorted(SOURCES)}.')
+    raise errors.ConfigError(f'Unknown data.source {data.source!r}: use one of {sorted(SOURCES)}.')
   return SOURCES[data.source]

@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import parallel, runs
+from vicreg_jax import errors, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
 from vicreg_jax.models import backbones
@@ -210,7 +210,7 @@ def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetun
   tr = config.transforms.eval
   if not (config.features.cache and not finetune):
     if config.features.standardize:
-      raise ValueError('features.standardize needs features.cache=True (statistics of fixed features).')
+      raise errors.ConfigError('features.standardize needs features.cache=True (statistics of fixed features).')
     size = tr.crop or config.data.image_size  # file-backed sources: the crop; in-memory: as stored
     shape = jax.ShapeDtypeStruct((1, size, size, pre_config.data.channels), jnp.float32)
     return None, None, jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
@@ -241,7 +241,7 @@ def _train_subset(config) -> tuple[Optional[np.ndarray], int]:
     return None, source.num_examples(data, data.train_split)
   in_memory = source.in_memory(data, data.train_split)
   if in_memory is None:
-    raise ValueError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
+    raise errors.ConfigError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
                      "subset split instead (e.g. 'imagenet2012_subset/1pct').")
   indices = sources.per_class_subset(in_memory[1], data.labels_per_class, config.seed)
   return indices, len(indices)
@@ -298,7 +298,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
     return evaluate(eval_step, state, pretrained, batches)
 
   if cl.report not in ('best', 'last'):
-    raise ValueError(f"classifier.report must be 'best' or 'last', not {cl.report!r}")
+    raise errors.ConfigError(f"classifier.report must be 'best' or 'last', not {cl.report!r}")
   loop = _TrainLoop(config, tag, writer, mngr, steps_per_epoch, test if cl.report == 'best' else None,
                     ckpt_dir.rstrip('/') + '_best.json')
   state, best = loop.run(train_step, state, pretrained, batches, start)

@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
-from vicreg_jax import parallel, runs
+from vicreg_jax import errors, parallel, runs
 from vicreg_jax.evaluate import classifier
 
 
@@ -45,16 +45,17 @@ def save_results(workdir: str, results: dict) -> None:
   runs.write_json(os.path.join(workdir, 'results.json'), dict(sorted(results.items(), key=lambda kv: int(kv[0]))))
 
 
-def _poll(what: str, find: Callable[[], Any], config) -> Any:
+def _poll(what: str, find: Callable[[], Any], config, timeout: Optional[float]) -> Any:
   """``find()`` on process 0 every ``config.poll_seconds`` until it returns something other than None; that
-  value, on every process. TimeoutError (on every process) after ``config.timeout_seconds`` (0: never)."""
+  value, on every process. :class:`errors.WaitTimeoutError` (on every process) once ``timeout`` seconds have
+  passed (0: after the first try; None: never)."""
   started = time.time()
   while True:
     found = parallel.share_from_process_0(lambda: {'value': find(), 'waited': time.time() - started})
     if found['value'] is not None:
       return found['value']
-    if config.timeout_seconds and found['waited'] > config.timeout_seconds:
-      raise TimeoutError(f'gave up after {config.timeout_seconds} s waiting for {what}')
+    if timeout is not None and found['waited'] >= timeout:
+      raise errors.WaitTimeoutError(f'gave up after {timeout:g} s waiting for {what}')
     logging.log_every_n_seconds(logging.INFO, 'Waiting for %s ...', 60, what)
     time.sleep(config.poll_seconds)
 
@@ -76,13 +77,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   """Evaluates the checkpoints of ``config.pretrain_workdir`` until its last step (with ``from_scratch``, only a
   freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
-    raise ValueError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
+    raise errors.ConfigError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
   if config.checkpoints not in ('all', 'latest', 'final'):
-    raise ValueError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
+    raise errors.ConfigError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
+  runs.check_splits(config.data, [config.data.train_split, config.data.test_split])
   workdir = runs.make_workdir(workdir)
   pre = runs.absolute_workdir(config.pretrain_workdir)
   pre_config = ml_collections.ConfigDict(_poll(
-      f'{pre}/config.json', lambda: (c := runs.read_config(pre)) and c.to_dict(), config))
+      f'{pre}/config.json (is --config.pretrain_workdir the pretraining run\'s --workdir?)',
+      lambda: _pretraining_config(pre), config, config.get('start_timeout_seconds', 600.0)))
   runs.save_config(workdir, config)
   if not config.data.image_size and pre_config.data.get('image_size'):
     config = _with_image_size(config, pre_config.data.image_size)
@@ -99,6 +102,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   writer.close()
   print(json.dumps(results), flush=True)
   return results
+
+
+def _pretraining_config(pre: str) -> Optional[dict]:
+  """The pretraining run's config (a dict), None while it has not written one, or :class:`errors.WorkdirError`
+  for a folder that can never become one (checkpoints without a config, or a finished run without
+  checkpoints)."""
+  config = runs.read_config(pre)
+  checkpoints = os.path.join(pre, 'checkpoints')
+  has_checkpoints = tf.io.gfile.isdir(checkpoints) and any(d.rstrip('/').isdigit()
+                                                            for d in tf.io.gfile.listdir(checkpoints))
+  if config is None:
+    if has_checkpoints:
+      raise errors.WorkdirError(f'{pre} has checkpoints but no config.json: not the --workdir of a vicreg_jax '
+                                'pretraining run')
+    return None
+  if tf.io.gfile.exists(os.path.join(pre, 'summary.json')) and not has_checkpoints:
+    raise errors.WorkdirError(f'the pretraining run in {pre} has finished and left no checkpoints to evaluate')
+  return config.to_dict()
 
 
 def _with_image_size(config, size: int):
@@ -129,7 +150,7 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
   failures: dict[int, int] = {}
   while str(final_step) not in results:
     step = _poll(f'checkpoint {final_step} in {pre}/checkpoints',
-                 lambda: _next_checkpoint(mngr, results, config, final_step), config)
+                 lambda: _next_checkpoint(mngr, results, config, final_step), config, config.timeout_seconds or None)
     error = pretrained = None
     try:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
       path, target = classifier.backbone_target(mngr, step, mesh)

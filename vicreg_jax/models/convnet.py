@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vicreg_jax import errors
 from vicreg_jax.models.resnet import conv_init
 
 
@@ -22,7 +23,7 @@ class ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     if len(self.widths) != len(self.strides):
-      raise ValueError(f'ConvNet needs one stride per width, got {self.widths} and {self.strides}.')
+      raise errors.ConfigError(f'ConvNet needs one stride per width, got {self.widths} and {self.strides}.')
     x = x.astype(self.dtype)
     for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
       x = nn.Conv(width, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vicreg_jax import errors
+
 # PyTorch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
@@ -19,7 +21,7 @@ def parse_mlp_spec(spec: str) -> list[int]:
   except ValueError:
     sizes = []
   if not sizes or min(sizes) < 1:
-    raise ValueError(f'Projector spec {spec!r} must be positive sizes joined by "-", e.g. "8192-8192-8192".')
+    raise errors.ConfigError(f'Projector spec {spec!r} must be positive sizes joined by "-", e.g. "8192-8192-8192".')
   return sizes
 
 
@@ -61,8 +63,9 @@ class Projector(nn.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(‖x‖, eps)`` along the last axis (PyTorch's ``F.normalize``)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """``x / max(‖x‖, eps)`` along the last axis (PyTorch's ``F.normalize``), written so that a zero row has the
+  finite gradient of the clamped branch (differentiating the norm at 0 gives NaN)."""
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class Prototypes(nn.Module):

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vicreg_jax import errors
+
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -87,7 +89,7 @@ class ResNet(nn.Module):
       x = conv(self.width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
     else:
-      raise ValueError(f"Unknown stem {self.stem!r}: use 'imagenet' or 'small'.")
+      raise errors.ConfigError(f"Unknown stem {self.stem!r}: use 'imagenet' or 'small'.")
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
@@ -108,6 +110,6 @@ ARCHS = {
 def resnet(arch: str, *, width_multiplier: float = 1.0, base_width: int = 64, **kwargs) -> ResNet:
   """``resnet('resnet50', width_multiplier=2)`` → a ResNet-50 ×2. Other kwargs go to :class:`ResNet`."""
   if arch not in ARCHS:
-    raise ValueError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
+    raise errors.ConfigError(f'Unknown architecture {arch!r}; choose one of {sorted(ARCHS)}.')
   stages, block = ARCHS[arch]
   return ResNet(stage_sizes=stages, block=block, width=max(1, int(round(base_width * width_multiplier))), **kwargs)
