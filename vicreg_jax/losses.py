@@ -12,10 +12,13 @@ gradient is that of the sum of all replicas' (identical) losses, so averaging gr
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from vicreg_jax import errors
 
 Metrics = dict[str, jax.Array]
 
@@ -36,18 +39,22 @@ def off_diagonal_sq_sum(zc: jax.Array, axis_name: Optional[str] = None) -> jax.A
   With ``axis_name`` (and D divisible by the axis size) each replica computes only its block of D / replicas
   columns of the D×D matrix and the partial sums are added with ``psum``: the 2·N·D² flops are shared out
   instead of repeated on every replica. ``zc`` must already be the gathered global batch.
+
+  The diagonal is masked out rather than subtracted from the sum over all entries, so the result is ≥ 0, exactly
+  0 for D = 1, and keeps its precision when the variances dwarf the covariances (|z| ~ 1e6: a subtraction of
+  two sums of ~1e24 loses an off-diagonal sum of ~1e11 entirely).
   """
   n, d = zc.shape
   n_rep = 1 if axis_name is None else jax.lax.axis_size(axis_name)
   if n_rep == 1 or d % n_rep:
     cov = zc.T @ zc / (n - 1)
-    return jnp.sum(cov**2) - jnp.sum(jnp.diagonal(cov)**2)
+    return jnp.sum(jnp.where(jnp.eye(d, dtype=bool), 0.0, cov**2))
   width = d // n_rep
   start = jax.lax.axis_index(axis_name) * width
   block = jax.lax.dynamic_slice_in_dim(zc, start, width, axis=1)  # [N, width]
   cov = zc.T @ block / (n - 1)  # rows: all dims, cols: this replica's dims
-  diag = jnp.sum(block * block, axis=0) / (n - 1)  # cov[start + j, j]
-  partial = jnp.sum(cov**2) - jnp.sum(diag**2)
+  on_diagonal = jnp.arange(d)[:, None] == start + jnp.arange(width)[None, :]  # cov[start + j, j]
+  partial = jnp.sum(jnp.where(on_diagonal, 0.0, cov**2))
   return jax.lax.psum(partial, axis_name)
 
 
@@ -80,7 +87,7 @@ def vicreg_loss(z_a: jax.Array,
   z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
   n, d = z_a.shape
   if n < 2:
-    raise ValueError(f'vicreg_loss needs a global batch of at least 2 examples, got {n}.')
+    raise errors.ConfigError(f'vicreg_loss needs a global batch of at least 2 examples, got {n}.')
 
   invariance = jnp.mean((z_a - z_b)**2)
 
@@ -136,7 +143,7 @@ def barlow_twins_loss(z_a: jax.Array,
   z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
   n = z_a.shape[0]
   if n < 2:
-    raise ValueError(f'barlow_twins_loss needs a global batch of at least 2 examples, got {n}.')
+    raise errors.ConfigError(f'barlow_twins_loss needs a global batch of at least 2 examples, got {n}.')
 
   def standardise(z):
     zc = z - jnp.mean(z, axis=0)
@@ -168,15 +175,23 @@ def variance_covariance(z_a: jax.Array, z_b: jax.Array, axis_name: Optional[str]
   return variance, covariance
 
 
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """``x / max(‖x‖, eps)`` along the last axis (PyTorch's ``F.normalize``), as ``x / sqrt(max(‖x‖², eps²))``.
+
+  The same value, but a zero row gets the finite gradient ``1 / eps`` of the clamped branch (as in PyTorch),
+  where differentiating ``jnp.linalg.norm`` at 0 gives 0 · inf = NaN.
+  """
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   """Row-wise cosine similarity, each row scaled by ``1 / max(‖row‖, 1e-12)`` (PyTorch's F.normalize)."""
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  return jnp.sum(unit(a) * unit(b), axis=-1)
+  return jnp.sum(_l2_normalize(a) * _l2_normalize(b), axis=-1)
 
 
 def _check_batch(name: str, n: int, minimum: int = 2):
   if n < minimum:
-    raise ValueError(f'{name} needs a global batch of at least {minimum} examples, got {n}.')
+    raise errors.ConfigError(f'{name} needs a global batch of at least {minimum} examples, got {n}.')
 
 
 def simclr_loss(z_a: jax.Array, z_b: jax.Array, *, temperature: float = 0.1,
@@ -193,8 +208,7 @@ def simclr_loss(z_a: jax.Array, z_b: jax.Array, *, temperature: float = 0.1,
   b = gather_batch(z_b.astype(jnp.float32), axis_name)
   n = a.shape[0]
   _check_batch('simclr_loss', n)
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  a, b = unit(a), unit(b)
+  a, b = _l2_normalize(a), _l2_normalize(b)
   self_mask = jnp.eye(n, dtype=bool)
 
   def direction(x, y):  # anchors x against [y, x without itself]; positive at column i of the first block
@@ -207,17 +221,39 @@ def simclr_loss(z_a: jax.Array, z_b: jax.Array, *, temperature: float = 0.1,
   return loss, {'loss': loss, 'top1': (top1_a + top1_b) / 2}
 
 
+def _check_whitening(result: jax.Array, inputs: tuple, eps: float, name: str) -> None:
+  """Raises a ValueError that says why and what to do when ``result`` (of whitening ``inputs`` with shrinkage
+  ``eps``) is concrete and not finite; does nothing on traced values (under jit, vmap or grad)."""
+  if isinstance(result, jax.core.Tracer) or bool(jnp.all(jnp.isfinite(result))):
+    return
+  if not all(bool(jnp.all(jnp.isfinite(x))) for x in inputs):
+    raise ValueError(f'{name}: the embeddings are not finite.')
+  if eps > 0:
+    raise ValueError(f'{name}: the shrunk covariance (1 - eps)·C + eps·I of a whitening sub-batch is not positive '
+                     f'definite in float32 with eps = {eps}: C is (nearly) singular and so large that eps is lost '
+                     f'in rounding. Raise wmse.eps or keep the embeddings smaller.')
+  raise ValueError(f'{name}: the covariance C of a whitening sub-batch is singular (e.g. all its rows are equal, or '
+                   f'they span fewer dimensions than the embedding has), so its Cholesky factor is undefined with '
+                   f'eps = 0. Set wmse.eps > 0: the shrunk (1 - eps)·C + eps·I is positive definite.')
+
+
 def whiten(x: jax.Array, eps: float = 0.0) -> jax.Array:
   """W-MSE's whitening of a sub-batch ``x`` [w, D]: ``(x - mean) · L⁻ᵀ`` where ``L Lᵀ = (1 - eps)·C + eps·I`` is
   the Cholesky factor of the unbiased covariance C (divisor w - 1); the output's covariance is the identity.
-  Needs w > D (for a full-rank C)."""
+
+  Needs w > D and, with eps = 0, a full-rank C: for a singular one (identical rows, rows in a subspace) the
+  Cholesky factor is undefined and the output is NaN, which on concrete values raises a ValueError (traced, the
+  NaN stays: the caller's non-finite guard sees it). With eps > 0 the shrunk covariance is positive definite
+  (identical rows whiten to zeros) as long as float32 can resolve eps against the covariance's scale."""
   w, d = x.shape
   xc = x - jnp.mean(x, axis=0)
   cov = xc.T @ xc / (w - 1)
   cov = (1 - eps) * cov + eps * jnp.eye(d, dtype=x.dtype)
   chol = jnp.linalg.cholesky(cov)
   inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(d, dtype=x.dtype), lower=True)  # L⁻¹
-  return xc @ inv.T
+  out = xc @ inv.T
+  _check_whitening(out, (x,), eps, 'whiten')
+  return out
 
 
 def wmse_loss(z_a: jax.Array, z_b: jax.Array, *, key: jax.Array, w_size: int = 128, w_iter: int = 1,
@@ -229,13 +265,23 @@ def wmse_loss(z_a: jax.Array, z_b: jax.Array, *, key: jax.Array, w_size: int = 1
   the loss is the normalised MSE ``2 - 2·mean_i cos(ŵ_a,i, ŵ_b,i)`` over all rows. The result is the mean over
   the ``w_iter`` repetitions. N must be a multiple of ``w_size`` and the embedding dimension below it.
   ``metrics``: ``loss`` and ``cosine`` (the mean cosine of the whitened pairs).
+
+  Degenerate sub-batches: with ``eps = 0`` the whitening of a sub-batch whose covariance is singular (all rows
+  equal, e.g. all zeros; rows spanning fewer than D dimensions) is undefined. Called on concrete arrays the loss
+  then raises a ValueError that says so and to set ``wmse.eps > 0``; traced (under jit or grad, as in the train
+  step) it cannot raise, and the loss is NaN for the step's non-finite guard to catch. With ``eps > 0`` a sub-batch
+  of identical rows whitens to zero rows, whose cosine is 0 (loss 2) with finite gradients, and a full-rank one is
+  fine at any scale; but float32 must resolve eps against C: a rank-deficient, non-constant sub-batch whose
+  variances exceed ~eps·2²⁴ (|z| ≳ 1e3 at eps = 0.1) fails the Cholesky all the same, with the same ValueError
+  (concrete) or NaN (traced). A near-singular covariance with ``eps = 0`` can give a finite loss with huge or
+  non-finite gradients: ``eps > 0`` is the remedy there too.
   """
   a = gather_batch(jnp.asarray(z_a, jnp.float32), axis_name)
   b = gather_batch(jnp.asarray(z_b, jnp.float32), axis_name)
   n, d = a.shape
   if n % w_size or d >= w_size:
-    raise ValueError(f'wmse_loss needs the global batch ({n}) to be a multiple of w_size ({w_size}) and the '
-                     f'embedding dimension ({d}) below w_size.')
+    raise errors.ConfigError(f'wmse_loss needs the global batch ({n}) to be a multiple of w_size ({w_size}) and '
+                             f'the embedding dimension ({d}) below w_size.')
   cosines = []
   for it in range(w_iter):
     groups = jax.random.permutation(jax.random.fold_in(key, it), n).reshape(-1, w_size)
@@ -244,6 +290,7 @@ def wmse_loss(z_a: jax.Array, z_b: jax.Array, *, key: jax.Array, w_size: int = 1
     cosines.append(jnp.mean(_cosine(wa, wb)))
   cosine = jnp.mean(jnp.stack(cosines))
   loss = 2 - 2 * cosine
+  _check_whitening(loss, (a, b), eps, 'wmse_loss')
   return loss, {'loss': loss, 'cosine': cosine}
 
 
@@ -275,16 +322,21 @@ def simsiam_loss(p_a: jax.Array, p_b: jax.Array, z_a: jax.Array, z_b: jax.Array,
 def sinkhorn(scores: jax.Array, *, epsilon: float = 0.05, iterations: int = 3) -> jax.Array:
   """SwAV's Sinkhorn-Knopp codes for scores [B, K] (the official ``distributed_sinkhorn`` on the global batch):
   ``Q = exp(scores / ε)ᵀ`` scaled to sum 1, then ``iterations`` times rows to sum 1/K and columns to sum 1/B;
-  returns ``B·Qᵀ`` [B, K] (each row a distribution over prototypes). No gradient flows through it."""
+  returns ``B·Qᵀ`` [B, K] (each row a distribution over prototypes). No gradient flows through it.
+
+  Computed on ``log Q``, each normalisation a ``logsumexp``: the same codes (to a few float32 roundings), but
+  scores spread by more than ~87·ε (float32's exp range; unit-norm prototypes keep them within 2, arbitrary
+  scores need not) no longer underflow whole rows or columns of Q to 0, whose normalisation would be
+  0 / 0 = NaN, and after an iteration each row of the result sums to 1 at any spread."""
   scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
   b, k = scores.shape
-  # exp(s/ε) / Σ exp(s/ε), with the max subtracted first: the same after the first normalisation, never inf.
-  q = jnp.exp((scores - jnp.max(scores)) / epsilon).T
-  q = q / jnp.sum(q)
+  log_q = (scores - jnp.max(scores)).T / epsilon  # log exp(scores / ε)ᵀ up to a constant, ≤ 0
+  if not iterations:  # otherwise the first row normalisation absorbs the scaling to sum 1
+    log_q = log_q - jax.nn.logsumexp(log_q)
   for _ in range(iterations):
-    q = q / jnp.sum(q, axis=1, keepdims=True) / k
-    q = q / jnp.sum(q, axis=0, keepdims=True) / b
-  return (q * b).T
+    log_q = log_q - (jax.nn.logsumexp(log_q, axis=1, keepdims=True) + math.log(k))  # rows sum to 1/K
+    log_q = log_q - (jax.nn.logsumexp(log_q, axis=0, keepdims=True) + math.log(b))  # columns sum to 1/B
+  return (jnp.exp(log_q) * b).T
 
 
 def swav_loss(scores_a: jax.Array, scores_b: jax.Array, *, temperature: float = 0.1, epsilon: float = 0.05,
@@ -317,7 +369,10 @@ def swav_loss(scores_a: jax.Array, scores_b: jax.Array, *, temperature: float = 
 def embedding_std(z: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
   """Mean over dimensions of the per-dimension std of the embeddings ``z`` [n, D] across the global batch.
 
-  VICReg's variance hinge holds it near 1; a collapsing run drives it towards 0.
+  VICReg's variance hinge holds it near 1; a collapsing run drives it towards 0. A dimension of zero variance
+  (identical rows) contributes 0 with gradient 0, where ``jnp.std``'s square root would give 0 · inf = NaN.
   """
   z = gather_batch(z.astype(jnp.float32), axis_name)
-  return jnp.mean(jnp.std(z, axis=0))
+  var = jnp.var(z, axis=0)
+  positive = var > 0
+  return jnp.mean(jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0))
