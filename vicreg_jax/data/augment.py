@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
 
+from vicreg_jax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,7 +101,10 @@ def _crop(image, win):
 
 
 def decode(image_bytes, channels: int = 3):
-  """Decodes JPEG/PNG/GIF/BMP bytes to float32 [H, W, ``channels``] in [0, 1] (first frame of an animation)."""
+  """Decodes JPEG/PNG/GIF/BMP bytes (whatever the file name says) to float32 [H, W, ``channels``] in [0, 1]
+  (first frame of an animation). For 3 channels grayscale is repeated, alpha dropped, CMYK JPEG converted to
+  RGB; 16-bit PNG is decoded at 8 bits (the high byte: 65535 -> 1.0). Bytes that are no image, or a truncated
+  JPEG, raise ``InvalidArgumentError`` (the pipelines replace or mask such files)."""
   image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
   image.set_shape([None, None, channels])
   return tf.image.convert_image_dtype(image, tf.float32)
@@ -108,22 +113,23 @@ def decode(image_bytes, channels: int = 3):
 def decode_crops(image_bytes, windows, channels: int = 3) -> list:
   """The crops ``windows(shape) -> [k, 4]`` (``[y, x, h, w]`` rows, from the image's [H, W, ...] shape) of
   encoded image bytes, float32 in [0, 1]. JPEG: only the union of the windows is decoded (the header gives the
-  shape; ``decode_and_crop_jpeg``), so every crop is cut from one partial decode. Other formats are decoded
-  whole."""
+  shape; ``decode_and_crop_jpeg``), so every crop is cut from one partial decode (a truncated JPEG raises only
+  if the union reaches past its end). Other formats are decoded whole."""
 
   def jpeg():
     wins = windows(tf.image.extract_jpeg_shape(image_bytes))
     top, bottom = tf.reduce_min(wins[:, :2], 0), tf.reduce_max(wins[:, :2] + wins[:, 2:], 0)
     union = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([top, bottom - top], 0), channels=channels)
-    return tf.image.convert_image_dtype(union, tf.float32), wins - tf.concat([top, [0, 0]], 0)
+    return union, wins - tf.concat([top, [0, 0]], 0)
 
   def other():
-    image = decode(image_bytes, channels)
+    image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
     return image, windows(tf.shape(image))
 
+  # Cropped while still uint8: a large PNG is converted to float only inside its windows (4x less memory).
   image, wins = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   image.set_shape([None, None, channels])
-  return [_crop(image, wins[i]) for i in range(wins.shape[0])]
+  return [tf.image.convert_image_dtype(_crop(image, wins[i]), tf.float32) for i in range(wins.shape[0])]
 
 
 def decode_random_resized_crop(image_bytes, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -296,7 +302,7 @@ def full_recipe(recipe: Mapping[str, Any]) -> dict:
   """``recipe`` with every key of :data:`RECIPE_DEFAULTS` (defaults filled in); unknown keys are an error."""
   unknown = set(recipe) - set(RECIPE_DEFAULTS)
   if unknown:
-    raise ValueError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
+    raise errors.ConfigError(f'Unknown augmentation keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}.')
   return {**RECIPE_DEFAULTS, **recipe}
 
 
@@ -372,7 +378,7 @@ def augment_views(image_bytes, seeds, recipes, channels: int = 3):
   """
   rs = [full_recipe(r) for r in recipes]
   if not all(r['crop_size'] for r in rs):
-    raise ValueError('augment_views needs a random resized crop in every recipe')
+    raise errors.ConfigError('augment_views needs a random resized crop in every recipe')
   subs = [tf.random.experimental.stateless_split(seed, 10) for seed in seeds]
   crops = decode_crops(image_bytes, lambda shape: tf.stack([crop_window(shape, s[_CROP], r['crop_scale'],
                                                                         r['crop_ratio']) for s, r in zip(subs, rs)]),
