@@ -25,7 +25,14 @@ import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
+import hypothesis  # noqa: E402
 import pytest  # noqa: E402
+
+# The property tests draw the same examples on every run (a failure in CI reproduces at once); run them with
+# --hypothesis-profile=explore to draw new ones.
+hypothesis.settings.register_profile('suite', derandomize=True)
+hypothesis.settings.register_profile('explore', derandomize=False)
+hypothesis.settings.load_profile('suite')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

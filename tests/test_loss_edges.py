@@ -144,10 +144,11 @@ def _finite(x) -> bool:
 
 
 def _noise_floor(name, a, b) -> float:
-  """The size of float32 noise in a gradient that is exactly 0 (e.g. a cosine's for D = 1): the cosine- and
-  whitening-based losses are scale-invariant, their gradients of order 1 / ‖row‖ for the smallest row; the others'
-  gradients scale with their inputs and are compared relative to their largest entry alone."""
-  if name not in ('simclr', 'byol', 'simsiam', 'wmse'):
+  """The size of float32 noise in a gradient that is exactly 0 (e.g. a cosine's for D = 1, Barlow Twins' for a
+  batch of 2 with D = 1): the cosine-, standardisation- and whitening-based losses are scale-invariant, their
+  gradients of order 1 / ‖row‖ for the smallest row; the others' gradients scale with their inputs and are
+  compared relative to their largest entry alone."""
+  if name not in ('simclr', 'byol', 'simsiam', 'wmse', 'barlow_twins'):
     return 0.0
   norms = np.linalg.norm(np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)]), axis=1)
   return 1.0 / max(norms.min(), 1e-12)
