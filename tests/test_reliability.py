@@ -18,8 +18,13 @@ from conftest import Job, checkpoint_arrays, max_abs_difference, tiny_digits
 from vicreg_jax import errors, runs, train
 from vicreg_jax.evaluate import linear
 
+# The long-run features on (issue 13): prefetch to the devices, uint8 transfer with the colour ops on the devices
+# (the digits views without their pixel noise, which uint8 would clip), remat and two micro-batches per step.
+FEATURES = {'prefetch_to_device': 2, 'augment.on_device': True, 'augment.view1.noise_std': 0.0,
+            'augment.view2.noise_std': 0.0, 'model.remat': True, 'grad_accum_steps': 2}
 TINY = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
-        '--config.eval.final_probe=False', '--config.log_every_steps=1', '--config.optim.warmup_epochs=1']
+        '--config.eval.final_probe=False', '--config.log_every_steps=1', '--config.optim.warmup_epochs=1',
+        *(f'--config.{k}={v}' for k, v in FEATURES.items())]
 
 
 def wait_for(condition, what: str, job: Job, timeout: float = 300):
@@ -119,7 +124,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_a_checkpoin
 
 
 def test_a_nan_stops_the_run_at_its_step_with_the_checkpoints_intact_or_is_skipped(tmp_path):
-  config = tiny_digits(num_steps=8, checkpoint_every_steps=2, keep_checkpoints=10, debug_nan_at_step=5)
+  config = tiny_digits(num_steps=8, checkpoint_every_steps=2, keep_checkpoints=10, debug_nan_at_step=5, **FEATURES)
   with pytest.raises(errors.NonFiniteError, match=r'^step 5: loss became nan; stopped'):
     train.train_and_evaluate(config, str(tmp_path / 'stop'))
   steps = runs.checkpoint_reader(str(tmp_path / 'stop' / 'checkpoints')).all_steps()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vicreg_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS, full_recipe
+from vicreg_jax.data.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS, full_recipe
 
 
 def view_recipe(**keys) -> dict:
@@ -45,6 +45,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite = 'stop'
   c.debug_nan_at_step = 0     # tests: the loss becomes NaN at this step (0: never)
   c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
+  c.diagnostics_max_rows = 1024  # the collapse diagnostics' SVD: on a subsample of this many rows of the batch
+  # JAX's persistent compilation cache: 'workdir' (WORKDIR/compilation_cache, unless JAX_COMPILATION_CACHE_DIR
+  # names one), a directory (gs:// allowed; one can serve several runs) or '' (JAX's own setting). A restart then
+  # loads the compiled step instead of compiling it again; programs compiled in less than
+  # compilation_cache_min_seconds are not stored.
+  c.compilation_cache = 'workdir'
+  c.compilation_cache_min_seconds = 1.0
+  c.profile_steps = ''        # 'FIRST-LAST' (e.g. '20-25'): a profiler trace of those steps in WORKDIR/profile
+  c.prefetch_to_device = 2    # batches put on the devices ahead of the step (0: each when the step needs it)
+  c.grad_accum_steps = 1      # > 1: micro-batches through the backbone per step (memory); see vicreg_jax/step.py
   # A linear classifier on stop-gradient representations, trained alongside (never touches the backbone);
   # its train top-1 per epoch is an early collapse warning.
   c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1, momentum=0.9))
@@ -53,11 +63,15 @@ def base_config() -> ml_collections.ConfigDict:
       arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32',
       projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
       projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
-      projector_output_bn=False))   # a BatchNorm without affine after the projector's last layer (SimSiam)
+      projector_output_bn=False,    # a BatchNorm without affine after the projector's last layer (SimSiam)
+      remat=False))                 # recompute each residual block's activations in the backward pass (memory)
   # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
   # keyword arguments and optimiser keys.
   c.method = 'vicreg'
-  c.vicreg = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4))
+  # gather_dtype: the embeddings' dtype in the loss's all-gather over the devices ('float32', or 'bfloat16': half
+  # the traffic, the statistics still in float32; losses.vicreg_loss says what it rounds).
+  c.vicreg = ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4,
+                                            gather_dtype='float32'))
   # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2.
   c.barlow_twins = ml_collections.ConfigDict(dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024))
   # W-MSE (htdt/self-supervised): its own head (official Linear-BN-ReLU-Linear to 64-d, used instead of
@@ -94,10 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
       threadpool_size=0, prefetch=2,
       cache=False))  # TFDS: keep this host's share in memory after one pass (as read: encoded or decoded)
   view1, view2 = imagenet_views()
-  # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8;
-  # the colour part (jitter, grayscale, blur, solarize, normalisation) runs in the jit step on the accelerator,
-  # same distribution (data/device_augment.py): for hosts short of CPU.
-  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=False))
+  # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
+  # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
+  # normalisation) runs in the jit step on the accelerator, same distribution (data/device_augment.py). False:
+  # all on the host, float32 sent (needed for recipes with pixel noise, which uint8 would clip).
+  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=True))
 
   c.eval = ml_collections.ConfigDict(dict(
       final_probe=False, test_split='validation', labels_per_class=5, draws=5, batch_size=256,
@@ -131,7 +146,7 @@ def digits_config() -> ml_collections.ConfigDict:
   c.data.update(source='digits', name='digits', image_size=16, channels=1)
   view = view_recipe(translate=2, jitter_p=1.0, jitter=(0.4, 0.0, 0.0, 0.0), noise_std=0.1, cutout_p=0.5,
                      cutout_size=3)
-  c.augment.update(view1=view, view2=dict(view))
+  c.augment.update(view1=view, view2=dict(view), on_device=False)  # pixel noise: the host does it all
   c.eval.update(final_probe=True, test_split='test', batch_size=512)
   return c
 

@@ -23,39 +23,72 @@ from vicreg_jax import errors
 Metrics = dict[str, jax.Array]
 
 
-def gather_batch(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+GATHER_DTYPES = ('float32', 'bfloat16')
+
+
+def _check_gather_dtype(name: str, gather_dtype: str) -> None:
+  if gather_dtype not in GATHER_DTYPES:
+    raise errors.ConfigError(f"{name}: gather_dtype must be one of {GATHER_DTYPES}, got {gather_dtype!r}.")
+
+
+def gather_batch(x: jax.Array, axis_name: Optional[str], dtype=None) -> jax.Array:
   """Concatenates ``x`` over the replicas of ``axis_name`` along axis 0 (identity without an axis).
 
   The backward pass is the reduce-scatter of the cotangents, so gradients reach every replica's own rows.
+
+  ``dtype`` (e.g. ``'bfloat16'``; None: ``x``'s own): with an axis, ``x`` is cast to it for the all-gather only
+  and the result cast back to ``x``'s dtype, so every gathered row, this replica's included, is rounded to
+  ``dtype`` (half the bytes on the wire for bfloat16). The gradient flows through both casts: the backward
+  reduce-scatter of the cotangents runs in ``dtype`` as well. Without an axis nothing is gathered or cast.
   """
   if axis_name is None:
     return x
-  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+  if dtype is None or jnp.dtype(dtype) == x.dtype:
+    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+  return jax.lax.all_gather(x.astype(dtype), axis_name, axis=0, tiled=True).astype(x.dtype)
+
+
+def _column_block(x: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, jax.Array, int]:
+  """This replica's block of columns of ``x`` [N, D], the indices in ``x`` of the block's columns, and the number
+  of blocks (replicas).
+
+  Without an axis (or with one replica) the block is all of ``x``, its indices ``0 … D - 1``. Otherwise the
+  columns are split into one block of ``w = ⌈D / replicas⌉`` per replica, replica r taking columns
+  ``r·w … r·w + w - 1``; when D is not a multiple of the replicas, ``x`` is first padded on the right with zero
+  columns to ``w·replicas``, so the last block(s) end in zero columns, whose indices are ``≥ D`` (a replica's
+  block can be padding only when D < replicas). A zero column adds nothing to a sum of products of columns, but
+  callers must keep the padding out of any term per column (e.g. ``(1 - C_ii)²``): its index says which it is.
+  """
+  d = x.shape[1]
+  n_rep = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  if n_rep == 1:
+    return x, jnp.arange(d), 1
+  width = -(-d // n_rep)
+  if width * n_rep > d:
+    x = jnp.pad(x, ((0, 0), (0, width * n_rep - d)))
+  start = jax.lax.axis_index(axis_name) * width
+  return jax.lax.dynamic_slice_in_dim(x, start, width, axis=1), start + jnp.arange(width), n_rep
 
 
 def off_diagonal_sq_sum(zc: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
   """Sum of squared off-diagonal entries of the covariance ``zcᵀ zc / (N - 1)`` of centred ``zc`` [N, D].
 
-  With ``axis_name`` (and D divisible by the axis size) each replica computes only its block of D / replicas
-  columns of the D×D matrix and the partial sums are added with ``psum``: the 2·N·D² flops are shared out
-  instead of repeated on every replica. ``zc`` must already be the gathered global batch.
+  With ``axis_name`` each replica computes only its block of ⌈D / replicas⌉ columns of the D×D matrix (for any
+  D: when D is not a multiple of the replicas the columns are zero-padded to one, see :func:`_column_block`; a
+  padded column's entries are 0 and none of them is on the diagonal) and the partial sums are added with
+  ``psum``: the 2·N·D² flops are shared out instead of repeated on every replica. ``zc`` must already be the
+  gathered global batch.
 
   The diagonal is masked out rather than subtracted from the sum over all entries, so the result is ≥ 0, exactly
   0 for D = 1, and keeps its precision when the variances dwarf the covariances (|z| ~ 1e6: a subtraction of
   two sums of ~1e24 loses an off-diagonal sum of ~1e11 entirely).
   """
   n, d = zc.shape
-  n_rep = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-  if n_rep == 1 or d % n_rep:
-    cov = zc.T @ zc / (n - 1)
-    return jnp.sum(jnp.where(jnp.eye(d, dtype=bool), 0.0, cov**2))
-  width = d // n_rep
-  start = jax.lax.axis_index(axis_name) * width
-  block = jax.lax.dynamic_slice_in_dim(zc, start, width, axis=1)  # [N, width]
+  block, columns, n_blocks = _column_block(zc, axis_name)  # [N, width] and the block's column indices
   cov = zc.T @ block / (n - 1)  # rows: all dims, cols: this replica's dims
-  on_diagonal = jnp.arange(d)[:, None] == start + jnp.arange(width)[None, :]  # cov[start + j, j]
+  on_diagonal = jnp.arange(d)[:, None] == columns[None, :]  # cov[columns[j], j]
   partial = jnp.sum(jnp.where(on_diagonal, 0.0, cov**2))
-  return jax.lax.psum(partial, axis_name)
+  return partial if n_blocks == 1 else jax.lax.psum(partial, axis_name)
 
 
 def vicreg_loss(z_a: jax.Array,
@@ -65,6 +98,7 @@ def vicreg_loss(z_a: jax.Array,
                 std_coeff: float = 25.0,
                 cov_coeff: float = 1.0,
                 eps: float = 1e-4,
+                gather_dtype: str = 'float32',
                 axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
   """VICReg loss (Bardes, Ponce & LeCun, 2022) with the semantics of the official implementation.
 
@@ -72,6 +106,9 @@ def vicreg_loss(z_a: jax.Array,
     z_a, z_b: [n, D] embeddings of the two views on this replica (cast to float32).
     sim_coeff, std_coeff, cov_coeff: weights λ, μ, ν of the invariance, variance and covariance terms.
     eps: added to the variance before the square root.
+    gather_dtype: the dtype of the embeddings in the all-gather over ``axis_name``: 'float32', or 'bfloat16'
+      (half the bytes; every entry of the global batch is rounded to bfloat16, then the statistics are computed
+      in float32 as always; the gradients' reduce-scatter is in bfloat16 too). No effect without an axis.
     axis_name: replicas to gather the batch over (see the module docstring).
 
   Returns:
@@ -82,9 +119,13 @@ def vicreg_loss(z_a: jax.Array,
             Var unbiased (divisor N - 1);
       cov = Σ_{i≠j} C(z_a)_ij² / D + Σ_{i≠j} C(z_b)_ij² / D, C(z) = (z - mean z)ᵀ(z - mean z) / (N - 1);
     ``metrics`` holds the unweighted ``invariance``, ``variance``, ``covariance`` and the weighted ``loss``.
+
+  With ``axis_name`` each replica computes only its ⌈D / replicas⌉ columns of the two covariance matrices
+  (:func:`off_diagonal_sq_sum`), for any D; the O(N·D) terms are computed whole on every replica.
   """
-  z_a = gather_batch(z_a.astype(jnp.float32), axis_name)
-  z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
+  _check_gather_dtype('vicreg_loss', gather_dtype)
+  z_a = gather_batch(z_a.astype(jnp.float32), axis_name, gather_dtype)
+  z_b = gather_batch(z_b.astype(jnp.float32), axis_name, gather_dtype)
   n, d = z_a.shape
   if n < 2:
     raise errors.ConfigError(f'vicreg_loss needs a global batch of at least 2 examples, got {n}.')
@@ -104,22 +145,12 @@ def vicreg_loss(z_a: jax.Array,
   return loss, metrics
 
 
-def _column_block(x: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, int]:
-  """This replica's block of columns of ``x`` [N, D] (all of them without an axis or when D is not divisible by
-  the axis size) and the number of blocks."""
-  n_rep = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-  d = x.shape[1]
-  if n_rep == 1 or d % n_rep:
-    return x, 1
-  width = d // n_rep
-  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * width, width, axis=1), n_rep
-
-
 def barlow_twins_loss(z_a: jax.Array,
                       z_b: jax.Array,
                       *,
                       lambd: float = 0.0051,
                       eps: float = 1e-5,
+                      gather_dtype: str = 'float32',
                       axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
   """Barlow Twins loss (Zbontar et al., 2021) with the semantics of the official implementation.
 
@@ -127,6 +158,7 @@ def barlow_twins_loss(z_a: jax.Array,
     z_a, z_b: [n, D] embeddings of the two views on this replica (cast to float32).
     lambd: weight λ of the off-diagonal (redundancy reduction) term.
     eps: added to the variance before the square root (BatchNorm1d's 1e-5).
+    gather_dtype: the dtype of the embeddings in the all-gather, as for :func:`vicreg_loss`.
     axis_name: replicas to gather the batch over (see the module docstring).
 
   Returns:
@@ -136,12 +168,14 @@ def barlow_twins_loss(z_a: jax.Array,
     synchronised over GPUs, then ``c / batch_size`` summed over GPUs); ``metrics`` holds ``on_diagonal`` (the
     first sum), ``off_diagonal`` (the second, unweighted) and ``loss``.
 
-  With ``axis_name`` (and D divisible by the axis size) each replica computes only its block of D / replicas
-  columns of C and the partial sums are added with ``psum``, as for VICReg's covariance.
+  With ``axis_name`` each replica computes only its block of ⌈D / replicas⌉ columns of C and the partial sums
+  are added with ``psum``, as for VICReg's covariance (for any D: the zero columns that pad D to a multiple of the
+  replicas add nothing to the off-diagonal sum and are left out of the on-diagonal one).
   """
-  z_a = gather_batch(z_a.astype(jnp.float32), axis_name)
-  z_b = gather_batch(z_b.astype(jnp.float32), axis_name)
-  n = z_a.shape[0]
+  _check_gather_dtype('barlow_twins_loss', gather_dtype)
+  z_a = gather_batch(z_a.astype(jnp.float32), axis_name, gather_dtype)
+  z_b = gather_batch(z_b.astype(jnp.float32), axis_name, gather_dtype)
+  n, d = z_a.shape
   if n < 2:
     raise errors.ConfigError(f'barlow_twins_loss needs a global batch of at least 2 examples, got {n}.')
 
@@ -150,11 +184,11 @@ def barlow_twins_loss(z_a: jax.Array,
     return zc / jnp.sqrt(jnp.mean(zc**2, axis=0) + eps)
 
   a, b = standardise(z_a), standardise(z_b)
-  a_block, n_blocks = _column_block(a, axis_name)
-  b_block, _ = _column_block(b, axis_name)
-  c = a.T @ b_block / n                        # [D, width]: this replica's columns of C
-  diag = jnp.sum(a_block * b_block, axis=0) / n  # their entries on C's diagonal
-  on_diag = jnp.sum((diag - 1.0)**2)
+  a_block, columns, n_blocks = _column_block(a, axis_name)
+  b_block, _, _ = _column_block(b, axis_name)
+  c = a.T @ b_block / n                        # [D, width]: this replica's columns of C (padding: zero columns)
+  diag = jnp.sum(a_block * b_block, axis=0) / n  # their entries on C's diagonal (padding: 0)
+  on_diag = jnp.sum(jnp.where(columns < d, (diag - 1.0)**2, 0.0))  # a padded column is no dimension
   off_diag = jnp.sum(c**2) - jnp.sum(diag**2)
   if n_blocks > 1:
     on_diag, off_diag = jax.lax.psum((on_diag, off_diag), axis_name)

@@ -1,5 +1,5 @@
-"""Pretraining: state, the sharded jit step (written once, for every method), the loop and its periodic
-actions, the final probe."""
+"""Pretraining: the loop and its periodic actions (the step itself is in :mod:`vicreg_jax.step`), the final
+probe."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -25,41 +23,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import errors, losses, methods, parallel, runs
-from vicreg_jax.data import device_augment, pipeline, sources
+from vicreg_jax import errors, methods, parallel, runs
+from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
-from vicreg_jax.models import backbones, heads
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  probe_params: Any = None     # the online linear probe ({} when disabled)
-  probe_opt_state: Any = None
-  extra: Any = None            # the method's state: 'target' (BYOL's EMA network: params, batch_stats), SwAV's
-                               # 'queue' and 'queue_count'; {} for methods without
-
-
-def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
-  """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
-  statistics synchronised over ``axis_name``."""
-  dtype = backbones.DTYPES[config.model.dtype]
-  projector = heads.Projector(methods.projector_spec(config), axis_name=axis_name, dtype=dtype,
-                              hidden_bias=config.model.get('projector_hidden_bias', True),
-                              batchnorm=config.model.get('projector_bn', True),
-                              output_bn=config.model.get('projector_output_bn', False))
-  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector,
-                        **methods.get(config).heads(config, axis_name, dtype))
-
-
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  size = config.data.image_size
-  return (1, size, size, config.data.channels)
+from vicreg_jax.step import TrainState, build_model, init_state, make_diagnostics, make_train_step  # noqa: F401
 
 
 def make_probe(config, num_classes: int):
@@ -68,180 +36,6 @@ def make_probe(config, num_classes: int):
     return None, None
   return (classifier.Head(num_classes),
           optax.sgd(config.online_probe.lr, momentum=config.online_probe.momentum))
-
-
-def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
-  """The initial state: the model from ``rng``, its optimiser state, the online probe's, and the method's state
-  (BYOL's target network initialised from its own key, as the official code does)."""
-  x = jnp.zeros(input_shape(config), jnp.float32)
-  (h, _, _), variables = model.init_with_output(rng, x, train=False, heads=True)
-  params = variables['params']
-  head, probe_tx = online_probe
-  probe_params, probe_opt_state = {}, {}
-  if head is not None:
-    probe_params = head.init(jax.random.fold_in(rng, 1), h)['params']
-    probe_opt_state = probe_tx.init(probe_params)
-  method = methods.get(config)
-  extra = dict(method.init_extra(config))
-  if method.ema_target:
-    target = model.init(jax.random.fold_in(rng, 2), x, train=False, heads=True)
-    extra['target'] = {'params': target['params'], 'batch_stats': target['batch_stats']}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state,
-                    extra=extra)
-
-
-def _colour_ops(config):
-  """``(batch, step) -> batch`` applying the colour part of the view recipes on the device (``augment.on_device``),
-  with keys per example from (seed, step, view, the example's row ``device·local_b + i`` in the global batch)."""
-  recipes = (dict(config.augment.view1), dict(config.augment.view2))
-
-  def apply(batch, step):
-    local_b = batch['view1'].shape[0]
-    rows = jax.lax.axis_index(parallel.AXIS) * local_b + jnp.arange(local_b)
-    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x636f6c), step)
-    out = dict(batch)
-    for v, (name, recipe) in enumerate(zip(('view1', 'view2'), recipes)):
-      view_key = jax.random.fold_in(step_key, v)
-      keys = jax.vmap(lambda i, k=view_key: jax.random.fold_in(k, i))(rows)
-      out[name] = device_augment.apply_colour_ops_per_example(batch[name], keys, recipe)
-    return out
-
-  return apply
-
-
-def _probe_update(head, probe_tx, params, opt_state, h, labels):
-  """One SGD step of the online probe on stop-gradient representations ``h``; (params, opt_state, top-1)."""
-  def probe_loss(p):
-    logits = head.apply({'params': p}, jax.lax.stop_gradient(h))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
-  (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(params)
-  upd, opt_state = probe_tx.update(jax.lax.pmean(g, parallel.AXIS), opt_state, params)
-  return optax.apply_updates(params, upd), opt_state, jax.lax.pmean(top1, parallel.AXIS)
-
-
-def _target_embeddings(model, target, batch):
-  """The EMA target network's embeddings of both views (training-mode BatchNorm with its own statistics, as the
-  official BYOL) and its updated statistics; no gradient."""
-  stats = target['batch_stats']
-  out = []
-  for name in ('view1', 'view2'):
-    (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
-                              mutable=['batch_stats'])
-    stats = upd['batch_stats']
-    out.append(jax.lax.stop_gradient(z))
-  return tuple(out), stats
-
-
-def _online_views(model, params, batch_stats, batch):
-  """The online network on both views: ``((h1, h2), (z1, z2), (heads1, heads2), batch_stats)``."""
-  hs, zs, extras = [], [], []
-  for name in ('view1', 'view2'):
-    (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, batch[name], train=True,
-                                     heads=True, mutable=['batch_stats'])
-    batch_stats = upd['batch_stats']
-    hs.append(h), zs.append(z), extras.append(extra)
-  return tuple(hs), tuple(zs), tuple(extras), batch_stats
-
-
-def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int):
-  """BYOL's target after step ``step`` and its decay τ (:func:`methods.ema_decay`): parameters
-  ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm statistics from its own forward pass."""
-  tau = methods.ema_decay(tau_base, step, total_steps)
-  return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
-          'batch_stats': batch_stats}, tau
-
-
-def _poisoned(loss, metrics, step, nan_at_step: int):
-  """Tests (``debug_nan_at_step``): the loss, and with it every gradient, NaN at that step."""
-  if not nan_at_step:
-    return loss, metrics
-  loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
-  return loss, dict(metrics, loss=loss)
-
-
-def _all_finite(loss, grads) -> jax.Array:
-  """Whether the (global) loss and every gradient entry are finite."""
-  return jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-
-
-def _if_finite(finite, new: TrainState, old: TrainState) -> TrainState:
-  """``new`` if the step was finite, else ``old`` with only the step counter moved on: a bad step changes no
-  parameter, statistic or optimiser state, so no checkpoint ever holds its NaNs (the host learns of it a step
-  later, from ``metrics['finite']``: :class:`NonFiniteGuard`)."""
-  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.replace(step=old.step), old)
-  return kept.replace(step=new.step)
-
-
-def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)):
-  """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
-  ``'data'``, each device one shard of the batch.
-
-  Each device runs the model (and heads) on its shard of both views (SyncBN), and the EMA target where the
-  method has one; the objective (``config.method``) gathers what it needs from all devices; gradients are
-  averaged; the state stays replicated. Then the method's state moves on (EMA target, SwAV's queue) and the
-  online probe (if any) trains on view 1's stop-gradient representations. A non-finite loss or gradient moves
-  only the step counter (``metrics['finite']``). View 1's representations and embeddings come back sharded,
-  for the collapse diagnostics. With ``config.augment.on_device`` the views are the host's geometric part only
-  (uint8) and each device applies the colour part first (:func:`_colour_ops`; the same for any device count).
-  """
-  axis = parallel.AXIS
-  method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
-  total_steps = runs.schedule_steps(config)[0] if method.ema_target else 0
-  head, probe_tx = online_probe
-  colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
-  nan_at_step = config.get('debug_nan_at_step', 0)
-
-  def per_device(state: TrainState, batch):
-    if colour_ops is not None:
-      batch = colour_ops(batch, state.step)
-    params = method.prepare_params(state.params)
-    extra = {k: v for k, v in state.extra.items() if k != 'target'}
-    target, target_stats = None, None
-    if method.ema_target:
-      target, target_stats = _target_embeddings(model, state.extra['target'], batch)
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
-
-    def loss_fn(params):
-      (h1, _), z, out, batch_stats = _online_views(model, params, state.batch_stats, batch)
-      views = methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
-                            scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
-                            target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
-      loss, metrics = _poisoned(*method.objective(views, axis_name=axis, **kwargs), state.step + 1, nan_at_step)
-      return loss, (metrics, batch_stats, h1, views)
-
-    grads, (metrics, batch_stats, h1, views) = jax.grad(loss_fn, has_aux=True)(params)
-    grads = jax.lax.pmean(grads, axis)
-    finite = _all_finite(metrics['loss'], grads)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
-    extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
-    if method.ema_target:
-      extra['target'], metrics['ema_decay'] = _ema_update(state.extra['target'], params, target_stats,
-                                                          section['tau_base'], state.step, total_steps)
-    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
-    if head is not None:
-      probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
-          head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
-    new_state = _if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                              opt_state=opt_state, probe_params=probe_params,
-                                              probe_opt_state=probe_opt_state, extra=extra), state)
-    return new_state, dict(metrics, finite=finite), (h1, views.z[0])
-
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
-                          check_vma=False)
-  return jax.jit(sharded, donate_argnums=0)
-
-
-def collapse_metrics(h, z) -> tuple[dict, tuple]:
-  """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``), and the two
-  singular-value spectra they were computed from."""
-  spectra = (diagnostics.spectrum(h), diagnostics.spectrum(z))
-  scalars = {f'{name}/{k}': v for name, x, s in (('repr', h, spectra[0]), ('emb', z, spectra[1]))
-             for k, v in diagnostics.collapse_stats(x, s=s).items()}
-  return scalars, spectra
 
 
 # --- the loop's periodic actions ------------------------------------------------------------------------------
@@ -285,20 +79,26 @@ class OnlineProbeEpoch:
 
 class LogMetrics:
   """Every ``log_every_steps``: the step's metrics and collapse diagnostics to the writer and one progress line
-  (loss, the method's terms, embedding std and RankMe, learning rate)."""
+  (loss, the method's terms, embedding std and RankMe, learning rate, and the share of the time since the last
+  line spent waiting for input, when ``input_wait`` is an :class:`InputWait`)."""
 
-  def __init__(self, writer, every: int, total_steps: int, terms):
+  def __init__(self, writer, every: int, total_steps: int, terms, input_wait=None):
     self.writer, self.every, self.total_steps, self.terms = writer, every, total_steps, terms
+    self.input_wait = input_wait
 
   def __call__(self, step: int, out: StepOutput):
     if not _every(step, self.every, self.total_steps):
       return
     m = jax.device_get(out.metrics)
     m.update(jax.device_get(out.collapse()[0]))
+    wait = ''
+    if self.input_wait is not None:
+      m['input_wait_share'] = self.input_wait.share()
+      wait = f'  input_wait {m["input_wait_share"]:.0%}'
     self.writer.write_scalars(step, m)
     terms = '  '.join(f'{t} {m[t]:.4f}' for t in self.terms)
     logging.info(f'step {step}/{self.total_steps}  loss {m["loss"]:.4f}  {terms}  emb_std {m["embedding_std"]:.3f}  '
-                 f'emb_rankme {m["emb/rankme"]:.1f}  lr {m["learning_rate"]:.4g}')
+                 f'emb_rankme {m["emb/rankme"]:.1f}  lr {m["learning_rate"]:.4g}{wait}')
 
 
 class SpectrumImage:
@@ -436,13 +236,67 @@ def _check_same_model(mngr, step: int, state: TrainState, workdir: str) -> None:
         'the config that run was started with')
 
 
-def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int, mesh, guard: NonFiniteGuard,
-               preemption: Preemption, checkpoint: Checkpoint) -> tuple[TrainState, bool]:
+class InputWait:
+  """The batches iterator, timed: the share of wall time the loop spent waiting for the next batch since the last
+  :meth:`share` (shown on the progress line: near 0 when the input keeps up, near 1 when it limits the run)."""
+
+  def __init__(self, batches):
+    self.batches, self.waited, self.since = batches, 0.0, time.perf_counter()
+
+  def __next__(self):
+    t0 = time.perf_counter()
+    batch = next(self.batches)
+    self.waited += time.perf_counter() - t0
+    return batch
+
+  def share(self) -> float:
+    now = time.perf_counter()
+    share = self.waited / max(now - self.since, 1e-9)
+    self.waited, self.since = 0.0, now
+    return share
+
+
+class Profile:
+  """``profile_steps`` 'FIRST-LAST': a profiler trace (``jax.profiler``, for TensorBoard's profile plugin or
+  Perfetto) of steps FIRST … LAST in ``WORKDIR/profile``; '' for none."""
+
+  def __init__(self, steps: str, workdir: str):
+    self.first = self.last = 0
+    if steps:
+      try:
+        first, last = (int(v) for v in str(steps).split('-')) if '-' in str(steps) else (int(steps),) * 2
+      except ValueError:
+        first = last = 0
+      if not 0 < first <= last:
+        raise errors.ConfigError(f"profile_steps {steps!r} must be 'FIRST-LAST' with 0 < FIRST <= LAST, e.g. '20-25'")
+      self.first, self.last = first, last
+    self.directory, self.active = os.path.join(workdir, 'profile'), False
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('Profile of steps %d-%d written to %s.', self.first, self.last, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: int, guard: NonFiniteGuard,
+               preemption: Preemption, checkpoint: Checkpoint, diagnose, profile: Profile) -> tuple[TrainState, bool]:
   """Steps ``start_step + 1 … stop_step``, each followed by the periodic ``actions``; stops early, with a
   checkpoint of the step reached, when preempted. Returns the state and whether it was preempted."""
-  diagnose = jax.jit(collapse_metrics, out_shardings=parallel.replicated(mesh))  # every process reads them
   metrics = None
   for step in range(start_step + 1, stop_step + 1):
+    profile.before(step)
     previous = metrics
     state, metrics, (h1, z1) = train_step(state, next(batches))
     # At most two steps in flight: the host prepares the next batch while the devices run, without an
@@ -452,6 +306,7 @@ def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: 
     out = StepOutput(state, metrics, h1, z1, diagnose)
     for action in actions:
       action(step, out)
+    profile.after(step, state)
     if preemption.reached(step) and step < stop_step:
       if not _every(step, checkpoint.every, checkpoint.stop_step):  # else the action above saved it
         checkpoint(step, out, force=True)
@@ -460,11 +315,24 @@ def _run_steps(train_step, state, batches, actions, start_step: int, stop_step: 
   return state, False
 
 
+def _compilation_cache(config, workdir: str) -> None:
+  """Turns on JAX's persistent compilation cache where ``config.compilation_cache`` says: 'workdir' is
+  WORKDIR/compilation_cache unless JAX already has a cache directory (``JAX_COMPILATION_CACHE_DIR``), which
+  it then keeps; another value is the directory itself; '' leaves JAX's setting alone."""
+  where = config.get('compilation_cache', '')
+  if not where or (where == 'workdir' and jax.config.jax_compilation_cache_dir):
+    return
+  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
+  parallel.enable_compilation_cache(path, config.get('compilation_cache_min_seconds', 1.0))
+  logging.info('Compilation cache: %s.', path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
   methods.get(config)  # an unknown method fails before anything is written
   workdir = runs.make_workdir(workdir)
+  _compilation_cache(config, workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   runs.check_splits(config.data, [config.data.train_split] + ([config.eval.test_split] if config.eval.final_probe
@@ -486,24 +354,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   actions = [lambda step, out: progress(step)]
   if online[0] is not None:
     actions.append(OnlineProbeEpoch(writer, epoch_steps, total_steps))
+  batches = InputWait(parallel.prefetch_to_device(pipeline.global_batches(
+      pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
+      parallel.data_sharding(mesh)), config.get('prefetch_to_device', 0)))
   guard = NonFiniteGuard(config.get('nonfinite', 'stop'), methods.get(config).terms, writer)
   checkpoint = Checkpoint(mngr, config.checkpoint_every_steps, stop_step, guard)
-  actions += [LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms),
+  actions += [LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms, batches),
               SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps),
               checkpoint]
-  batches = pipeline.global_batches(
-      pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
-      parallel.data_sharding(mesh))
   logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
                config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
-  preemption = Preemption()
+  preemption, profile = Preemption(), Profile(config.get('profile_steps', ''), workdir)
   try:
-    state, preempted = _run_steps(make_train_step(config, build_model(config), tx, schedule, mesh, online), state,
-                                  batches, actions, start_step, stop_step, mesh, guard, preemption, checkpoint)
+    train_step = make_train_step(config, build_model(config), tx, schedule, mesh, online, total_steps)
+    diagnose = make_diagnostics(mesh, config.get('diagnostics_max_rows', 1024))
+    state, preempted = _run_steps(train_step, state, batches, actions, start_step, stop_step, guard, preemption,
+                                  checkpoint, diagnose, profile)
   finally:  # also on interruption: let the checkpoint in flight land
+    profile.close()
     preemption.close()
     mngr.wait_until_finished()
     writer.flush()
+  if jax.config.jax_compilation_cache_dir:
+    logging.info('%d program(s) loaded from the compilation cache.', parallel.compilation_cache_hits())
   if preempted or stop_step < total_steps:
     step = int(state.step)
     why = 'preempted (SIGTERM)' if preempted else 'max_steps_per_run'

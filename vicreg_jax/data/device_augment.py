@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vicreg_jax import errors
-from vicreg_jax.data.augment import full_recipe
+from vicreg_jax.data.recipes import full_recipe
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale (ITU-R 601 luma)
 

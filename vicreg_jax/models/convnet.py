@@ -6,9 +6,10 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vicreg_jax import errors
-from vicreg_jax.models.resnet import conv_init
+from vicreg_jax.models.resnet import REMAT_NAME, conv_init
 
 
 class ConvNet(nn.Module):
@@ -30,5 +31,5 @@ class ConvNet(nn.Module):
                   kernel_init=conv_init, dtype=self.dtype, name=f'conv{i}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                        axis_name=self.axis_name if train else None, name=f'bn{i}')(x)
-      x = nn.relu(x)
+      x = checkpoint_name(nn.relu(x), REMAT_NAME)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)

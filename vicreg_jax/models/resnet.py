@@ -13,8 +13,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vicreg_jax import errors
+
+# Block outputs are named so: with ``model.remat`` the step keeps only them for the backward pass
+# (``jax.checkpoint`` with ``save_only_these_names``) and recomputes the activations inside each block.
+REMAT_NAME = 'block_output'
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -94,6 +99,7 @@ class ResNet(nn.Module):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block(self.width * 2**i, strides, conv, norm, name=f'stage{i + 1}_block{j + 1}')(x)
+        x = checkpoint_name(x, REMAT_NAME)  # what ``model.remat`` keeps; the rest is recomputed
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 

@@ -1,0 +1,327 @@
+"""The pretraining step, written once for every method: the train state, the model a config names, and the
+sharded jit step (``shard_map`` over ``'data'``). No TensorFlow here, so benchmarks run it on accelerator hosts
+that have none."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import PartitionSpec as P
+
+from vicreg_jax import errors, losses, methods, parallel
+from vicreg_jax.data import device_augment
+from vicreg_jax.evaluate import diagnostics
+from vicreg_jax.models import backbones, heads, resnet
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  probe_params: Any = None     # the online linear probe ({} when disabled)
+  probe_opt_state: Any = None
+  extra: Any = None            # the method's state: 'target' (BYOL's EMA network: params, batch_stats), SwAV's
+                               # 'queue' and 'queue_count'; {} for methods without
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
+  """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
+  statistics synchronised over ``axis_name``."""
+  dtype = backbones.DTYPES[config.model.dtype]
+  projector = heads.Projector(methods.projector_spec(config), axis_name=axis_name, dtype=dtype,
+                              hidden_bias=config.model.get('projector_hidden_bias', True),
+                              batchnorm=config.model.get('projector_bn', True),
+                              output_bn=config.model.get('projector_output_bn', False))
+  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector,
+                        **methods.get(config).heads(config, axis_name, dtype))
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  size = config.data.image_size
+  return (1, size, size, config.data.channels)
+
+
+def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
+  """The initial state: the model from ``rng``, its optimiser state, the online probe's, and the method's state
+  (BYOL's target network initialised from its own key, as the official code does)."""
+  x = jnp.zeros(input_shape(config), jnp.float32)
+  (h, _, _), variables = model.init_with_output(rng, x, train=False, heads=True)
+  params = variables['params']
+  head, probe_tx = online_probe
+  probe_params, probe_opt_state = {}, {}
+  if head is not None:
+    probe_params = head.init(jax.random.fold_in(rng, 1), h)['params']
+    probe_opt_state = probe_tx.init(probe_params)
+  method = methods.get(config)
+  extra = dict(method.init_extra(config))
+  if method.ema_target:
+    target = model.init(jax.random.fold_in(rng, 2), x, train=False, heads=True)
+    extra['target'] = {'params': target['params'], 'batch_stats': target['batch_stats']}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state,
+                    extra=extra)
+
+
+def _colour_ops(config):
+  """``(batch, step) -> batch`` applying the colour part of the view recipes on the device (``augment.on_device``),
+  with keys per example from (seed, step, view, the example's row ``device·local_b + i`` in the global batch)."""
+  recipes = (dict(config.augment.view1), dict(config.augment.view2))
+
+  def apply(batch, step):
+    local_b = batch['view1'].shape[0]
+    rows = jax.lax.axis_index(parallel.AXIS) * local_b + jnp.arange(local_b)
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x636f6c), step)
+    out = dict(batch)
+    for v, (name, recipe) in enumerate(zip(('view1', 'view2'), recipes)):
+      view_key = jax.random.fold_in(step_key, v)
+      keys = jax.vmap(lambda i, k=view_key: jax.random.fold_in(k, i))(rows)
+      out[name] = device_augment.apply_colour_ops_per_example(batch[name], keys, recipe)
+    return out
+
+  return apply
+
+
+def _probe_update(head, probe_tx, params, opt_state, h, labels):
+  """One SGD step of the online probe on stop-gradient representations ``h``; (params, opt_state, top-1)."""
+  def probe_loss(p):
+    logits = head.apply({'params': p}, jax.lax.stop_gradient(h))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
+  (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(params)
+  upd, opt_state = probe_tx.update(jax.lax.pmean(g, parallel.AXIS), opt_state, params)
+  return optax.apply_updates(params, upd), opt_state, jax.lax.pmean(top1, parallel.AXIS)
+
+
+def _target_embeddings(model, target, batch):
+  """The EMA target network's embeddings of both views (training-mode BatchNorm with its own statistics, as the
+  official BYOL) and its updated statistics; no gradient."""
+  stats = target['batch_stats']
+  out = []
+  for name in ('view1', 'view2'):
+    (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
+                              mutable=['batch_stats'])
+    stats = upd['batch_stats']
+    out.append(jax.lax.stop_gradient(z))
+  return tuple(out), stats
+
+
+def _online_views(model, params, batch_stats, batch, remat: bool = False):
+  """The online network on both views: ``((h1, h2), (z1, z2), (heads1, heads2), batch_stats)``. With ``remat``
+  the backward pass keeps only the backbone's block outputs (:data:`resnet.REMAT_NAME`) and recomputes the
+  rest, one block at a time."""
+  def apply(params, batch_stats, x):
+    (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True, heads=True,
+                                     mutable=['batch_stats'])
+    return h, z, extra, upd['batch_stats']
+
+  if remat:
+    apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.save_only_these_names(resnet.REMAT_NAME))
+  hs, zs, extras = [], [], []
+  for name in ('view1', 'view2'):
+    h, z, extra, batch_stats = apply(params, batch_stats, batch[name])
+    hs.append(h), zs.append(z), extras.append(extra)
+  return tuple(hs), tuple(zs), tuple(extras), batch_stats
+
+
+def _views(z, out, target, key, extra, params) -> methods.Views:
+  """What the method's objective sees: embeddings, the heads' outputs of both views, the EMA target's."""
+  return methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
+                       scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
+                       target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
+
+
+def _gradients(objective, model, params, batch_stats, batch, make_views, remat: bool):
+  """``(grads, (metrics, batch_stats, h1, views))`` of ``objective(views) -> (loss, metrics)`` on the whole local
+  batch in one pass."""
+  def loss_fn(params):
+    (h1, _), z, out, new_stats = _online_views(model, params, batch_stats, batch, remat)
+    views = make_views(z, out, params)
+    loss, metrics = objective(views)
+    return loss, (metrics, new_stats, h1, views)
+
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def _accumulated_gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, micro: int):
+  """The same as :func:`_gradients` with the backbone run on ``micro`` micro-batches at a time (memory: the
+  activations of one micro-batch), the loss still on the whole global batch. Micro-batch k holds the rows
+  ``k, k + micro, k + 2·micro, …`` of every device's shard, i.e. the global rows ≡ k (mod ``micro``): the same
+  examples whatever the number of devices, so a run resumes on another device count with the same steps.
+
+  Two passes over the micro-batches (the gradient-cache scheme): the first runs the network without keeping
+  activations and collects the embeddings and heads' outputs of the whole batch; the loss and its gradient with
+  respect to those outputs are computed on the whole global batch (the variance and covariance statistics are
+  those of the full batch, exactly); the second pass recomputes each micro-batch and back-propagates its share
+  of that gradient into the parameters, summed. What differs from one pass over the batch: BatchNorm normalises
+  each micro-batch by its own statistics (over every device's share of that micro-batch: global batch / micro
+  examples), and its running averages take ``micro`` updates per step. Costs one extra forward pass."""
+  n = batch['view1'].shape[0]
+  if n % micro:
+    raise errors.ConfigError(f'grad_accum_steps {micro} must divide the per-device batch {n}')
+  size = n // micro
+  views_only = {k: batch[k] for k in ('view1', 'view2')}
+
+  def slice_of(i, tree):  # rows i, i + micro, ... of each array
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x.reshape((size, micro) + x.shape[1:]), i, axis=1,
+                                                               keepdims=False), tree)
+
+  def outputs(params, stats, i):  # the differentiable outputs of micro-batch i
+    (h1, _), z, out, stats = _online_views(model, params, stats, slice_of(i, views_only), remat)
+    return (z, out), (h1, stats)
+
+  def first_pass(stats, i):
+    outs, (h1, stats) = outputs(params, stats, i)
+    return stats, (outs, h1)
+
+  new_stats, (outs, h1) = jax.lax.scan(first_pass, batch_stats, jnp.arange(micro))
+  joined = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((n,) + x.shape[2:]), (outs, h1))  # row order
+  outs, h1 = joined
+
+  def loss_of(outs):
+    views = make_views(outs[0], outs[1], params)
+    loss, metrics = objective(views)
+    return loss, (metrics, views)
+
+  d_outs, (metrics, views) = jax.grad(loss_of, has_aux=True)(outs)
+
+  def second_pass(grads, i):
+    _, pullback = jax.vjp(lambda p: outputs(p, batch_stats, i)[0], params)
+    (g,) = pullback(slice_of(i, d_outs))
+    return jax.tree.map(jnp.add, grads, g), None
+
+  grads, _ = jax.lax.scan(second_pass, jax.tree.map(jnp.zeros_like, params), jnp.arange(micro))
+  return grads, (metrics, new_stats, h1, views)
+
+
+def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int):
+  """BYOL's target after step ``step`` and its decay τ (:func:`methods.ema_decay`): parameters
+  ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm statistics from its own forward pass."""
+  tau = methods.ema_decay(tau_base, step, total_steps)
+  return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
+          'batch_stats': batch_stats}, tau
+
+
+def _poisoned(loss, metrics, step, nan_at_step: int):
+  """Tests (``debug_nan_at_step``): the loss, and with it every gradient, NaN at that step."""
+  if not nan_at_step:
+    return loss, metrics
+  loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
+  return loss, dict(metrics, loss=loss)
+
+
+def _all_finite(loss, grads) -> jax.Array:
+  """Whether the (global) loss and every gradient entry are finite."""
+  return jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+
+def _if_finite(finite, new: TrainState, old: TrainState) -> TrainState:
+  """``new`` if the step was finite, else ``old`` with only the step counter moved on: a bad step changes no
+  parameter, statistic or optimiser state, so no checkpoint ever holds its NaNs (the host learns of it a step
+  later, from ``metrics['finite']``: :class:`NonFiniteGuard`)."""
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.replace(step=old.step), old)
+  return kept.replace(step=new.step)
+
+
+def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None), total_steps: Optional[int] = None):
+  """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
+  ``'data'``, each device one shard of the batch.
+
+  Each device runs the model (and heads) on its shard of both views (SyncBN), and the EMA target where the
+  method has one; the objective (``config.method``) gathers what it needs from all devices; gradients are
+  averaged; the state stays replicated. Then the method's state moves on (EMA target, SwAV's queue) and the
+  online probe (if any) trains on view 1's stop-gradient representations. A non-finite loss or gradient moves
+  only the step counter (``metrics['finite']``). View 1's representations and embeddings come back sharded,
+  for the collapse diagnostics. With ``config.augment.on_device`` the views are the host's geometric part only
+  (uint8) and each device applies the colour part first (:func:`_colour_ops`; the same for any device count).
+  """
+  axis = parallel.AXIS
+  method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
+  if method.ema_target and total_steps is None:  # the EMA decay's cosine needs the run's length
+    from vicreg_jax import runs  # reads the dataset's size (TensorFlow)
+    total_steps = runs.schedule_steps(config)[0]
+  head, probe_tx = online_probe
+  colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
+  nan_at_step = config.get('debug_nan_at_step', 0)
+  remat, micro = config.model.get('remat', False), config.get('grad_accum_steps', 1)
+  if micro > 1 and method.ema_target:
+    raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
+                             'runs on the whole batch); use model.remat to save memory instead')
+
+  def per_device(state: TrainState, batch):
+    if colour_ops is not None:
+      batch = colour_ops(batch, state.step)
+    params = method.prepare_params(state.params)
+    extra = {k: v for k, v in state.extra.items() if k != 'target'}
+    target, target_stats = None, None
+    if method.ema_target:
+      target, target_stats = _target_embeddings(model, state.extra['target'], batch)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
+
+    def objective(views):
+      return _poisoned(*method.objective(views, axis_name=axis, **kwargs), state.step + 1, nan_at_step)
+
+    def make_views(z, out, params):
+      return _views(z, out, target, key, extra, params)
+
+    if micro > 1:
+      grads, (metrics, batch_stats, h1, views) = _accumulated_gradients(
+          objective, model, params, state.batch_stats, batch, make_views, remat, micro)
+    else:
+      grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
+                                                            make_views, remat)
+    grads = jax.lax.pmean(grads, axis)
+    finite = _all_finite(metrics['loss'], grads)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
+    extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
+    if method.ema_target:
+      extra['target'], metrics['ema_decay'] = _ema_update(state.extra['target'], params, target_stats,
+                                                          section['tau_base'], state.step, total_steps)
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if head is not None:
+      probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
+          head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
+    new_state = _if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                              opt_state=opt_state, probe_params=probe_params,
+                                              probe_opt_state=probe_opt_state, extra=extra), state)
+    return new_state, dict(metrics, finite=finite), (h1, views.z[0])
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def collapse_metrics(h, z) -> tuple[dict, tuple]:
+  """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``), and the two
+  singular-value spectra they were computed from."""
+  spectra = (diagnostics.spectrum(h), diagnostics.spectrum(z))
+  scalars = {f'{name}/{k}': v for name, x, s in (('repr', h, spectra[0]), ('emb', z, spectra[1]))
+             for k, v in diagnostics.collapse_stats(x, s=s).items()}
+  return scalars, spectra
+
+
+def make_diagnostics(mesh, max_rows: int):
+  """The jit-compiled ``(h, z) -> (scalars, spectra)`` of :func:`collapse_metrics` for view 1's sharded
+  representations and embeddings: on a subsample of at most ``max_rows`` rows (the first rows of every device's
+  shard, so every device's examples are in it), computed by the first device alone (the others skip the SVD and
+  the D×D correlations) and then shared with every device, so that every process can read them."""
+  axis, n_dev = parallel.AXIS, mesh.devices.size
+
+  def per_device(h, z):
+    rows = max(1, min(h.shape[0], max_rows // n_dev))
+    h, z = (jax.lax.all_gather(x[:rows], axis, axis=0, tiled=True) for x in (h, z))
+    shapes = jax.eval_shape(collapse_metrics, h, z)
+    first = jax.lax.axis_index(axis) == 0
+    out = jax.lax.cond(first, collapse_metrics, lambda h, z: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                                            shapes), h, z)
+    return jax.lax.psum(out, axis)
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(), check_vma=False))
