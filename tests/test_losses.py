@@ -233,7 +233,7 @@ def _per_replica_loss_pmap(za, zb, coeffs):
 
 
 RUNNERS = {'shard_map': _per_replica_loss_shard_map, 'pmap': _per_replica_loss_pmap}
-# D = 16, 32: divisible by 8, covariance sharded over the replicas; D = 12: computed whole on every replica.
+# D = 16, 32: divisible by 8, 2 or 4 covariance columns per replica; D = 12: padded to 16, 2 columns each.
 SHAPES = [(32, 16), (64, 32), (32, 12)]
 GRAD_SHAPES = [(32, 16), (32, 12)]
 
@@ -381,7 +381,7 @@ def test_barlow_twins_of_identical_decorrelated_views_is_zero():
   assert float(barlow_twins_loss(z, -z)[1]['on_diagonal']) == pytest.approx(4 * 8, rel=1e-3)  # C = -I
 
 
-@pytest.mark.parametrize('n,d', [(32, 16), (32, 12)])  # D = 16: C sharded over the replicas; 12: whole
+@pytest.mark.parametrize('n,d', [(32, 16), (32, 12)])  # D = 16: 2 columns of C per replica; 12: padded to 16
 def test_barlow_twins_on_8_devices_equals_1_device(n, d):
   """Under shard_map every replica returns the global loss, and the pmean of a replicated weight's gradients
   equals the single-device gradient (≤ 1e-5)."""
