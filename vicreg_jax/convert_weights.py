@@ -297,19 +297,6 @@ def _fail(msg: str, status: int = 1) -> int:
   return status
 
 
-def _import_tensorflow_quietly() -> None:
-  """TensorFlow imported with stderr closed: its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL and would bury
-  the summary (as vicreg_jax.main does)."""
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, 'w') as null:
-      os.dup2(null.fileno(), 2)
-      import tensorflow  # noqa: F401
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
 class _QuietOrbax:
   """Drops orbax's warnings about a read-only manager and per-item metadata (the evaluation jobs read
   checkpoints the same way); errors still show."""
@@ -319,7 +306,8 @@ class _QuietOrbax:
 
 
 if __name__ == '__main__':
-  _import_tensorflow_quietly()
+  from vicreg_jax.main import import_tensorflow_quietly  # its stderr-closed import, before anything else
+  import_tensorflow_quietly()
   import logging
   logging.getLogger('absl').addFilter(_QuietOrbax())
   sys.exit(main(sys.argv))

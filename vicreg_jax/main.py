@@ -87,9 +87,9 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in ('orbax', 'xla_bridge'))
 
 
-def _import_tensorflow_quietly():
+def import_tensorflow_quietly():
   """Imports TensorFlow with stderr closed: its C++ start-up banner ignores TF_CPP_MIN_LOG_LEVEL and would
-  bury the one line a user needs. Python errors from the import still surface."""
+  bury the one line a user needs. Python errors from the import still surface. (Also the weight converter's.)"""
   saved = os.dup(2)
   try:
     with open(os.devnull, 'w') as null:
@@ -117,7 +117,7 @@ def _parse_flags(argv):
 
 
 def run():
-  _import_tensorflow_quietly()
+  import_tensorflow_quietly()
   # ml_collections reads --config.key=value overrides both while defining the flag (default config) and
   # while parsing (explicit --config); an unknown key must end in one line either way, not a traceback.
   try:
