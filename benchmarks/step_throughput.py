@@ -162,6 +162,7 @@ def jax_step(args) -> dict:
       'num_devices': n_dev,
       'jax_version': jax.__version__,
       'dtype': args.dtype,
+      'compiler_options': parallel.compiler_options(),  # the package's XLA options (on CPU: no YNNPACK convs)
   }
   sheet = DATASHEET.get(kind, {}).get(args.dtype)
   if sheet:
@@ -225,6 +226,8 @@ def main(argv=None) -> None:
   what = (f'{args.model} ({args.stem} stem), {args.image_size} px, global batch {args.batch}, projector '
           f'{args.projector}, {args.dtype}{", remat" if args.remat else ""}')
   print(f'VICReg step, {what}, on {result["num_devices"]} × {result["device_kind"]} (jax {result["jax_version"]})')
+  if result['compiler_options']:
+    print(f'  XLA options of the step: {result["compiler_options"]}')
   print(f'  JAX:     {result["images_per_second"]:8.1f} images/s  ({result["seconds_per_step"] * 1e3:.1f} ms/step; '
         f'compile {result["compile_seconds"]:.1f} s)')
   peak = f'measured peak {result["measured_peak_flops_per_device"] / 1e12:.3f} TFLOP/s per device'

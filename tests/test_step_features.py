@@ -169,6 +169,40 @@ def test_diagnostics_on_a_subsample_computed_by_one_device():
   np.testing.assert_allclose(float(scalars['repr/std_mean']), h[rows].std(0).mean(), rtol=1e-4)
 
 
+def _library_fusions(compiled_text: str) -> list:
+  """The operations XLA:CPU handed to a library (YNNPACK) in a compiled program, by their op names."""
+  return re.findall(r'fusion\([^)]*\), kind=kCustom.*?op_name="([^"]+)"', compiled_text)
+
+
+def test_cpu_programs_keep_convolutions_out_of_ynnpack(monkeypatch):
+  """On CPU the package's programs compile convolutions with XLA's own emitter (faster here than YNNPACK:
+  README, "Speed"); matrix products and reductions stay with YNNPACK; the values are the same. XLA_FLAGS that
+  choose the YNNPACK fusion types themselves win."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)  # (with 8 channels XLA keeps the conv anyway)
+  w = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+  m = rng.standard_normal((16 * 16 * 32, 32)).astype(np.float32)
+
+  def f(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y.reshape(4, -1) @ m, y.sum(axis=(1, 2))
+
+  assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
+  ours = _library_fusions(parallel.jit(f).lower(x, w, m).compile().as_text())
+  assert not [n for n in ours if 'conv' in n], ours
+  assert [n for n in ours if 'dot_general' in n] and [n for n in ours if 'reduce_sum' in n], ours
+  for a, b in zip(parallel.jit(f)(x, w, m), jax.jit(f)(x, w, m)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  flags = os.environ.get('XLA_FLAGS', '')
+  monkeypatch.setattr(parallel, '_compiler_options', {})
+  monkeypatch.setenv('XLA_FLAGS', flags + ' --xla_cpu_experimental_ynn_fusion_type=-REDUCE')
+  assert parallel.compiler_options() is None
+  monkeypatch.setattr(parallel, '_compiler_options', {})
+  monkeypatch.setattr(parallel, 'CPU_COMPILER_OPTIONS', {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH_TYPE'})
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  assert parallel.compiler_options() is None  # an XLA that does not know the value: its defaults
+
+
 def test_step_module_needs_no_tensorflow():
   """Accelerator hosts may have no TensorFlow: the step, the configs' defaults and the methods import without."""
   code = ('import sys; import vicreg_jax.step, vicreg_jax.defaults, vicreg_jax.methods; '

@@ -202,7 +202,39 @@ def install_error_filter() -> None:
   install_error_filter.done = True
 
 
-# --- compilation cache ----------------------------------------------------------------------------------------
+# --- compilation: options and cache -------------------------------------------------------------------------
+
+# XLA:CPU (jaxlib 0.10) hands convolutions, matrix products and reductions to YNNPACK. Its own (Eigen)
+# convolutions ran this package's ResNet-18 step 1.6x as fast on an x86 CPU (README, "Speed"), so on CPU the
+# package's programs keep YNNPACK for matrix products and reductions only.
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def compiler_options() -> Optional[dict]:
+  """The XLA options of the package's jitted programs on the default backend: :data:`CPU_COMPILER_OPTIONS` on
+  CPU; None on accelerators, when ``XLA_FLAGS`` chooses the YNNPACK fusion types itself (the user's choice
+  wins), or when this XLA does not know the option (checked once by compiling a tiny program with it)."""
+  if 'options' not in _compiler_options:
+    options = None
+    if jax.default_backend() == 'cpu' and 'ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
+      try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(np.float32(0)).compile()
+        options = dict(CPU_COMPILER_OPTIONS)
+      except Exception:  # pylint: disable=broad-except  # another XLA: its defaults then
+        pass
+    _compiler_options['options'] = options
+  return _compiler_options['options']
+
+
+_compiler_options: dict = {}
+
+
+def jit(fun: Callable, **kwargs) -> Callable:
+  """``jax.jit(fun, **kwargs)`` compiled with :func:`compiler_options`."""
+  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
 
 _cache_hits = {'count': 0}
 

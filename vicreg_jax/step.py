@@ -296,7 +296,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=0)
+  return parallel.jit(sharded, donate_argnums=0)
 
 
 def collapse_metrics(h, z) -> tuple[dict, tuple]:
@@ -324,4 +324,4 @@ def make_diagnostics(mesh, max_rows: int):
                                                                             shapes), h, z)
     return jax.lax.psum(out, axis)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(), check_vma=False))
+  return parallel.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(), check_vma=False))

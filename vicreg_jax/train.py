@@ -414,7 +414,7 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   (scikit-learn probes, spectra) runs on process 0, which hands the figures to the others."""
   model = build_model(config, axis_name=None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  apply = jax.jit(functools.partial(model.apply, train=False))
+  apply = parallel.jit(functools.partial(model.apply, train=False))
   recipe = dict(config.augment.view1)
   n_dev = mesh.devices.size
   batch = max(n_dev, config.eval.batch_size // n_dev * n_dev)

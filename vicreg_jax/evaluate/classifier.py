@@ -144,7 +144,7 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=0)
+  return parallel.jit(sharded, donate_argnums=0)
 
 
 def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
@@ -162,7 +162,7 @@ def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
     top1 = jnp.argmax(logits, -1) == batch['label']
     m = batch['mask']
     return jnp.sum(top1 * m), jnp.sum(top5 * m), jnp.sum(m)
-  return jax.jit(step, out_shardings=parallel.replicated(mesh))
+  return parallel.jit(step, out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(eval_step, state, frozen, batches) -> dict:
@@ -215,7 +215,7 @@ def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetun
     shape = jax.ShapeDtypeStruct((1, size, size, pre_config.data.channels), jnp.float32)
     return None, None, jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
                                       shape).shape[-1]
-  apply = jax.jit(functools.partial(eval_backbone.apply, train=False))
+  apply = parallel.jit(functools.partial(eval_backbone.apply, train=False))
   h_tr, y_tr = probe.extract(apply, pretrained, _eval_batches(config, config.data.train_split, mesh))
   h_te, y_te = probe.extract(apply, pretrained, _eval_batches(config, config.data.test_split, mesh))
   if config.features.standardize:  # BatchNorm without affine, statistics of the training features
