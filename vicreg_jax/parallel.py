@@ -205,10 +205,11 @@ def install_error_filter() -> None:
 # --- compilation: options and cache -------------------------------------------------------------------------
 
 # XLA:CPU (jaxlib 0.10) hands convolutions, matrix products and reductions to YNNPACK. Its own (Eigen)
-# convolutions ran this package's ResNet-18 step 1.6x as fast on an x86 CPU (README, "Speed"), so on CPU the
+# convolutions ran this package's ResNet-18 step 1.7x as fast on an x86 CPU (README, "Speed"), so on CPU the
 # package's programs keep YNNPACK for matrix products and reductions only.
 CPU_COMPILER_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+_compiler_options: dict = {}  # {'options': what compiler_options() decided}, once per process
 
 
 def compiler_options() -> Optional[dict]:
@@ -227,13 +228,9 @@ def compiler_options() -> Optional[dict]:
   return _compiler_options['options']
 
 
-_compiler_options: dict = {}
-
-
 def jit(fun: Callable, **kwargs) -> Callable:
   """``jax.jit(fun, **kwargs)`` compiled with :func:`compiler_options`."""
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
-
 
 
 _cache_hits = {'count': 0}
