@@ -60,6 +60,8 @@ def parse_args(argv=None):
   p.add_argument('--compilation_cache', default='', help='persistent compilation cache directory')
   p.add_argument('--cache_check', action='store_true',
                  help='run twice in new processes sharing a fresh compilation cache; print both compile times')
+  p.add_argument('--breakdown', action='store_true',
+                 help="also time one view's backbone + projector, forward and forward + backward")
   p.add_argument('--json', action='store_true', help='print one JSON object')
   return p.parse_args(argv)
 
@@ -144,6 +146,7 @@ def jax_step(args) -> dict:
   seconds = (time.perf_counter() - t0) / args.steps
   if not bool(np.isfinite(jax.device_get(metrics['loss']))):
     raise SystemExit('the JAX step gave a non-finite loss')
+  breakdown = _breakdown(config, state, batch['view1'], args) if args.breakdown else {}
 
   devices = jax.devices()
   kind = devices[0].device_kind
@@ -163,11 +166,40 @@ def jax_step(args) -> dict:
       'jax_version': jax.__version__,
       'dtype': args.dtype,
       'compiler_options': parallel.compiler_options(),  # the package's XLA options (on CPU: no YNNPACK convs)
+      **breakdown,
   }
   sheet = DATASHEET.get(kind, {}).get(args.dtype)
   if sheet:
     out['datasheet_peak_flops_per_device'] = sheet
     out['mfu_datasheet'] = flops_per_device / seconds / sheet
+  return out
+
+
+def _breakdown(config, state, view, args) -> dict:
+  """Seconds (best of ``args.steps``) of one view's backbone + projector in training mode, forward and forward
+  + backward, with the step's XLA options: the step runs this twice, plus the loss and LARS."""
+  import jax
+  import jax.numpy as jnp
+  from vicreg_jax import parallel, step as step_lib
+  model = step_lib.build_model(config)
+
+  def forward(params, x):
+    (_, z, _), _ = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True, heads=True,
+                               mutable=['batch_stats'])
+    return jnp.sum(z ** 2)
+
+  mesh = parallel.make_mesh()
+  spec = (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS))
+  out = {}
+  for name, fn in (('view_forward_seconds', forward), ('view_forward_backward_seconds', jax.grad(forward))):
+    run = parallel.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec[0], check_vma=False))
+    jax.block_until_ready(run(state.params, view))
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(state.params, view))
+      times.append(time.perf_counter() - t0)
+    out[name] = min(times)
   return out
 
 
@@ -234,6 +266,9 @@ def main(argv=None) -> None:
   if 'datasheet_peak_flops_per_device' in result:
     peak += f', datasheet {result["datasheet_peak_flops_per_device"] / 1e12:.0f} (MFU {result["mfu_datasheet"]:.1%})'
   print(f'  MFU {result["mfu"]:.1%} of the {peak}; model FLOPs per step {result["model_flops_per_step"] / 1e9:.1f} G')
+  if args.breakdown:
+    print(f'  one view, backbone + projector: forward {result["view_forward_seconds"]:.2f} s, forward + backward '
+          f'{result["view_forward_backward_seconds"]:.2f} s (the step: {result["seconds_per_step"]:.2f} s)')
   if args.reference:
     runs = '  '.join(f'{k} {v:.1f}' for k, v in result['torch_runs'].items())
     print(f'  PyTorch: {result["torch_images_per_second"]:8.1f} images/s  ({result["torch_layout"]}; {runs}; '
