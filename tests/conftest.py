@@ -7,6 +7,9 @@ import tempfile
 # for two trainer tests, 226 -> 203 s for three modules), and the programs still compute the same things. Also in
 # the jobs of tiny models the tests start as processes (job_env).
 FAST_COMPILE = '--xla_backend_optimization_level=0'
+# XLA_FLAGS given to pytest reach the jobs the tests start as processes too (job_env), but for the device count.
+USER_XLA_FLAGS = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                          if not f.startswith('--xla_force_host_platform_device_count'))
 # The simulated devices are threads; on a busy 2-core machine (tests that run two jobs at once) a collective can
 # wait on a starved thread far longer than XLA's default before it aborts the process, so allow 10 minutes.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
@@ -70,10 +73,11 @@ def mock_tfds():
 
 def job_env(devices: int, fast_compile: bool = True) -> dict:
   """The environment of a job run as its own process with ``devices`` simulated CPU devices: not the suite's 8
-  devices, nor its long collective timeouts. ``fast_compile`` (-O0) suits tiny models only: it runs the default
-  digits model 6 times slower."""
+  devices, nor its long collective timeouts, but the XLA_FLAGS pytest was started with (:data:`USER_XLA_FLAGS`).
+  ``fast_compile`` (-O0) suits tiny models only: it runs the default digits model 6 times slower."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}' + (f' {FAST_COMPILE}' if fast_compile else '')
+  env['XLA_FLAGS'] = ' '.join([USER_XLA_FLAGS, f'--xla_force_host_platform_device_count={devices}',
+                               FAST_COMPILE if fast_compile else '']).strip()
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
@@ -147,6 +151,19 @@ def checkpoint_arrays(path) -> dict:
   meta = ocp.StandardCheckpointer().metadata(str(path)).item_metadata
   restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   return ocp.PyTreeCheckpointer().restore(str(path), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def scalar_events(workdir) -> dict:
+  """``{tag: [(step, value), ...]}`` of every scalar in the TensorBoard event files of ``workdir``, by step."""
+  import glob
+  import tensorflow as tf
+  out = {}
+  for path in sorted(glob.glob(os.path.join(str(workdir), 'events.out.tfevents*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor') and not value.tensor.tensor_shape.dim and value.tensor.dtype == 1:  # float
+          out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+  return {tag: sorted(points) for tag, points in out.items()}
 
 
 def max_abs_difference(a, b) -> float:

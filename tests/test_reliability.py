@@ -98,7 +98,8 @@ def test_kills_and_a_preemption_end_with_the_uninterrupted_state(tmp_path):
   ours, theirs = (checkpoint_arrays(w / 'checkpoints' / str(steps) / 'default') for w in (work, tmp_path / 'reference'))
   diff = {k: max_abs_difference(ours[k], theirs[k]) for k in ('params', 'batch_stats', 'opt_state')}
   print(f'preempted at step {k} ({took:.1f} s to exit); max abs difference to the uninterrupted run: {diff}')
-  assert max(diff.values()) <= 1e-6, diff
+  # The same program on the same devices from a bitwise restored state: exact by construction, on any machine.
+  assert max(diff.values()) == 0.0, diff
   start = checkpoint_arrays(work / 'checkpoints' / '4' / 'default')
   assert max_abs_difference(start['params'], ours['params']) > 1e-4  # trained parameters, not initial ones
 
@@ -164,7 +165,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path)
   assert sorted(int(p.name) for p in (work / 'checkpoints').iterdir()) == [2, 4, 6, 8]
   # Resumed from step 2 (the newest good one), the run redid steps 3-6 exactly as before.
   redone = checkpoint_arrays(work / 'checkpoints' / '6' / 'default')
-  assert max_abs_difference(redone['params'], reference[6]['params']) <= 1e-6
+  redo_diff = max_abs_difference(redone['params'], reference[6]['params'])
+  print(f'steps 3-6 redone from checkpoint 2: max parameter difference {redo_diff:.3e}')
+  assert redo_diff == 0.0
 
   # The evaluation job lists only finalised checkpoints: a save in flight (its temporary folder) is not one.
   shutil.copytree(work / 'checkpoints' / '8', work / 'checkpoints' / '10.orbax-checkpoint-tmp-1234')

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, job_env, load_config, tiny_digits
+from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
 from vicreg_jax import methods, parallel, runs, train
 from vicreg_jax.data import pipeline
 
@@ -118,3 +118,23 @@ def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   assert summary['steps'] == 2 and 0.1 < summary['linear_top1'] <= 1.0
   assert (workdir / 'checkpoints' / '2').is_dir()
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
+
+
+def test_step_metrics_are_written_as_interval_means_and_the_diagnostics_at_log_steps(tmp_path):
+  """Every metrics_every_steps: each step metric's mean over the steps since the last write (the learning rate
+  as at the step); the collapse diagnostics every log_every_steps; compared with the same run writing every step."""
+  config = tiny_digits(num_steps=12, metrics_every_steps=1, log_every_steps=12, checkpoint_every_steps=12)
+  train.train_and_evaluate(config, str(tmp_path / 'every'))
+  config.update(metrics_every_steps=4, log_every_steps=6)
+  train.train_and_evaluate(config, str(tmp_path / 'means'))
+  every, means = (scalar_events(tmp_path / w) for w in ('every', 'means'))
+  assert [s for s, _ in every['loss']] == list(range(1, 13))
+  assert [s for s, _ in means['loss']] == [4, 6, 8, 12]  # every 4th, every 6th (a progress line) and the last
+  per_step = dict(every['loss'])
+  for (step, value), start in zip(means['loss'], [0, 4, 6, 8]):
+    np.testing.assert_allclose(value, np.mean([per_step[s] for s in range(start + 1, step + 1)]), rtol=1e-5)
+  assert means['learning_rate'] == [(s, v) for s, v in every['learning_rate'] if s in (4, 6, 8, 12)]
+  for tag in ('invariance', 'variance', 'covariance', 'embedding_std', 'online_probe_top1'):
+    assert len(means[tag]) == 4, tag
+  assert [s for s, _ in means['emb/rankme']] == [6, 12] and [s for s, _ in means['repr/std_mean']] == [6, 12]
+  assert 'finite' not in means

@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 0             # > 0 overrides epochs
   c.max_steps_per_run = 0     # > 0: stop this invocation after that many steps, with a checkpoint (jobs with a
                               # time limit); the same command continues from there
-  c.log_every_steps = 50
+  c.log_every_steps = 50      # a progress line, the collapse diagnostics (repr/…, emb/…)
+  c.metrics_every_steps = 10  # the step metrics (loss, terms, …) as their means over the steps since the last write
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   # A NaN or inf in the loss or the gradients (checked on every step, one step late, without a host sync):
@@ -55,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = ''        # 'FIRST-LAST' (e.g. '20-25'): a profiler trace of those steps in WORKDIR/profile
   c.prefetch_to_device = 2    # batches put on the devices ahead of the step (0: each when the step needs it)
   c.grad_accum_steps = 1      # > 1: micro-batches through the backbone per step (memory); see vicreg_jax/step.py
+  # How sums over devices add the devices' values (vicreg_jax/collectives.py): 'native' (jax.lax's collectives),
+  # 'ordered' (in device order: bitwise the same on any split of the devices into processes; tests, debugging,
+  # slower) or 'reversed' (the reverse order: against 'ordered', what rounding alone changes in a run).
+  c.reductions = 'native'
   # A linear classifier on stop-gradient representations, trained alongside (never touches the backbone);
   # its train top-1 per epoch is an early collapse warning.
   c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1, momentum=0.9))
@@ -165,13 +170,16 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.start_timeout_seconds = 600.0  # give up after this long if pretrain_workdir has no config.json yet (0: at once)
   c.batch_size = 256
   c.epochs = 100
-  c.log_every_steps = 100
+  c.log_every_steps = 100     # a progress line
+  c.metrics_every_steps = 10  # the head's train loss and top-1, as their means over the steps since the last write
   c.checkpoint_every_steps = 1000
+  c.reductions = 'native'    # 'native', 'ordered' or 'reversed', as in pretraining (vicreg_jax/collectives.py)
   # The classifier's optimiser (SGD, cosine per epoch, lr per group) and protocol.
   c.classifier = ml_collections.ConfigDict(dict(
       head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9, head_init_std=0.01,
       batchnorm='per_device',  # fine-tuning: each device's batch statistics (official: DDP, no SyncBN) or 'sync'
-      report='best'))          # test top-1 of the 'best' epoch, tested after each (official), or of the 'last'
+      report='best',           # test top-1 of the 'best' epoch, tested after each (official), or of the 'last'
+      test_every_epochs=1))    # the test top-1/top-5 written every this many epochs (official: 1; 0: at the end)
   c.features = ml_collections.ConfigDict(dict(
       cache=False,            # extract frozen features once (no train augmentation): small datasets
       standardize=False))     # scale cached features by the training features' mean/std (BN without affine)

@@ -8,6 +8,9 @@ global batch.
 Gradient convention under an axis (the data-parallel one, as PyTorch DDP with an all-gather): each replica's
 gradient is that of the sum of all replicas' (identical) losses, so averaging gradients over the axis
 (``lax.pmean``), which the trainer does anyway, gives exactly the single-device gradient of the global loss.
+
+Every sum over replicas (the all-gather's backward pass, the covariance blocks' ``psum``) goes through
+:mod:`vicreg_jax.collectives`, so its modes (a fixed order of addition) cover the losses too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from vicreg_jax import errors
+from vicreg_jax import collectives, errors
 
 Metrics = dict[str, jax.Array]
 
@@ -44,8 +47,8 @@ def gather_batch(x: jax.Array, axis_name: Optional[str], dtype=None) -> jax.Arra
   if axis_name is None:
     return x
   if dtype is None or jnp.dtype(dtype) == x.dtype:
-    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
-  return jax.lax.all_gather(x.astype(dtype), axis_name, axis=0, tiled=True).astype(x.dtype)
+    return collectives.all_gather(x, axis_name)
+  return collectives.all_gather(x.astype(dtype), axis_name).astype(x.dtype)
 
 
 def _column_block(x: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, jax.Array, int]:
@@ -88,7 +91,7 @@ def off_diagonal_sq_sum(zc: jax.Array, axis_name: Optional[str] = None) -> jax.A
   cov = zc.T @ block / (n - 1)  # rows: all dims, cols: this replica's dims
   on_diagonal = jnp.arange(d)[:, None] == columns[None, :]  # cov[columns[j], j]
   partial = jnp.sum(jnp.where(on_diagonal, 0.0, cov**2))
-  return partial if n_blocks == 1 else jax.lax.psum(partial, axis_name)
+  return partial if n_blocks == 1 else collectives.psum(partial, axis_name)
 
 
 def vicreg_loss(z_a: jax.Array,
@@ -191,7 +194,7 @@ def barlow_twins_loss(z_a: jax.Array,
   on_diag = jnp.sum(jnp.where(columns < d, (diag - 1.0)**2, 0.0))  # a padded column is no dimension
   off_diag = jnp.sum(c**2) - jnp.sum(diag**2)
   if n_blocks > 1:
-    on_diag, off_diag = jax.lax.psum((on_diag, off_diag), axis_name)
+    on_diag, off_diag = collectives.psum((on_diag, off_diag), axis_name)
   loss = on_diag + lambd * off_diag
   return loss, {'loss': loss, 'on_diagonal': on_diag, 'off_diagonal': off_diag}
 

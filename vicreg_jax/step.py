@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import errors, losses, methods, parallel
+from vicreg_jax import collectives, errors, losses, methods, parallel
 from vicreg_jax.data import device_augment
 from vicreg_jax.evaluate import diagnostics
 from vicreg_jax.models import backbones, heads, resnet
@@ -95,8 +95,8 @@ def _probe_update(head, probe_tx, params, opt_state, h, labels):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
   (_, top1), g = jax.value_and_grad(probe_loss, has_aux=True)(params)
-  upd, opt_state = probe_tx.update(jax.lax.pmean(g, parallel.AXIS), opt_state, params)
-  return optax.apply_updates(params, upd), opt_state, jax.lax.pmean(top1, parallel.AXIS)
+  upd, opt_state = probe_tx.update(collectives.pmean(g, parallel.AXIS), opt_state, params)
+  return optax.apply_updates(params, upd), opt_state, collectives.pmean(top1, parallel.AXIS)
 
 
 def _target_embeddings(model, target, batch):
@@ -240,6 +240,8 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   only the step counter (``metrics['finite']``). View 1's representations and embeddings come back sharded,
   for the collapse diagnostics. With ``config.augment.on_device`` the views are the host's geometric part only
   (uint8) and each device applies the colour part first (:func:`_colour_ops`; the same for any device count).
+  ``config.reductions`` says how sums over devices add them (:mod:`vicreg_jax.collectives`); with 'ordered' the
+  parameters are the same, bit for bit, on any split of the devices into processes.
   """
   axis = parallel.AXIS
   method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
@@ -249,12 +251,17 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   head, probe_tx = online_probe
   colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
   nan_at_step = config.get('debug_nan_at_step', 0)
+  reductions = collectives.check(config.reductions)
   remat, micro = config.model.get('remat', False), config.get('grad_accum_steps', 1)
   if micro > 1 and method.ema_target:
     raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
                              'runs on the whole batch); use model.remat to save memory instead')
 
   def per_device(state: TrainState, batch):
+    with collectives.mode(reductions):
+      return train_one_step(state, batch)
+
+  def train_one_step(state: TrainState, batch):
     if colour_ops is not None:
       batch = colour_ops(batch, state.step)
     params = method.prepare_params(state.params)
@@ -276,7 +283,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     else:
       grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
                                                             make_views, remat)
-    grads = jax.lax.pmean(grads, axis)
+    grads = collectives.pmean(grads, axis)
     finite = _all_finite(metrics['loss'], grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)

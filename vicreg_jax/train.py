@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from vicreg_jax import errors, methods, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
+from vicreg_jax.metrics import IntervalMean
 from vicreg_jax.step import TrainState, build_model, init_state, make_diagnostics, make_train_step  # noqa: F401
 
 
@@ -77,25 +78,49 @@ class OnlineProbeEpoch:
       self.sum, self.n = 0.0, 0
 
 
-class LogMetrics:
-  """Every ``log_every_steps``: the step's metrics and collapse diagnostics to the writer and one progress line
-  (loss, the method's terms, embedding std and RankMe, learning rate, and the share of the time since the last
-  line spent waiting for input, when ``input_wait`` is an :class:`InputWait`)."""
+class StepMetrics:
+  """Every ``every`` steps, at every ``log_every``-th and at the last: each step metric's mean over the steps
+  since the last write (summed on the device meanwhile: one copy to the host per write; the learning rate and
+  EMA decay as at the step) to the writer. :attr:`last` holds the latest means, for the progress line."""
 
-  def __init__(self, writer, every: int, total_steps: int, terms, input_wait=None):
+  def __init__(self, writer, every: int, log_every: int, total_steps: int):
+    if every < 1:
+      raise errors.ConfigError(f'metrics_every_steps must be at least 1, not {every}')
+    self.writer, self.every, self.log_every, self.total_steps = writer, every, log_every, total_steps
+    self.mean = IntervalMean(latest=('learning_rate', 'ema_decay'))
+    self.last: dict = {}
+
+  def __call__(self, step: int, out: StepOutput):
+    self.mean.add(out.metrics)
+    if _every(step, self.every, self.total_steps) or _every(step, self.log_every, self.total_steps):
+      self.flush(step)
+
+  def flush(self, step: int) -> None:
+    """Writes the means of the steps since the last write, if any, at ``step`` (also where a run stops early)."""
+    if self.mean.steps:
+      self.last = self.mean.take()
+      self.writer.write_scalars(step, self.last)
+
+
+class LogMetrics:
+  """Every ``every`` steps: the collapse diagnostics to the writer and one progress line with the step metrics'
+  latest means (loss, the method's terms, embedding std, learning rate; from :class:`StepMetrics`, which runs
+  before), RankMe of the embeddings, and the share of the time since the last line spent waiting for input, when
+  ``input_wait`` is an :class:`InputWait`."""
+
+  def __init__(self, writer, every: int, total_steps: int, terms, step_metrics: StepMetrics, input_wait=None):
     self.writer, self.every, self.total_steps, self.terms = writer, every, total_steps, terms
-    self.input_wait = input_wait
+    self.step_metrics, self.input_wait = step_metrics, input_wait
 
   def __call__(self, step: int, out: StepOutput):
     if not _every(step, self.every, self.total_steps):
       return
-    m = jax.device_get(out.metrics)
-    m.update(jax.device_get(out.collapse()[0]))
-    wait = ''
+    m = jax.device_get(out.collapse()[0])
     if self.input_wait is not None:
       m['input_wait_share'] = self.input_wait.share()
-      wait = f'  input_wait {m["input_wait_share"]:.0%}'
-    self.writer.write_scalars(step, m)
+    self.writer.write_scalars(step, m)  # the writer may be asynchronous: m is not changed after this
+    m = {**m, **self.step_metrics.last}
+    wait = f'  input_wait {m["input_wait_share"]:.0%}' if self.input_wait is not None else ''
     terms = '  '.join(f'{t} {m[t]:.4f}' for t in self.terms)
     logging.info(f'step {step}/{self.total_steps}  loss {m["loss"]:.4f}  {terms}  emb_std {m["embedding_std"]:.3f}  '
                  f'emb_rankme {m["emb/rankme"]:.1f}  lr {m["learning_rate"]:.4g}{wait}')
@@ -327,6 +352,24 @@ def _compilation_cache(config, workdir: str) -> None:
   logging.info('Compilation cache: %s.', path)
 
 
+def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, online_probe: bool,
+                       input_wait: InputWait) -> tuple[list, StepMetrics]:
+  """The loop's reporting actions, in the order they run after a step (steps/s, the online probe's epoch top-1,
+  the step metrics' interval means, the progress line with the collapse diagnostics, the spectrum), and the
+  :class:`StepMetrics` among them (to flush where a run stops)."""
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
+  actions = [lambda step, out: progress(step)]
+  if online_probe:
+    actions.append(OnlineProbeEpoch(writer, epoch_steps, total_steps))
+  step_metrics = StepMetrics(writer, config.metrics_every_steps, config.log_every_steps, total_steps)
+  actions += [step_metrics,
+              LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms, step_metrics,
+                         input_wait),
+              SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps)]
+  return actions, step_metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
@@ -349,19 +392,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps, every_secs=None)
-  actions = [lambda step, out: progress(step)]
-  if online[0] is not None:
-    actions.append(OnlineProbeEpoch(writer, epoch_steps, total_steps))
   batches = InputWait(parallel.prefetch_to_device(pipeline.global_batches(
       pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
       parallel.data_sharding(mesh)), config.get('prefetch_to_device', 0)))
   guard = NonFiniteGuard(config.get('nonfinite', 'stop'), methods.get(config).terms, writer)
   checkpoint = Checkpoint(mngr, config.checkpoint_every_steps, stop_step, guard)
-  actions += [LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms, batches),
-              SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps),
-              checkpoint]
+  actions, step_metrics = _reporting_actions(config, writer, total_steps, epoch_steps, online[0] is not None, batches)
+  actions.append(checkpoint)
   logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
                config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
   preemption, profile = Preemption(), Profile(config.get('profile_steps', ''), workdir)
@@ -370,6 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     diagnose = make_diagnostics(mesh, config.get('diagnostics_max_rows', 1024))
     state, preempted = _run_steps(train_step, state, batches, actions, start_step, stop_step, guard, preemption,
                                   checkpoint, diagnose, profile)
+    step_metrics.flush(int(state.step))
   finally:  # also on interruption: let the checkpoint in flight land
     profile.close()
     preemption.close()

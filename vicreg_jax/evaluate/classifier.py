@@ -27,9 +27,10 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import errors, parallel, runs
+from vicreg_jax import collectives, errors, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
+from vicreg_jax.metrics import IntervalMean
 from vicreg_jax.models import backbones
 
 
@@ -105,7 +106,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: dict, steps_per_epo
 
 
 def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool,
-                    sync_bn: bool = True):
+                    sync_bn: bool = True, reductions: str = 'native'):
   """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
 
   ``backbone=None``: the batch holds features (cached extraction). Frozen backbone: ``frozen`` holds its
@@ -113,11 +114,17 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
   mode, with the global batch statistics when ``sync_bn`` (``backbone`` built with the ``'data'`` axis), else each
   device's own (the official evaluate.py: DDP without SyncBN), the running statistics then device 0's (DDP
   broadcasts rank 0's buffers). Each replica's loss is the global mean cross-entropy, so the averaged gradients
-  are those of one device on the whole batch.
+  are those of one device on the whole batch. ``reductions``: how sums over devices add them
+  (:mod:`vicreg_jax.collectives`).
   """
   axis = parallel.AXIS
+  collectives.check(reductions)
 
   def per_device(state: ClassifierState, frozen, batch):
+    with collectives.mode(reductions):
+      return train_one_step(state, frozen, batch)
+
+  def train_one_step(state: ClassifierState, frozen, batch):
     def loss_fn(params):
       x, batch_stats = batch['image'], state.batch_stats
       if backbone is None:
@@ -130,16 +137,16 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
         h = jax.lax.stop_gradient(backbone.apply(frozen, x, train=False))
       logits = head.apply({'params': params['head']}, h)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-      return jax.lax.pmean(ce, axis), (batch_stats, logits)
+      return collectives.pmean(ce, axis), (batch_stats, logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if finetune and not sync_bn:
       batch_stats = jax.tree.map(lambda x: jax.lax.all_gather(x, axis)[0], batch_stats)
-    grads = jax.lax.pmean(grads, axis)
+    grads = collectives.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = ClassifierState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
-    top1 = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch['label']), axis)
+    top1 = collectives.pmean(jnp.mean(jnp.argmax(logits, -1) == batch['label']), axis)
     return state, {'loss': loss, 'train_top1': top1}
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()),
@@ -166,12 +173,19 @@ def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
 
 
 def evaluate(eval_step, state, frozen, batches) -> dict:
-  """Top-1 and top-5 accuracy (in [0, 1]) over ``batches`` of ``{'image', 'label', 'mask'}``."""
-  hits1 = hits5 = count = 0.0
+  """Top-1 and top-5 accuracy (in [0, 1]) over ``batches`` of ``{'image', 'label', 'mask'}`` (the counts summed
+  on the devices, one copy to the host at the end)."""
+  totals = None
   for batch in batches:
-    a, b, c = jax.device_get(eval_step(state, frozen, batch))
-    hits1, hits5, count = hits1 + a, hits5 + b, count + c
+    counts = eval_step(state, frozen, batch)
+    totals = counts if totals is None else _add_counts(totals, counts)
+  hits1, hits5, count = jax.device_get(totals) if totals is not None else (0.0, 0.0, 0.0)
   return {'top1': float(hits1 / max(count, 1)), 'top5': float(hits5 / max(count, 1))}
+
+
+@jax.jit
+def _add_counts(a, b):
+  return jax.tree.map(jnp.add, a, b)
 
 
 # --- features for the cached path ---------------------------------------------------------------------------
@@ -266,7 +280,9 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
                      pretrained: dict, ckpt_dir: str, writer, tag: str, finetune: bool) -> dict:
   """Trains the head (and the backbone when ``finetune``) on ``config.data.train_split`` for
   ``config.epochs``, resuming from ``ckpt_dir``; returns top-1/top-5 on ``config.data.test_split``: of the last
-  epoch, or with ``classifier.report='best'`` (official) of the epoch with the best top-1, tested after each."""
+  epoch, or with ``classifier.report='best'`` (official) of the epoch with the best top-1, tested after each.
+  The test figures of every ``classifier.test_every_epochs``-th epoch go to the writer as ``TAG/test_top1`` and
+  ``TAG/test_top5``, the means of the head's train loss and top-1 as ``TAG/loss`` and ``TAG/train_top1``."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   sharding = parallel.data_sharding(mesh)
@@ -289,18 +305,22 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   sync_bn = not finetune or cl.batchnorm == 'sync'
   train_backbone = None if train_feats is not None else backbones.from_config(
       pre_config.model, parallel.AXIS if finetune and sync_bn else None)
-  train_step = make_train_step(head, train_backbone, tx, mesh, finetune, sync_bn)
+  train_step = make_train_step(head, train_backbone, tx, mesh, finetune, sync_bn, config.reductions)
   eval_step = make_eval_step(head, None if train_feats is not None else eval_backbone, mesh)
 
+  # Cached features: the test batches are placed on the devices once and reused by every test.
+  cached_test = (list(padded_feature_batches(*test_feats, config.batch_size, sharding)) if test_feats is not None
+                 else None)
+
   def test(state):
-    batches = (padded_feature_batches(*test_feats, config.batch_size, sharding) if test_feats is not None
-               else _eval_batches(config, config.data.test_split, mesh))
+    batches = cached_test if cached_test is not None else _eval_batches(config, config.data.test_split, mesh)
     return evaluate(eval_step, state, pretrained, batches)
 
   if cl.report not in ('best', 'last'):
     raise errors.ConfigError(f"classifier.report must be 'best' or 'last', not {cl.report!r}")
-  loop = _TrainLoop(config, tag, writer, mngr, steps_per_epoch, test if cl.report == 'best' else None,
-                    ckpt_dir.rstrip('/') + '_best.json')
+  if cl.report == 'best' and cl.test_every_epochs != 1:
+    raise errors.ConfigError("classifier.report='best' tests after every epoch: set classifier.test_every_epochs=1")
+  loop = _TrainLoop(config, tag, writer, mngr, steps_per_epoch, test, ckpt_dir.rstrip('/') + '_best.json')
   state, best = loop.run(train_step, state, pretrained, batches, start)
   result = test(state)
   if cl.report == 'best':
@@ -310,43 +330,61 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
 
 
 class _TrainLoop:
-  """The classifier's steps with their periodic actions: a progress line every ``log_every_steps``, a
-  checkpoint every ``checkpoint_every_steps``, and with ``test`` the test accuracy after every epoch (the best
-  one kept, and kept across a restart in ``best_path``)."""
+  """The classifier's steps with their periodic actions: the mean train loss and top-1 over every
+  ``metrics_every_steps`` steps to the writer (summed on the devices meanwhile) and a progress line every
+  ``log_every_steps``; the test top-1 and top-5 every ``classifier.test_every_epochs`` epochs to the writer (0:
+  none), the best epoch kept (across a restart, in ``best_path``) for ``classifier.report='best'``; a
+  checkpoint every ``checkpoint_every_steps``. The writer's tags start with ``tag`` (one checkpoint's head)."""
 
   def __init__(self, config, tag: str, writer, mngr, steps_per_epoch: int, test, best_path: str):
     self.config, self.tag, self.writer, self.mngr, self.test = config, tag, writer, mngr, test
     self.steps_per_epoch, self.total = steps_per_epoch, config.epochs * steps_per_epoch
-    self.best_path = best_path
+    self.best_path, self.report = best_path, config.classifier.report
+    self.test_every = config.classifier.test_every_epochs * steps_per_epoch
+    for key in ('metrics_every_steps', 'log_every_steps', 'checkpoint_every_steps'):
+      if config[key] < 1:
+        raise errors.ConfigError(f'{key} must be at least 1, not {config[key]}')
 
   def _load_best(self) -> dict:
     found = parallel.share_from_process_0(
         lambda: json.loads(tf.io.gfile.GFile(self.best_path).read()) if tf.io.gfile.exists(self.best_path) else {})
     return found or {'top1': -1.0, 'top5': -1.0, 'epoch': 0}
 
-  def _log(self, step, metrics, rate):
-    m = jax.device_get(metrics)
-    self.writer.write_scalars(step, {f'{self.tag}/{k}': v for k, v in m.items()})
+  def _write_means(self, step, means):
+    self.writer.write_scalars(step, {f'{self.tag}/{k}': v for k, v in means.items()})
+
+  def _log(self, step, means, rate):
     logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', self.tag, step,
-                 self.total, math.ceil(step / self.steps_per_epoch), self.config.epochs, m['loss'], m['train_top1'],
-                 rate, (self.total - step) / max(rate, 1e-9))
+                 self.total, math.ceil(step / self.steps_per_epoch), self.config.epochs, means['loss'],
+                 means['train_top1'], rate, (self.total - step) / max(rate, 1e-9))
+
+  def _test(self, step, state, best):
+    result = self.test(state)
+    self.writer.write_scalars(step, {f'{self.tag}/test_top1': result['top1'], f'{self.tag}/test_top5': result['top5']})
+    if self.report == 'best' and result['top1'] > best['top1']:
+      best = dict(result, epoch=step // self.steps_per_epoch)
+      runs.write_json(self.best_path, best)
+    return best
 
   def run(self, train_step, state, frozen, batches, start: int):
-    best = self._load_best() if self.test is not None else None
-    t0, last, metrics = time.time(), start, None
+    best = self._load_best() if self.report == 'best' else None
+    mean, means, metrics = IntervalMean(), {}, None
+    t0, last = time.time(), start
     try:
       for step in range(start + 1, self.total + 1):
         previous = metrics
         state, metrics = train_step(state, frozen, next(batches))
         jax.block_until_ready(previous)  # at most two steps in flight (see train.py)
-        if step % self.config.log_every_steps == 0 or step == self.total:
-          self._log(step, metrics, (step - last) / max(time.time() - t0, 1e-9))
+        mean.add(metrics)
+        log = step % self.config.log_every_steps == 0 or step == self.total
+        if log or step % self.config.metrics_every_steps == 0:
+          means = mean.take()
+          self._write_means(step, means)
+        if log:
+          self._log(step, means, (step - last) / max(time.time() - t0, 1e-9))
           t0, last = time.time(), step
-        if self.test is not None and step % self.steps_per_epoch == 0:
-          result = self.test(state)
-          if result['top1'] > best['top1']:
-            best = dict(result, epoch=step // self.steps_per_epoch)
-            runs.write_json(self.best_path, best)
+        if self.test_every and step % self.test_every == 0:
+          best = self._test(step, state, best)
         if step % self.config.checkpoint_every_steps == 0:
           self.mngr.save(step, args=ocp.args.StandardSave(state))
     finally:

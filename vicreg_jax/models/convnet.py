@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vicreg_jax import errors
+from vicreg_jax.models.norm import BatchNorm
 from vicreg_jax.models.resnet import REMAT_NAME, conv_init
 
 
@@ -29,7 +30,7 @@ class ConvNet(nn.Module):
     for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
       x = nn.Conv(width, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,
                   kernel_init=conv_init, dtype=self.dtype, name=f'conv{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+      x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                        axis_name=self.axis_name if train else None, name=f'bn{i}')(x)
       x = checkpoint_name(nn.relu(x), REMAT_NAME)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from vicreg_jax import errors
+from vicreg_jax.models.norm import BatchNorm
 
 # PyTorch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -47,7 +48,7 @@ class Projector(nn.Module):
     sizes = parse_mlp_spec(self.spec)
 
     def bn(x, name, affine=True):
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+      return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                           use_scale=affine, use_bias=affine, axis_name=self.axis_name if train else None,
                           name=name)(x)
 

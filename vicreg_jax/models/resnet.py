@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vicreg_jax import errors
+from vicreg_jax.models.norm import BatchNorm
 
 # Block outputs are named so: with ``model.remat`` the step keeps only them for the backward pass
 # (``jax.checkpoint`` with ``save_only_these_names``) and recomputes the activations inside each block.
@@ -83,7 +84,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(torch_conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype, axis_name=self.axis_name if train else None)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':

@@ -1,0 +1,50 @@
+"""Step metrics as means over intervals of steps: summed on the device as the steps go, so that writing them
+costs one device-to-host copy per interval, not one per step."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.jit, static_argnames='latest')
+def _add(sums: Optional[dict], count, metrics: dict, finite, latest: tuple):
+  """``sums`` plus ``metrics`` where the step was finite (keys in ``latest``: this step's value instead)."""
+  if sums is None:
+    sums = {k: jnp.zeros_like(v, jnp.float32) for k, v in metrics.items()}
+    count = jnp.zeros((), jnp.int32)
+  out = {k: (v.astype(jnp.float32) if k in latest else sums[k] + jnp.where(finite, v.astype(jnp.float32), 0.0))
+         for k, v in metrics.items()}
+  return out, count + finite.astype(jnp.int32)
+
+
+class IntervalMean:
+  """Accumulates each step's scalar metrics on the device; :meth:`take` returns their means over the steps added
+  since the last take and starts a new interval. A step whose ``finite`` metric is False (an update the step
+  dropped) is left out of the means; keys in ``latest`` (schedule values, such as the learning rate) are the
+  last step's value, not a mean."""
+
+  def __init__(self, latest: Sequence[str] = ()):
+    self.latest = tuple(sorted(latest))
+    self.steps = 0  # steps added since the last take (finite or not)
+    self._sums, self._count = None, None
+
+  def add(self, metrics: dict) -> None:
+    metrics = dict(metrics)
+    finite = jnp.asarray(metrics.pop('finite', True))
+    self._sums, self._count = _add(self._sums, self._count, metrics, finite,
+                                   tuple(k for k in self.latest if k in metrics))
+    self.steps += 1
+
+  def take(self) -> dict[str, float]:
+    """The means since the last take (empty if no step was added; NaN if none of them was finite); one copy
+    from the device."""
+    if self._sums is None:
+      return {}
+    sums, count = jax.device_get((self._sums, self._count))
+    self._sums, self._count, self.steps = None, None, 0
+    n = int(count)
+    return {k: float(v) if k in self.latest else (float(v) / n if n else float('nan')) for k, v in sums.items()}

@@ -1,0 +1,66 @@
+"""BatchNorm whose cross-device statistics go through :mod:`vicreg_jax.collectives`.
+
+The same computation and variables as ``flax.linen.BatchNorm`` (its defaults: statistics in float32 from the
+mean and the mean of squares, the two averaged over ``axis_name`` in one collective; ``params`` ``scale`` and
+``bias``, ``batch_stats`` ``mean`` and ``var``), so checkpoints and converted weights are unchanged. The one
+difference: the average over devices is :func:`collectives.pmean`, which ``config.reductions='ordered'`` turns
+into a sum in device order (Flax calls ``jax.lax.pmean`` itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+from flax.linen.dtypes import canonicalize_dtype
+import jax
+import jax.numpy as jnp
+
+from vicreg_jax import collectives
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over every axis but the last. In training (``use_running_average=False``) the
+  statistics are those of the batch (of every device of ``axis_name``), and the running averages move by
+  ``1 - momentum`` towards them; otherwise the running averages normalise."""
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  use_bias: bool = True
+  use_scale: bool = True
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      moments = jnp.stack([x32.mean(axes), jax.lax.square(x32).mean(axes)])
+      if self.axis_name is not None and not self.is_initializing():
+        moments = collectives.pmean(moments, self.axis_name)
+      mean = moments[0]
+      var = jnp.maximum(0.0, moments[1] - jax.lax.square(mean))  # E[x²] - E[x]² can round below 0
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    y = x - mean
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    args = [x]
+    if self.use_scale:
+      scale = self.param('scale', self.scale_init, (features,), jnp.float32)
+      mul = mul * scale
+      args.append(scale)
+    y = y * mul
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (features,), jnp.float32)
+      y = y + bias
+      args.append(bias)
+    return jnp.asarray(y, canonicalize_dtype(*args, dtype=self.dtype))
