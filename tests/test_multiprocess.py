@@ -8,7 +8,7 @@ measures both):
 - ``reductions='ordered'``: every sum over devices is an all-gather followed by a sum in device order
   (vicreg_jax/collectives.py). gloo and XLA's in-process all-reduce add the devices' values in orders of
   their own, so on the native reductions the two layouts differ in the last bits from the first step on.
-- the same intra-op thread pool in every process (``PJRT_NPROC``): XLA:CPU sizes it max(cores, local devices),
+- the same intra-op thread pool in every process: XLA:CPU sizes it max(``PJRT_NPROC`` or cores, local devices),
   and Eigen splits a convolution's weight gradient into as many partial sums as the pool allows, so a process
   with 4 devices and one with 2 compute different last bits for the same rows (on a 2-core machine).
 With both, the parameters, BatchNorm statistics, probe figures and evaluation results are equal to the bit.
@@ -20,9 +20,10 @@ decides its side and changes that step's update by a small fraction of itself, a
 Whether a given pair of runs meets such an entry is chance: measured over seeds 0-9 here, the two-process
 difference was 1.2e-7 to 4.4e-5, and the distance between two one-process runs that differ only in the order
 of their sums (the noise floor: 'reversed' against 'ordered') matched it in six seeds, was 87 and 366 times
-smaller in two and 1,400 times larger in another. So these comparisons are bounded by the kinks' own scale, measured in the same run: a fraction of
-how far the parameters moved over the compared steps (a bug changes the updates themselves, i.e. about all of
-that motion); the noise floor is printed beside, and must lie below the bound too.
+smaller in two and 1,400 times larger in another. So these comparisons are bounded by the kinks' own scale,
+measured in the same run: a fraction of how far the parameters moved over the compared steps (a bug changes the
+updates themselves, i.e. about all of that motion); the noise floor is printed beside, and must lie below the
+bound too.
 
 The digits config runs here at LARS base_lr 0.01 (its own recipe, AdamW at 2e-3, normalises every gradient
 entry and grows last-bit differences fastest) with the long-run features on: prefetch, uint8 transfer with the
@@ -30,6 +31,7 @@ colour ops on the devices (digits views without pixel noise), remat and two micr
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,9 +57,10 @@ LINEAR = ['--config=configs/digits_linear.py', '--config.epochs=40', '--config.p
 FINETUNE = ['--config=configs/digits_semi.py', '--config.epochs=20', '--config.log_every_steps=20',
             '--config.checkpoint_every_steps=40',  # 50 labels in batches of 48: 40 steps, the last one saved
             '--config.reductions=ordered']
-# The same intra-op thread pool size in every process, whatever its device count (at least 4, the most devices
-# one process holds here) and the machine's core count.
-SAME_POOL = {'PJRT_NPROC': '4'}
+# The same intra-op thread pool size in every process, whatever its device count and the machine's core count:
+# PJRT_NPROC as pytest was given it (another size changes the rounding of every convolution's weight gradient),
+# else 4; at least 4, the most devices one process holds here.
+SAME_POOL = {'PJRT_NPROC': str(max(int(os.environ.get('PJRT_NPROC', '4')), 4))}
 # A difference that cannot be exact may be at most this fraction of the largest distance a parameter moved over
 # steps 12-24. Measured on these runs over seeds 0-9 (40 such differences, either kind, both noise floors): at most
 # 0.6 %; planted bugs (process 1's second view shifted by a row; micro-batches cut by device) 21-96 %.

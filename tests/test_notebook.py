@@ -67,6 +67,7 @@ def test_quickstart_notebook_outside_a_checkout_asks_for_its_source(tmp_path):
     NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
   error = failed.value
   print(f'{error.ename}: {error.evalue}')
-  assert error.ename == 'SystemExit' and error.evalue.startswith(f'No vicreg_jax checkout at or above {tmp_path.resolve()}')
+  assert error.ename == 'SystemExit'
+  assert error.evalue.startswith(f'No vicreg_jax checkout at or above {tmp_path.resolve()}')
   assert 'set `source` in the parameters cell' in error.evalue and '\n' not in error.evalue
   assert list(tmp_path.iterdir()) == []  # nothing cloned

@@ -39,12 +39,22 @@ class IntervalMean:
                                    tuple(k for k in self.latest if k in metrics))
     self.steps += 1
 
-  def take(self) -> dict[str, float]:
-    """The means since the last take (empty if no step was added; NaN if none of them was finite); one copy
-    from the device."""
-    if self._sums is None:
-      return {}
-    sums, count = jax.device_get((self._sums, self._count))
+  def detach(self):
+    """Ends the interval without waiting for its steps: its sums (still on the device, possibly being computed),
+    for :meth:`means` later; the next step starts a new interval."""
+    snapshot = (self._sums, self._count)
     self._sums, self._count, self.steps = None, None, 0
+    return snapshot
+
+  def means(self, snapshot) -> dict[str, float]:
+    """The means of a :meth:`detach`'ed interval (empty if it had no step; NaN if none of them was finite); one
+    copy from the device."""
+    if snapshot[0] is None:
+      return {}
+    sums, count = jax.device_get(snapshot)
     n = int(count)
     return {k: float(v) if k in self.latest else (float(v) / n if n else float('nan')) for k, v in sums.items()}
+
+  def take(self) -> dict[str, float]:
+    """The means since the last take: :meth:`means` of :meth:`detach`."""
+    return self.means(self.detach())

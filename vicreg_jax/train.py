@@ -81,7 +81,9 @@ class OnlineProbeEpoch:
 class StepMetrics:
   """Every ``every`` steps, at every ``log_every``-th and at the last: each step metric's mean over the steps
   since the last write (summed on the device meanwhile: one copy to the host per write; the learning rate and
-  EMA decay as at the step) to the writer. :attr:`last` holds the latest means, for the progress line."""
+  EMA decay as at the step) to the writer. Between progress lines an interval's means are copied one step later,
+  once the loop has waited for its last step anyway, so that writing them never stalls the loop; at a progress
+  line (whose diagnostics wait for the step) at once. :attr:`last` holds the latest means, for that line."""
 
   def __init__(self, writer, every: int, log_every: int, total_steps: int):
     if every < 1:
@@ -89,14 +91,26 @@ class StepMetrics:
     self.writer, self.every, self.log_every, self.total_steps = writer, every, log_every, total_steps
     self.mean = IntervalMean(latest=('learning_rate', 'ema_decay'))
     self.last: dict = {}
+    self.pending = None  # (step, the interval's sums on the device)
 
   def __call__(self, step: int, out: StepOutput):
+    self._write_pending()
     self.mean.add(out.metrics)
-    if _every(step, self.every, self.total_steps) or _every(step, self.log_every, self.total_steps):
+    if _every(step, self.log_every, self.total_steps):
       self.flush(step)
+    elif _every(step, self.every, self.total_steps):
+      self.pending = (step, self.mean.detach())
+
+  def _write_pending(self) -> None:
+    if self.pending is not None:
+      step, sums = self.pending
+      self.pending = None
+      self.writer.write_scalars(step, self.mean.means(sums))
 
   def flush(self, step: int) -> None:
-    """Writes the means of the steps since the last write, if any, at ``step`` (also where a run stops early)."""
+    """Writes what is not written yet: the pending interval, and the means of the steps since, at ``step`` (also
+    where a run stops early)."""
+    self._write_pending()
     if self.mean.steps:
       self.last = self.mean.take()
       self.writer.write_scalars(step, self.last)
