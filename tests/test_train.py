@@ -138,3 +138,6 @@ def test_step_metrics_are_written_as_interval_means_and_the_diagnostics_at_log_s
     assert len(means[tag]) == 4, tag
   assert [s for s, _ in means['emb/rankme']] == [6, 12] and [s for s, _ in means['repr/std_mean']] == [6, 12]
   assert 'finite' not in means
+  # The online probe's epoch top-1 (19 steps an epoch at batch 64: the run's 12 steps end inside the first).
+  probe = dict(every['online_probe_top1'])
+  assert means['online_probe/epoch_top1'] == [(12, pytest.approx(np.mean([probe[s] for s in range(1, 13)]), 1e-5))]

@@ -31,6 +31,7 @@ class IntervalMean:
     self.latest = tuple(sorted(latest))
     self.steps = 0  # steps added since the last take (finite or not)
     self._sums, self._count = None, None
+    self._pending = None
 
   def add(self, metrics: dict) -> None:
     metrics = dict(metrics)
@@ -58,3 +59,15 @@ class IntervalMean:
   def take(self) -> dict[str, float]:
     """The means since the last take: :meth:`means` of :meth:`detach`."""
     return self.means(self.detach())
+
+  def end(self, step: int) -> None:
+    """Ends the interval at ``step`` without waiting for it; :meth:`pending` gives its means later (the loop
+    waits for each step before the next one's actions, so one step later they cost no wait)."""
+    self._pending = (step, self.detach())
+
+  def pending(self) -> Optional[tuple[int, dict[str, float]]]:
+    """``(step, means)`` of the interval :meth:`end` ended, once (None if there is none)."""
+    if self._pending is None:
+      return None
+    (step, snapshot), self._pending = self._pending, None
+    return step, self.means(snapshot)

@@ -63,19 +63,26 @@ def _every(step: int, every: int, last: int) -> bool:
 
 class OnlineProbeEpoch:
   """At the end of every epoch: the online probe's mean train top-1 over the epoch (an early collapse
-  warning), summed on device meanwhile."""
+  warning), summed on the device meanwhile and copied one step later (when that step has finished anyway)."""
 
   def __init__(self, writer, epoch_steps: int, total_steps: int):
     self.writer, self.epoch_steps, self.total_steps = writer, epoch_steps, total_steps
-    self.sum, self.n = 0.0, 0
+    self.mean = IntervalMean()
 
   def __call__(self, step: int, out: StepOutput):
-    self.sum, self.n = self.sum + out.metrics['online_probe_top1'], self.n + 1
+    self.flush(step)
+    self.mean.add({k: out.metrics[k] for k in ('online_probe_top1', 'finite')})
     if _every(step, self.epoch_steps, self.total_steps):
-      top1 = float(self.sum) / self.n
-      self.writer.write_scalars(step, {'online_probe/epoch_top1': top1})
-      logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(step / self.epoch_steps), top1)
-      self.sum, self.n = 0.0, 0
+      self.mean.end(step)
+
+  def flush(self, step: int) -> None:
+    """Reports the epoch that ended before ``step``, if any."""
+    del step
+    if (done := self.mean.pending()) is not None:
+      end, means = done
+      self.writer.write_scalars(end, {'online_probe/epoch_top1': means['online_probe_top1']})
+      logging.info('epoch %d: online linear probe train top-1 %.3f', math.ceil(end / self.epoch_steps),
+                   means['online_probe_top1'])
 
 
 class StepMetrics:
@@ -91,7 +98,6 @@ class StepMetrics:
     self.writer, self.every, self.log_every, self.total_steps = writer, every, log_every, total_steps
     self.mean = IntervalMean(latest=('learning_rate', 'ema_decay'))
     self.last: dict = {}
-    self.pending = None  # (step, the interval's sums on the device)
 
   def __call__(self, step: int, out: StepOutput):
     self._write_pending()
@@ -99,13 +105,11 @@ class StepMetrics:
     if _every(step, self.log_every, self.total_steps):
       self.flush(step)
     elif _every(step, self.every, self.total_steps):
-      self.pending = (step, self.mean.detach())
+      self.mean.end(step)
 
   def _write_pending(self) -> None:
-    if self.pending is not None:
-      step, sums = self.pending
-      self.pending = None
-      self.writer.write_scalars(step, self.mean.means(sums))
+    if (done := self.mean.pending()) is not None:
+      self.writer.write_scalars(*done)
 
   def flush(self, step: int) -> None:
     """Writes what is not written yet: the pending interval, and the means of the steps since, at ``step`` (also
@@ -367,10 +371,10 @@ def _compilation_cache(config, workdir: str) -> None:
 
 
 def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, online_probe: bool,
-                       input_wait: InputWait) -> tuple[list, StepMetrics]:
-  """The loop's reporting actions, in the order they run after a step (steps/s, the online probe's epoch top-1,
-  the step metrics' interval means, the progress line with the collapse diagnostics, the spectrum), and the
-  :class:`StepMetrics` among them (to flush where a run stops)."""
+                       input_wait: InputWait) -> list:
+  """The loop's reporting actions, in the order they run after a step: steps/s, the online probe's epoch top-1,
+  the step metrics' interval means, the progress line with the collapse diagnostics, the spectrum. Those with a
+  ``flush(step)`` hold something back until a later step: the loop flushes them where it stops."""
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
   actions = [lambda step, out: progress(step)]
@@ -381,7 +385,7 @@ def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, onlin
               LogMetrics(writer, config.log_every_steps, total_steps, methods.get(config).terms, step_metrics,
                          input_wait),
               SpectrumImage(writer, config.spectrum_every_steps or config.checkpoint_every_steps, total_steps)]
-  return actions, step_metrics
+  return actions
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -411,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       parallel.data_sharding(mesh)), config.get('prefetch_to_device', 0)))
   guard = NonFiniteGuard(config.get('nonfinite', 'stop'), methods.get(config).terms, writer)
   checkpoint = Checkpoint(mngr, config.checkpoint_every_steps, stop_step, guard)
-  actions, step_metrics = _reporting_actions(config, writer, total_steps, epoch_steps, online[0] is not None, batches)
+  actions = _reporting_actions(config, writer, total_steps, epoch_steps, online[0] is not None, batches)
   actions.append(checkpoint)
   logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
                config.method, total_steps, warmup_steps, config.batch_size, mesh.devices.size, jax.process_count())
@@ -421,7 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     diagnose = make_diagnostics(mesh, config.get('diagnostics_max_rows', 1024))
     state, preempted = _run_steps(train_step, state, batches, actions, start_step, stop_step, guard, preemption,
                                   checkpoint, diagnose, profile)
-    step_metrics.flush(int(state.step))
+    for action in actions:  # what the reporting actions hold back for a step that never came
+      if hasattr(action, 'flush'):
+        action.flush(int(state.step))
   finally:  # also on interruption: let the checkpoint in flight land
     profile.close()
     preemption.close()
