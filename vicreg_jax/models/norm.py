@@ -43,24 +43,25 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-      moments = jnp.stack([x32.mean(axes), jax.lax.square(x32).mean(axes)])
-      if self.axis_name is not None and not self.is_initializing():
-        moments = collectives.pmean(moments, self.axis_name)
-      mean = moments[0]
-      var = jnp.maximum(0.0, moments[1] - jax.lax.square(mean))  # E[x²] - E[x]² can round below 0
+      mean, mean_sq = x32.mean(axes), jax.lax.square(x32).mean(axes)
+      if self.axis_name is not None and not self.is_initializing():  # one collective for both, as Flax
+        moments = collectives.pmean(jnp.stack([mean, mean_sq]), self.axis_name)
+        mean, mean_sq = moments[0], moments[1]
+      var = jnp.maximum(0.0, mean_sq - jax.lax.square(mean))  # E[x²] - E[x]² can round below 0
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    y = x - mean
-    mul = jax.lax.rsqrt(var + self.epsilon)
+    shape = (1,) * (x.ndim - 1) + (features,)  # the statistics broadcast over every axis but the last
+    y = x - mean.reshape(shape)
+    mul = jax.lax.rsqrt(var + self.epsilon).reshape(shape)
     args = [x]
     if self.use_scale:
       scale = self.param('scale', self.scale_init, (features,), jnp.float32)
-      mul = mul * scale
+      mul = mul * scale.reshape(shape)
       args.append(scale)
     y = y * mul
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (features,), jnp.float32)
-      y = y + bias
+      y = y + bias.reshape(shape)
       args.append(bias)
     return jnp.asarray(y, canonicalize_dtype(*args, dtype=self.dtype))
