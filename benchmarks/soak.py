@@ -38,13 +38,8 @@ def environment(cache: str) -> dict:
 
 
 def state(workdir: str, step: int) -> dict:
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-  path = os.path.join(workdir, 'checkpoints', str(step), 'default')
-  meta = ocp.StandardCheckpointer().metadata(path).item_metadata
-  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  from vicreg_jax import checkpoints
+  return checkpoints.numpy_arrays(checkpoints.path(os.path.join(workdir, 'checkpoints'), step))
 
 
 def max_diff(a, b) -> float:

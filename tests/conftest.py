@@ -145,12 +145,8 @@ class Job:
 
 def checkpoint_arrays(path) -> dict:
   """A checkpoint written on any number of devices or processes, as numpy arrays (``path`` = .../STEP/default)."""
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-  meta = ocp.StandardCheckpointer().metadata(str(path)).item_metadata
-  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  return ocp.PyTreeCheckpointer().restore(str(path), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  from vicreg_jax import checkpoints
+  return checkpoints.numpy_arrays(path)
 
 
 def scalar_events(workdir) -> dict:

@@ -276,31 +276,6 @@ def test_relative_workdirs(tmp_path, monkeypatch):
   assert sorted(results, key=int) == ['1', '2'] and (tmp_path / 'runs' / 'lin' / 'heads' / '2').is_dir()
 
 
-def test_a_checkpoint_that_cannot_be_read_is_retried_then_reported(tmp_path, monkeypatch):
-  """A checkpoint deleted or unreadable between listing and reading (max_to_keep, storage hiccups): the job
-  tries again on the next poll, and gives up with the checkpoint's name after 3 failures."""
-  c = tiny_digits(num_steps=1)
-  train.train_and_evaluate(c, str(tmp_path / 'pre'))
-  cfg = load_config('digits_linear')
-  cfg.update(pretrain_workdir=str(tmp_path / 'pre'), epochs=1, poll_seconds=0.1, timeout_seconds=60.0)
-  original, calls = classifier.backbone_target, []
-
-  def flaky(mngr, step, mesh, fails=1):
-    calls.append(step)
-    if len(calls) <= fails:
-      raise FileNotFoundError(f'checkpoint {step} went away')
-    return original(mngr, step, mesh)
-
-  monkeypatch.setattr(classifier, 'backbone_target', flaky)
-  results = linear.run(cfg, str(tmp_path / 'lin'))
-  assert calls == [1, 1] and list(results) == ['1'] and results['1']['top1'] > 0
-  calls.clear()
-  monkeypatch.setattr(classifier, 'backbone_target', lambda *a: flaky(*a, fails=3))
-  with pytest.raises(RuntimeError, match='cannot read checkpoint 1 of .*FileNotFoundError: checkpoint 1 went away'):
-    linear.run(cfg, str(tmp_path / 'lin2'))
-  assert calls == [1, 1, 1]
-
-
 def test_best_epoch_is_reported_with_the_last_beside_it(tmp_path, monkeypatch):
   """``classifier.report='best'`` (official): tested after every epoch, the best epoch's top-1/top-5 reported,
   the last epoch's beside them."""

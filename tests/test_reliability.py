@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import Job, checkpoint_arrays, max_abs_difference, tiny_digits
-from vicreg_jax import errors, runs, train
+from vicreg_jax import checkpoints, errors, train
 from vicreg_jax.evaluate import linear
 
 # The long-run features on (issue 13): prefetch to the devices, uint8 transfer with the colour ops on the devices
@@ -61,12 +61,12 @@ def test_kills_and_a_preemption_end_with_the_uninterrupted_state(tmp_path):
   work = tmp_path / 'run'
   command = [*args, f'--workdir={work}']
 
-  held = Job(command, logs, name='held', env={runs.HOLD_SAVE_ENV: '8'})
+  held = Job(command, logs, name='held', env={checkpoints.HOLD_SAVE_ENV: '8'})
   wait_for((work / 'save_held').exists, 'held save', held)
   in_flight = (work / 'save_held').read_text()
   assert os.path.isdir(in_flight) and '8.orbax-checkpoint-tmp' in in_flight, in_flight
   assert not (work / 'checkpoints' / '8').exists()  # the save is provably still in flight ...
-  assert runs.checkpoint_reader(str(work / 'checkpoints')).all_steps() == [4]  # ... and no reader lists it
+  assert checkpoints.reader(str(work / 'checkpoints')).all_steps() == [4]  # ... and no reader lists it
   held.kill()
   held.wait()
 
@@ -128,7 +128,7 @@ def test_a_nan_stops_the_run_at_its_step_with_the_checkpoints_intact_or_is_skipp
   config = tiny_digits(num_steps=8, checkpoint_every_steps=2, keep_checkpoints=10, debug_nan_at_step=5, **FEATURES)
   with pytest.raises(errors.NonFiniteError, match=r'^step 5: loss became nan; stopped'):
     train.train_and_evaluate(config, str(tmp_path / 'stop'))
-  steps = runs.checkpoint_reader(str(tmp_path / 'stop' / 'checkpoints')).all_steps()
+  steps = checkpoints.reader(str(tmp_path / 'stop' / 'checkpoints')).all_steps()
   assert steps == [2, 4], steps  # nothing saved after the bad step
   last_good = checkpoint_arrays(tmp_path / 'stop' / 'checkpoints' / '4' / 'default')
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(last_good))
@@ -171,7 +171,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path)
 
   # The evaluation job lists only finalised checkpoints: a save in flight (its temporary folder) is not one.
   shutil.copytree(work / 'checkpoints' / '8', work / 'checkpoints' / '10.orbax-checkpoint-tmp-1234')
-  mngr = runs.checkpoint_reader(str(work / 'checkpoints'))
+  mngr = checkpoints.reader(str(work / 'checkpoints'))
   eval_config = ml_collections.ConfigDict({'checkpoints': 'all'})
   assert linear._next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6)}, eval_config, 10) == 8
   assert linear._next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6, 8)}, eval_config, 10) is None

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import REPO, Job, job_env, tiny_digits
-from vicreg_jax import errors, methods, parallel, step as step_lib, train
+from vicreg_jax import errors, loop, methods, parallel, step as step_lib, train
 from vicreg_jax.data import pipeline
 from vicreg_jax.evaluate import diagnostics
 
@@ -141,7 +141,7 @@ def test_input_wait_share():
       time.sleep(0.05)
       yield 0
 
-  wait = train.InputWait(slow())
+  wait = loop.InputWait(slow())
   for _ in range(4):
     next(wait)
   time.sleep(0.2)  # "the step"
@@ -237,5 +237,5 @@ def test_profile_window_and_compilation_cache_across_restarts(tmp_path):
 
 def test_profile_steps_errors():
   with pytest.raises(errors.ConfigError, match="profile_steps '5-2'"):
-    train.Profile('5-2', '/tmp')
-  assert train.Profile('3', '/tmp').first == 3
+    loop.Profile('5-2', '/tmp')
+  assert loop.Profile('3', '/tmp').first == 3

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, write_folder
-from vicreg_jax import convert_weights, errors, parallel, runs
-from vicreg_jax.evaluate import classifier, linear
+from vicreg_jax import checkpoints, convert_weights, errors, parallel, runs
+from vicreg_jax.evaluate import linear
 from vicreg_jax.models import backbones, resnet, torch_weights
 
 GOLDEN = pathlib.Path(__file__).parent / 'data' / 'torchvision_resnet50_golden.npz'
@@ -183,10 +183,11 @@ def test_converted_workdir_is_read_by_the_linear_job(tmp_path, capsys):
   assert (pre_config.model.arch, pre_config.model.width_multiplier, pre_config.model.stem,
           pre_config.model.dtype) == ('resnet18', 1.0, 'imagenet', 'float32')
   final_step, _, _ = runs.schedule_steps(pre_config)
-  mngr = runs.checkpoint_reader(str(pre / 'checkpoints'))
+  mngr = checkpoints.reader(str(pre / 'checkpoints'))
   assert final_step == 1 and linear._next_checkpoint(mngr, {}, cfg, final_step) == 1
-  path, target = classifier.backbone_target(mngr, 1, parallel.make_mesh())
-  restored = jax.device_get(classifier.restore_backbone(path, target))
+  outcome, restored = checkpoints.read_backbone(str(pre / 'checkpoints'), 1, parallel.make_mesh(), 10.0)
+  assert outcome == checkpoints.READ
+  restored = jax.device_get(restored)
   want = torch_weights.from_torchvision(sd, 'resnet18')
   assert _same(restored, want)
   model = backbones.from_config(pre_config.model)

@@ -148,9 +148,8 @@ def _count(tree) -> int:
 def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: Optional[str] = None) -> str:
   """Writes the weights in ``source`` as the pretraining workdir ``workdir`` (see the module docstring) with the
   pretraining ``config`` (its ``model`` and ``num_steps`` set here); returns a one-line summary."""
-  import orbax.checkpoint as ocp
   import tensorflow as tf
-  from vicreg_jax import runs
+  from vicreg_jax import checkpoints, runs
 
   if step < 1:
     raise errors.ConfigError(f'--step must be at least 1 (0 names the evaluation jobs\' random baseline), not {step}.')
@@ -163,8 +162,8 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
     note = ', '.join(filter(None, [note, 'fc left out']))
 
   workdir = runs.make_workdir(workdir)
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  if tf.io.gfile.isdir(checkpoints) and any(d.rstrip('/').isdigit() for d in tf.io.gfile.listdir(checkpoints)):
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  if tf.io.gfile.isdir(checkpoint_dir) and any(d.rstrip('/').isdigit() for d in tf.io.gfile.listdir(checkpoint_dir)):
     raise errors.WorkdirError(f'{workdir} already holds checkpoints; pass a new --workdir (or delete it).')
   if runs.read_config(workdir) is not None and not tf.io.gfile.exists(os.path.join(workdir, 'converted_from.json')):
     raise errors.WorkdirError(f'{workdir} already holds a run (config.json); pass a new --workdir (or delete it).')
@@ -175,10 +174,10 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
       'source': source, 'arch': found, 'width_multiplier': width, 'step': step, 'note': note,
       'tensors': len(torch_weights.layout(found, width))})
   runs.save_config(workdir, config)  # before the checkpoint: a job that finds the config waits for it
-  mngr = runs.checkpoint_manager(checkpoints, keep=1)
-  mngr.save(step, args=ocp.args.StandardSave({
+  mngr = checkpoints.manager(checkpoint_dir, keep=1)
+  checkpoints.save(mngr, step, {
       'step': np.asarray(step, np.int32),
-      'params': {'backbone': variables['params']}, 'batch_stats': {'backbone': variables['batch_stats']}}))
+      'params': {'backbone': variables['params']}, 'batch_stats': {'backbone': variables['batch_stats']}})
   mngr.wait_until_finished()
   mngr.close()
   try:  # what the evaluation jobs do first with config.json: count the training split's examples
@@ -204,23 +203,22 @@ def read_backbone(workdir: str, step: Optional[int] = None) -> tuple[dict, objec
   """``(backbone variables as numpy, the run's config, step)`` of checkpoint ``step`` (default: the newest) of the
   pretraining workdir ``workdir``, read as the evaluation jobs read it (only the backbone)."""
   import jax
-  from vicreg_jax import parallel, runs
-  from vicreg_jax.evaluate import classifier
+  from vicreg_jax import checkpoints, parallel, runs
 
   pre = runs.absolute_workdir(workdir)
   config = runs.read_config(pre)
   if config is None:
     raise errors.WorkdirError(f'{pre} has no config.json: not the --workdir of a vicreg_jax pretraining run.')
-  mngr = runs.checkpoint_reader(os.path.join(pre, 'checkpoints'))
-  steps = sorted(mngr.all_steps())
+  directory = os.path.join(pre, 'checkpoints')
+  steps = checkpoints.steps(checkpoints.reader(directory))
   if not steps:
     raise errors.WorkdirError(f'{pre} has no checkpoints.')
   step = steps[-1] if step is None else step
   if step not in steps:
     raise errors.WorkdirError(f'{pre} has no checkpoint {step}; it has {", ".join(map(str, steps))}.')
-  path, target = classifier.backbone_target(mngr, step, parallel.make_mesh())
-  target = {k: {'backbone': v['backbone']} for k, v in target.items()}  # not the projector
-  return jax.device_get(classifier.restore_backbone(path, target)), config, step
+  target = checkpoints.backbone_target(directory, step, parallel.make_mesh())
+  restored = checkpoints.restore_subtrees(directory, step, target)
+  return jax.device_get({k: restored[k]['backbone'] for k in target}), config, step
 
 
 def export(workdir: str, out: str, step: Optional[int] = None) -> str:

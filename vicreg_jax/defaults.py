@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 'stop' ends the run with one line naming the step and the term, the checkpoints intact; 'skip' drops the
   # step's update (parameters, optimiser and method state unchanged), counted and logged.
   c.nonfinite = 'stop'
+  # A checkpoint that cannot be read but whose files are whole (a storage error, out of memory): retried with
+  # backoff for this long, then the run stops with one line, every checkpoint left where it is. Only a checkpoint
+  # whose own files show damage (missing, truncated, not decoding) is set aside (vicreg_jax/checkpoints.py).
+  c.restore_retry_seconds = 600.0
   c.debug_nan_at_step = 0     # tests: the loss becomes NaN at this step (0: never)
   c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
   c.diagnostics_max_rows = 1024  # the collapse diagnostics' SVD: on a subsample of this many rows of the batch
@@ -173,6 +177,8 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100     # a progress line
   c.metrics_every_steps = 10  # the head's train loss and top-1, as their means over the steps since the last write
   c.checkpoint_every_steps = 1000
+  c.nonfinite = 'stop'        # a NaN/inf in the head's loss or gradients: 'stop' (one line) or 'skip' the step
+  c.restore_retry_seconds = 600.0  # as in pretraining: for the pretraining checkpoints and the head's own
   c.reductions = 'native'    # 'native', 'ordered' or 'reversed', as in pretraining (vicreg_jax/collectives.py)
   # The classifier's optimiser (SGD, cosine per epoch, lr per group) and protocol.
   c.classifier = ml_collections.ConfigDict(dict(

@@ -1,17 +1,14 @@
-"""Run helpers shared by the pretraining and evaluation jobs: workdirs, the step schedule, config files,
-checkpoint managers and JSON results."""
+"""Run helpers shared by the pretraining and evaluation jobs: workdirs, the step schedule, config files and JSON
+results (checkpoints: :mod:`vicreg_jax.checkpoints`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
 from typing import Optional
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from vicreg_jax import errors
@@ -91,55 +88,3 @@ def write_json(path: str, value) -> None:
   with tf.io.gfile.GFile(tmp, 'w') as f:
     json.dump(value, f, indent=2)
   tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints.
-
-  A save lands in a temporary directory renamed when complete, so a save cut short (a kill) never looks like
-  a checkpoint; the manager deletes such leftovers when it starts. Tests can hold one save open before its
-  rename (:data:`HOLD_SAVE_ENV`)."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True, temporary_path_class=_held_save_class()))
-
-
-# Tests: VICREG_JAX_TEST_HOLD_SAVE=STEP holds the save of checkpoint STEP open for ever just before its final
-# rename, after writing the temporary directory's path to WORKDIR/save_held (so a test can kill the run while
-# that save is provably in flight).
-HOLD_SAVE_ENV = 'VICREG_JAX_TEST_HOLD_SAVE'
-
-
-def _held_save_class():
-  hold = os.environ.get(HOLD_SAVE_ENV)
-  if not hold:
-    return None
-  from orbax.checkpoint.path import atomicity
-
-  class HeldSave(atomicity.AtomicRenameTemporaryPath):
-    async def finalize(self):
-      if self.get_final().name == hold:
-        marker = self.get_final().parent.parent / 'save_held'
-        marker.write_text(str(self.get()))
-        while True:
-          await asyncio.sleep(3600)
-      await super().finalize()
-
-  return HeldSave
-
-
-def set_aside_checkpoint(mngr: ocp.CheckpointManager, step: int, workdir: str) -> Optional[str]:
-  """Moves the unreadable checkpoint ``step`` out of the manager's directory to
-  ``workdir/damaged_checkpoints/STEP-TIME`` (process 0; kept for a post-mortem, and out of the way of the
-  run's next save of that step), then reloads the manager's listing. Returns where it went."""
-  where = None
-  if jax.process_index() == 0:
-    where = os.path.join(workdir, 'damaged_checkpoints', f'{step}-{int(time.time())}')
-    tf.io.gfile.makedirs(os.path.dirname(where))
-    tf.io.gfile.rename(os.path.join(str(mngr.directory), str(step)), where)
-  mngr.reload()
-  return where
-
-
-def checkpoint_reader(directory: str) -> ocp.CheckpointManager:
-  """An orbax manager that only lists and reads ``directory`` (never writes or deletes there)."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))

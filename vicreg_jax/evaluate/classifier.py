@@ -22,15 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import collectives, errors, parallel, runs
+from vicreg_jax import checkpoints, collectives, errors, loop, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
-from vicreg_jax.metrics import IntervalMean
 from vicreg_jax.models import backbones
 
 
@@ -54,28 +52,6 @@ class Head(nn.Module):
 
 
 # --- the pretrained backbone --------------------------------------------------------------------------------
-
-def backbone_target(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[str, dict]:
-  """The path of pretraining checkpoint ``step`` and the shapes of its ``params`` and ``batch_stats``, replicated
-  over ``mesh``, from the checkpoint's metadata: raises if the checkpoint is gone or unreadable. This process
-  only (no collective), so that all processes can agree that they can read it before restoring together."""
-  path = os.path.join(str(mngr.directory), str(step), 'default')
-  meta = ocp.StandardCheckpointer().metadata(path).item_metadata
-  sharding = parallel.replicated(mesh)
-  return path, {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta[k])
-                for k in ('params', 'batch_stats')}
-
-
-def restore_backbone(path: str, target: dict) -> dict:
-  """``{'params', 'batch_stats'}`` of the backbone in the checkpoint at ``path`` (see :func:`backbone_target`).
-
-  Reads only those two subtrees (not the optimiser state), laid out for this job's devices, which may differ
-  in number from the pretraining run's. Every process takes part (orbax synchronises them).
-  """
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-  return {k: restored[k]['backbone'] for k in ('params', 'batch_stats')}
-
 
 def init_backbone(pre_config: ml_collections.ConfigDict, seed: int, mesh) -> dict:
   """``{'params', 'batch_stats'}`` of a freshly initialised backbone of the pretraining run's architecture,
@@ -108,6 +84,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: dict, steps_per_epo
 def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool,
                     sync_bn: bool = True, reductions: str = 'native'):
   """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
+  A non-finite loss or gradient moves only the step counter (``metrics['finite']``, read by the loop's guard).
 
   ``backbone=None``: the batch holds features (cached extraction). Frozen backbone: ``frozen`` holds its
   variables and it runs in inference mode. Fine-tuning: its params are in ``state`` and BatchNorm runs in train
@@ -144,10 +121,12 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
       batch_stats = jax.tree.map(lambda x: jax.lax.all_gather(x, axis)[0], batch_stats)
     grads = collectives.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = ClassifierState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+    new = ClassifierState(step=state.step, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=state.step + 1)
     top1 = collectives.pmean(jnp.mean(jnp.argmax(logits, -1) == batch['label']), axis)
-    return state, {'loss': loss, 'train_top1': top1}
+    return state, {'loss': loss, 'train_top1': top1, 'finite': finite}
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()),
                           check_vma=False)
@@ -246,6 +225,16 @@ def _eval_batches(config, split: str, mesh):
   return pipeline.global_batches(ds, parallel.data_sharding(mesh))
 
 
+def _train_batches(config, train_feats, indices, start: int, sharding):
+  """The training batches from step ``start`` on: of the cached features, or of the augmented images (the
+  subset ``indices`` of the split, or all of it)."""
+  if train_feats is not None:
+    return feature_batches(*train_feats, config.batch_size, config.seed, start, sharding)
+  ds = pipeline.labelled_dataset(config.data, dict(config.transforms.train), config.batch_size, config.seed,
+                                 start, jax.process_index(), jax.process_count(), indices)
+  return pipeline.global_batches(ds, sharding)
+
+
 def _train_subset(config) -> tuple[Optional[np.ndarray], int]:
   """The indices of ``data.labels_per_class`` examples per class (None: the whole split) and the number of
   training examples."""
@@ -261,8 +250,10 @@ def _train_subset(config) -> tuple[Optional[np.ndarray], int]:
   return indices, len(indices)
 
 
-def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool, tx_of, mngr, mesh, tag: str):
-  """The replicated classifier state (head, and the backbone when fine-tuning), or its checkpoint's."""
+def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool, tx_of, mngr, mesh, tag: str,
+                   workdir: str):
+  """The replicated classifier state (head, and the backbone when fine-tuning), or that of its newest checkpoint
+  (:func:`checkpoints.restore_newest`: a damaged one set aside to ``workdir/damaged_checkpoints``)."""
   params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
   batch_stats = {}
   if finetune:
@@ -270,17 +261,21 @@ def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool
   tx = tx_of(params)
   state = parallel.replicate(ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                              batch_stats=batch_stats, opt_state=tx.init(params)), mesh)
-  if mngr.latest_step() is not None:
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info('%s: resumed head training at step %d.', tag, int(state.step))
-  return state, tx
+  restored = checkpoints.restore_newest(mngr, state, workdir, config.get('restore_retry_seconds', 600.0),
+                                        what=f'{tag} head checkpoint', prefix=f'heads-{tag}-')
+  if restored is not None:
+    logging.info('%s: resumed head training at step %d.', tag, int(restored.step))
+  return (state if restored is None else restored), tx
 
 
 def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collections.ConfigDict,
-                     pretrained: dict, ckpt_dir: str, writer, tag: str, finetune: bool) -> dict:
+                     pretrained: dict, workdir: str, step: int, writer, finetune: bool,
+                     preemption: loop.Preemption) -> Optional[dict]:
   """Trains the head (and the backbone when ``finetune``) on ``config.data.train_split`` for
-  ``config.epochs``, resuming from ``ckpt_dir``; returns top-1/top-5 on ``config.data.test_split``: of the last
-  epoch, or with ``classifier.report='best'`` (official) of the epoch with the best top-1, tested after each.
+  ``config.epochs``, checkpointed in and resumed from ``workdir/heads/STEP`` (pretraining checkpoint ``step``);
+  returns top-1/top-5 on ``config.data.test_split``: of the last epoch, or with ``classifier.report='best'``
+  (official) of the epoch with the best top-1, tested after each. None when ``preemption`` stopped it (its state
+  saved at the step reached: the same command continues).
   The test figures of every ``classifier.test_every_epochs``-th epoch go to the writer as ``TAG/test_top1`` and
   ``TAG/test_top5``, the means of the head's train loss and top-1 as ``TAG/loss`` and ``TAG/train_top1``."""
   mesh = parallel.make_mesh()
@@ -292,16 +287,13 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   eval_backbone = backbones.from_config(pre_config.model)
   train_feats, test_feats, feat_dim = _features(config, pre_config, pretrained, eval_backbone, mesh, finetune)
   head = Head(sources.get(config.data).num_classes(config.data), cl.head_init_std)
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  tag, ckpt_dir = f'ckpt{step}', os.path.join(workdir, 'heads', str(step))
+  mngr = checkpoints.manager(ckpt_dir, keep=1)
   state, tx = _initial_state(config, head, feat_dim, pretrained, finetune,
-                             lambda p: make_optimizer(cl, p, steps_per_epoch, config.epochs), mngr, mesh, tag)
+                             lambda p: make_optimizer(cl, p, steps_per_epoch, config.epochs), mngr, mesh, tag,
+                             workdir)
   start = int(state.step)
-  if train_feats is not None:
-    batches = feature_batches(*train_feats, config.batch_size, config.seed, start, sharding)
-  else:
-    ds = pipeline.labelled_dataset(config.data, dict(config.transforms.train), config.batch_size, config.seed,
-                                   start, jax.process_index(), jax.process_count(), indices)
-    batches = pipeline.global_batches(ds, sharding)
+  batches = _train_batches(config, train_feats, indices, start, sharding)
   sync_bn = not finetune or cl.batchnorm == 'sync'
   train_backbone = None if train_feats is not None else backbones.from_config(
       pre_config.model, parallel.AXIS if finetune and sync_bn else None)
@@ -316,77 +308,87 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
     batches = cached_test if cached_test is not None else _eval_batches(config, config.data.test_split, mesh)
     return evaluate(eval_step, state, pretrained, batches)
 
-  if cl.report not in ('best', 'last'):
-    raise errors.ConfigError(f"classifier.report must be 'best' or 'last', not {cl.report!r}")
-  if cl.report == 'best' and cl.test_every_epochs != 1:
-    raise errors.ConfigError("classifier.report='best' tests after every epoch: set classifier.test_every_epochs=1")
-  loop = _TrainLoop(config, tag, writer, mngr, steps_per_epoch, test, ckpt_dir.rstrip('/') + '_best.json')
-  state, best = loop.run(train_step, state, pretrained, batches, start)
+  epoch_test = EpochTest(config, tag, writer, steps_per_epoch, test, ckpt_dir + '_best.json')
+  state, preempted = _run(config, tag, writer, mngr, steps_per_epoch, epoch_test, preemption,
+                          lambda s, b: (*train_step(s, pretrained, b), None), state, batches, start)
+  if preempted:
+    return None
   result = test(state)
   if cl.report == 'best':
-    result = dict(best, last_top1=result['top1'], last_top5=result['top5'])
+    result = dict(epoch_test.best, last_top1=result['top1'], last_top5=result['top5'])
   result['epochs'] = config.epochs
   return result
 
 
-class _TrainLoop:
-  """The classifier's steps with their periodic actions: the mean train loss and top-1 over every
-  ``metrics_every_steps`` steps to the writer (summed on the devices meanwhile) and a progress line every
-  ``log_every_steps``; the test top-1 and top-5 every ``classifier.test_every_epochs`` epochs to the writer (0:
-  none), the best epoch kept (across a restart, in ``best_path``) for ``classifier.report='best'``; a
-  checkpoint every ``checkpoint_every_steps``. The writer's tags start with ``tag`` (one checkpoint's head)."""
+def _run(config, tag: str, writer, mngr, steps_per_epoch: int, epoch_test, preemption, step_fn, state, batches,
+         start: int):
+  """The classifier's steps through :func:`loop.run` with their actions: the mean train loss and top-1 over
+  every ``metrics_every_steps`` steps to the writer as ``TAG/loss`` and ``TAG/train_top1``, a progress line every
+  ``log_every_steps``, the epoch tests, a checkpoint every ``checkpoint_every_steps`` (and of the step reached
+  on SIGTERM), the non-finite guard. Returns the state and whether it was preempted."""
+  total = config.epochs * steps_per_epoch
+  for key in ('metrics_every_steps', 'log_every_steps', 'checkpoint_every_steps'):
+    if config[key] < 1:
+      raise errors.ConfigError(f'{key} must be at least 1, not {config[key]}')
+  guard = loop.NonFiniteGuard(config.get('nonfinite', 'stop'), (), writer, what=tag)
+  metrics = loop.StepMetrics(writer, config.metrics_every_steps, config.log_every_steps, total, prefix=f'{tag}/')
+  actions = [metrics, _Progress(tag, config.log_every_steps, total, steps_per_epoch, config.epochs, metrics, start),
+             epoch_test]
+  state, preempted = loop.run(step_fn, state, batches, actions, start, total, guard=guard, preemption=preemption,
+                              checkpoint=loop.Checkpoint(mngr, config.checkpoint_every_steps, total, guard,
+                                                         at_stop=False))
+  if preempted:
+    message = (f'Stopped at step {int(state.step)} of {total} of the head of checkpoint {tag[len("ckpt"):]} '
+               f'(preempted (SIGTERM)); its state saved in {mngr.directory}; the same command continues from there.')
+    logging.info(message)
+    print(message, flush=True)
+  return state, preempted
 
-  def __init__(self, config, tag: str, writer, mngr, steps_per_epoch: int, test, best_path: str):
-    self.config, self.tag, self.writer, self.mngr, self.test = config, tag, writer, mngr, test
-    self.steps_per_epoch, self.total = steps_per_epoch, config.epochs * steps_per_epoch
+
+class _Progress:
+  """Every ``every`` steps and at the last: a progress line with the interval means of the loss and train top-1
+  (from ``metrics``, which runs before), steps/s and the time left."""
+
+  def __init__(self, tag: str, every: int, total: int, steps_per_epoch: int, epochs: int, metrics, start: int):
+    self.tag, self.every, self.total, self.steps_per_epoch, self.epochs = tag, every, total, steps_per_epoch, epochs
+    self.metrics, self.t0, self.last = metrics, time.time(), start
+
+  def __call__(self, step: int, out):
+    if not loop.due(step, self.every, self.total):
+      return
+    rate = (step - self.last) / max(time.time() - self.t0, 1e-9)
+    m = self.metrics.last
+    logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', self.tag, step,
+                 self.total, math.ceil(step / self.steps_per_epoch), self.epochs, m['loss'], m['train_top1'], rate,
+                 (self.total - step) / max(rate, 1e-9))
+    self.t0, self.last = time.time(), step
+
+
+class EpochTest:
+  """Every ``classifier.test_every_epochs`` epochs (0: never): the test top-1 and top-5 to the writer as
+  ``TAG/test_top1`` and ``TAG/test_top5``; the best epoch kept in :attr:`best` (and, across a restart, in
+  ``best_path``) for ``classifier.report='best'``."""
+
+  def __init__(self, config, tag: str, writer, steps_per_epoch: int, test, best_path: str):
+    self.tag, self.writer, self.test, self.steps_per_epoch = tag, writer, test, steps_per_epoch
     self.best_path, self.report = best_path, config.classifier.report
-    self.test_every = config.classifier.test_every_epochs * steps_per_epoch
-    for key in ('metrics_every_steps', 'log_every_steps', 'checkpoint_every_steps'):
-      if config[key] < 1:
-        raise errors.ConfigError(f'{key} must be at least 1, not {config[key]}')
+    if self.report not in ('best', 'last'):
+      raise errors.ConfigError(f"classifier.report must be 'best' or 'last', not {self.report!r}")
+    if self.report == 'best' and config.classifier.test_every_epochs != 1:
+      raise errors.ConfigError("classifier.report='best' tests after every epoch: set classifier.test_every_epochs=1")
+    self.every = config.classifier.test_every_epochs * steps_per_epoch
+    self.best = self._load_best() if self.report == 'best' else None
 
   def _load_best(self) -> dict:
     found = parallel.share_from_process_0(
         lambda: json.loads(tf.io.gfile.GFile(self.best_path).read()) if tf.io.gfile.exists(self.best_path) else {})
     return found or {'top1': -1.0, 'top5': -1.0, 'epoch': 0}
 
-  def _write_means(self, step, means):
-    self.writer.write_scalars(step, {f'{self.tag}/{k}': v for k, v in means.items()})
-
-  def _log(self, step, means, rate):
-    logging.info('%s: step %d/%d (epoch %d/%d)  loss %.4f  train_top1 %.3f  %.1f steps/s  ETA %.0f s', self.tag, step,
-                 self.total, math.ceil(step / self.steps_per_epoch), self.config.epochs, means['loss'],
-                 means['train_top1'], rate, (self.total - step) / max(rate, 1e-9))
-
-  def _test(self, step, state, best):
-    result = self.test(state)
+  def __call__(self, step: int, out):
+    if not self.every or step % self.every:
+      return
+    result = self.test(out.state)
     self.writer.write_scalars(step, {f'{self.tag}/test_top1': result['top1'], f'{self.tag}/test_top5': result['top5']})
-    if self.report == 'best' and result['top1'] > best['top1']:
-      best = dict(result, epoch=step // self.steps_per_epoch)
-      runs.write_json(self.best_path, best)
-    return best
-
-  def run(self, train_step, state, frozen, batches, start: int):
-    best = self._load_best() if self.report == 'best' else None
-    mean, means, metrics = IntervalMean(), {}, None
-    t0, last = time.time(), start
-    try:
-      for step in range(start + 1, self.total + 1):
-        previous = metrics
-        state, metrics = train_step(state, frozen, next(batches))
-        jax.block_until_ready(previous)  # at most two steps in flight (see train.py)
-        mean.add(metrics)
-        log = step % self.config.log_every_steps == 0 or step == self.total
-        if log or step % self.config.metrics_every_steps == 0:
-          means = mean.take()
-          self._write_means(step, means)
-        if log:
-          self._log(step, means, (step - last) / max(time.time() - t0, 1e-9))
-          t0, last = time.time(), step
-        if self.test_every and step % self.test_every == 0:
-          best = self._test(step, state, best)
-        if step % self.config.checkpoint_every_steps == 0:
-          self.mngr.save(step, args=ocp.args.StandardSave(state))
-    finally:
-      self.mngr.wait_until_finished()
-    return state, best
+    if self.report == 'best' and result['top1'] > self.best['top1']:
+      self.best = dict(result, epoch=step // self.steps_per_epoch)
+      runs.write_json(self.best_path, self.best)

@@ -23,12 +23,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
-from vicreg_jax import errors, parallel, runs
+from vicreg_jax import checkpoints, errors, loop, parallel, runs
 from vicreg_jax.evaluate import classifier
 
 
@@ -60,11 +59,14 @@ def _poll(what: str, find: Callable[[], Any], config, timeout: Optional[float]) 
     time.sleep(config.poll_seconds)
 
 
-def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool) -> dict:
-  """Trains and tests the classifier on ``backbone`` (checkpoint ``step``); logs and returns its result."""
+def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool,
+              preemption) -> Optional[dict]:
+  """Trains and tests the classifier on ``backbone`` (checkpoint ``step``); logs and returns its result (None:
+  preempted, the head's state saved)."""
   t0 = time.time()
-  result = classifier.train_classifier(config, pre_config, backbone, os.path.join(workdir, 'heads', str(step)),
-                                       writer, f'ckpt{step}', finetune)
+  result = classifier.train_classifier(config, pre_config, backbone, workdir, step, writer, finetune, preemption)
+  if result is None:
+    return None
   result.update(seconds=round(time.time() - t0, 1), finished_at=round(time.time(), 1))
   writer.write_scalars(step, {'top1': result['top1'], 'top5': result['top5']})
   writer.flush()
@@ -92,14 +94,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
 
   results = parallel.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  mesh = parallel.make_mesh()
-  if not config.from_scratch:
-    _evaluate_checkpoints(config, pre, pre_config, results, workdir, writer, mesh, finetune)
-  elif '0' not in results:
-    results['0'] = _evaluate(config, pre_config, classifier.init_backbone(pre_config, config.seed, mesh), 0,
-                             workdir, writer, finetune)
-    save_results(workdir, results)
-  writer.close()
+  mesh, preemption, preempted = parallel.make_mesh(), loop.Preemption(), False
+  try:
+    if not config.from_scratch:
+      preempted = _evaluate_checkpoints(config, pre, pre_config, results, workdir, writer, mesh, finetune, preemption)
+    elif '0' not in results:
+      backbone = classifier.init_backbone(pre_config, config.seed, mesh)
+      result = _evaluate(config, pre_config, backbone, 0, workdir, writer, finetune, preemption)
+      preempted = result is None
+      if not preempted:
+        results['0'] = result
+        save_results(workdir, results)
+  finally:
+    preemption.close()
+    writer.close()
+  if preempted:  # the classifier said where it stopped
+    return dict(results, preempted=True)
   print(json.dumps(results), flush=True)
   return results
 
@@ -131,8 +141,7 @@ def _with_image_size(config, size: int):
 
 def _next_checkpoint(mngr, results: dict, config, final_step: int) -> Optional[int]:
   """The step of the next checkpoint to evaluate (``config.checkpoints`` picks which), or None for none yet."""
-  mngr.reload()
-  todo = [s for s in mngr.all_steps() if str(s) not in results]
+  todo = [s for s in checkpoints.steps(mngr) if str(s) not in results]
   if config.checkpoints == 'latest':
     todo = todo[-1:]
   elif config.checkpoints == 'final':
@@ -141,36 +150,36 @@ def _next_checkpoint(mngr, results: dict, config, final_step: int) -> Optional[i
 
 
 def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: str, writer, mesh,
-                          finetune: bool) -> None:
+                          finetune: bool, preemption) -> bool:
   """Evaluates the checkpoints of the pretraining run in ``pre`` as they land, adding each to ``results`` and
-  results.json, until the run's last step is in it. Process 0 lists the checkpoints and chooses; every process
-  evaluates the one it chose."""
+  results.json, until the run's last step is in it; True if preempted first. Process 0 lists the checkpoints and
+  chooses; every process reads and evaluates the one it chose (:func:`checkpoints.read_backbone`: an error that
+  is not the checkpoint's is retried for ``restore_retry_seconds``; a checkpoint deleted meanwhile is skipped;
+  a damaged one is skipped with a warning, or ends the job if it is the last step's: the reader never moves the
+  pretraining run's files)."""
   final_step, _, _ = runs.schedule_steps(pre_config)
-  mngr = runs.checkpoint_reader(os.path.join(pre, 'checkpoints'))
-  failures: dict[int, int] = {}
+  directory = os.path.join(pre, 'checkpoints')
+  mngr, damaged = checkpoints.reader(directory), {}
   while str(final_step) not in results:
-    step = _poll(f'checkpoint {final_step} in {pre}/checkpoints',
-                 lambda: _next_checkpoint(mngr, results, config, final_step), config, config.timeout_seconds or None)
-    error = pretrained = None
-    try:  # deleted by max_to_keep meanwhile, storage hiccup: try again on the next poll
-      path, target = classifier.backbone_target(mngr, step, mesh)
-    except Exception as e:
-      error = e
-    if all(parallel.gather(np.array([error is None]))):  # every process can read it: restore it together
-      try:
-        pretrained = classifier.restore_backbone(path, target)
-      except Exception as e:
-        if jax.process_count() > 1:  # the others may be in orbax's barrier already: no retrying together
-          raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {type(e).__name__}: {e}') from e
-        error = e
-    if pretrained is None:
-      failures[step] = failures.get(step, 0) + 1
-      reason = f'{type(error).__name__}: {error}' if error is not None else 'another process could not read it'
-      if failures[step] >= 3:
-        raise RuntimeError(f'cannot read checkpoint {step} of {pre}: {reason}') from error
-      logging.warning('Could not read checkpoint %d (%s); retrying.', step, reason)
-      time.sleep(config.poll_seconds)
+    step = _poll(f'checkpoint {final_step} in {directory}',
+                 lambda: _next_checkpoint(mngr, {**results, **damaged}, config, final_step), config,
+                 config.timeout_seconds or None)
+    outcome, value = checkpoints.read_backbone(directory, step, mesh, config.get('restore_retry_seconds', 600.0))
+    if outcome == checkpoints.DAMAGED:
+      if step == final_step:
+        raise errors.WorkdirError(
+            f'checkpoint {step} of {pre} is damaged ({value}); run the pretraining command again (it sets the '
+            'checkpoint aside and redoes its steps), then this one')
+      logging.warning('Checkpoint %d of %s is damaged (%s); skipped.', step, pre, value)
+      damaged[str(step)] = value
+      continue
+    if outcome == checkpoints.GONE:  # deleted by the run's max_to_keep meanwhile
+      logging.info('Checkpoint %d of %s was deleted before it could be read; skipped.', step, pre)
+      damaged[str(step)] = 'gone'
       continue
     logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)
-    results[str(step)] = _evaluate(config, pre_config, pretrained, step, workdir, writer, finetune)
+    if (result := _evaluate(config, pre_config, value, step, workdir, writer, finetune, preemption)) is None:
+      return True
+    results[str(step)] = result
     save_results(workdir, results)
+  return False
