@@ -3,7 +3,7 @@
 ``--config`` defaults to configs/digits.py; ``--config.key=value`` overrides any key. Errors a user can cause
 (unknown config key, missing config file or dataset, a batch size that does not split over devices) end in
 one line on stderr and a non-zero exit status (:mod:`vicreg_jax.errors`); a bug keeps its traceback. SIGTERM
-(preemption) stops pretraining with a checkpoint and exit status 0.
+(preemption) stops pretraining, or the evaluation job's head training, with a checkpoint and exit status 0.
 """
 
 from __future__ import annotations
