@@ -108,21 +108,31 @@ def test_a_persistent_error_that_is_not_damage_stops_and_moves_nothing(pretraine
   work, config = copy_run(pretrained, tmp_path)
   before = mtimes(work)
 
+  attempts, inspections, original = [], [], checkpoints.inspect
+
   def oom(directory, step, target):
+    attempts.append(step)
     raise MemoryError('RESOURCE_EXHAUSTED: out of memory while restoring (injected)')
 
+  def inspect(directory, step):
+    inspections.append(step)
+    if inspection == 'storage down':
+      raise checkpoints.InspectionError('UNAVAILABLE: 503 (injected)')
+    return original(directory, step)
+
   monkeypatch.setattr(checkpoints, '_restore_state', oom)
-  if inspection == 'storage down':
-    monkeypatch.setattr(checkpoints, 'inspect', lambda d, s: (_ for _ in ()).throw(
-        checkpoints.InspectionError('UNAVAILABLE: 503 (injected)')))
+  monkeypatch.setattr(checkpoints, 'inspect', inspect)
   t0 = time.time()
   with pytest.raises(checkpoints.CheckpointReadError,
-                     match=r'^cannot read checkpoint 4 in .*checkpoints \(MemoryError: RESOURCE_EXHAUSTED.*left where '
+                     match=r'^cannot read checkpoint 4 in .*checkpoints \(MemoryError: RESOURCE_EXHAUSTED.*no damage, so it was left where '
                            r'it is; gave up after \d+ s') as e:
     train.train_and_evaluate(config, str(work))
   took = time.time() - t0
-  print(f'{inspection}: gave up after {took:.1f} s (restore_retry_seconds=3): {e.value}')
-  assert '\n' not in str(e.value) and took < 60
+  print(f'{inspection}: gave up after {took:.1f} s (restore_retry_seconds=3), {len(attempts)} attempts, '
+        f'{len(inspections)} inspections: {e.value}')
+  assert '\n' not in str(e.value) and took < 60 and len(attempts) >= 2 and set(attempts) == {4}
+  # a checkpoint found whole is inspected once; one whose inspection failed, after every attempt
+  assert len(inspections) == (1 if inspection == 'intact' else len(attempts))
   assert listing(work) == [2, 4] and mtimes(work) == before and not (work / 'damaged_checkpoints').exists()
 
 

@@ -209,10 +209,11 @@ def read_agreed(read: Callable[[], Any], directory: str, step: int, retry_second
   """``read()`` of checkpoint ``step`` on every process, retried until every process has read it: returns
   ``(READ, value)``, ``(DAMAGED, reason)`` when any process's :func:`inspect` found damage, ``(GONE, None)``
   when the checkpoint was deleted meanwhile. Any other failure is retried with backoff (1, 2, 4 … 60 s) for up
-  to ``retry_seconds``, then :class:`CheckpointReadError` on every process, nothing moved. A
+  to ``retry_seconds``, then :class:`CheckpointReadError` on every process, nothing moved. (A checkpoint this
+  process has inspected and found whole is not inspected again: at ImageNet scale that reads gigabytes.) A
   :class:`errors.WorkdirError` from ``read`` (another model's checkpoint) is raised at once. ``what``: the job's
   name for the checkpoint in messages. Every process must call it together."""
-  started, delay = time.monotonic(), 1.0
+  started, delay, intact = time.monotonic(), 1.0, False
   while True:
     error, value = None, None
     try:
@@ -224,10 +225,13 @@ def read_agreed(read: Callable[[], Any], directory: str, step: int, retry_second
     if not parallel.gather(np.array([error is not None])).any():
       return READ, value
     verdict, reason = _OK, None
-    if error is not None:
+    if error is not None and intact:  # read in full once already: no need to read it all again
+      verdict = _FAILED
+    elif error is not None:
       try:
         reason = inspect(directory, step)
         verdict = _FAILED if reason is None else _GONE if reason == 'gone' else _DAMAGED
+        intact = reason is None
       except InspectionError as e:
         verdict, reason = _UNKNOWN, str(e)
     verdicts = parallel.gather(np.array([verdict]))
@@ -239,10 +243,10 @@ def read_agreed(read: Callable[[], Any], directory: str, step: int, retry_second
     cause = f'{type(error).__name__}: {str(error)[:300]}' if error is not None else 'another process could not'
     if waited >= retry_seconds:
       raise CheckpointReadError(
-          f'cannot read {what} {step} in {directory} ({cause}); it looks intact, so it was left where it is; '
+          f'cannot read {what} {step} in {directory} ({cause}); its files show no damage, so it was left where it is; '
           f'gave up after {waited:.0f} s of retries (restore_retry_seconds); run the same command again once '
           'the cause is fixed')
-    logging.warning('Cannot read %s %d in %s (%s)%s; it looks intact: trying again in %.0f s.', what, step,
+    logging.warning('Cannot read %s %d in %s (%s)%s; its files show no damage: trying again in %.0f s.', what, step,
                     directory, cause, '' if verdict != _UNKNOWN else f', and inspecting it failed ({reason})',
                     min(delay, retry_seconds - waited))
     time.sleep(max(0.0, min(delay, retry_seconds - waited)))
