@@ -56,9 +56,14 @@ def main(argv):
   import tensorflow as tf  # the input pipeline only: keep it off accelerators
   tf.config.set_visible_devices([], 'GPU')
   import jax
+  from vicreg_jax import config as config_checks
   from vicreg_jax import errors, parallel, train
   from vicreg_jax.evaluate import finetune, linear
 
+  try:  # every value checked before waiting for peers or doing any work
+    config_checks.validate(config)
+  except errors.UserError as e:
+    fail(str(e))
   try:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
                         _HEARTBEAT_TIMEOUT.value)
@@ -104,7 +109,7 @@ def _config_error(e: Exception):
   if isinstance(e, (AttributeError, KeyError)):
     key = str(e).strip(chr(34) + chr(39))
     fail(f'unknown config key {key}: see the config file or vicreg_jax/defaults.py for the keys', 2)
-  fail(f'bad config override: {e}', 2)
+  fail(f'bad config override: {e}')
 
 
 def _parse_flags(argv):
@@ -113,6 +118,8 @@ def _parse_flags(argv):
   except (AttributeError, KeyError) as e:
     _config_error(e)
   except flags.Error as e:
+    if str(e).startswith('flag --config.'):  # a config value of the wrong type: a config mistake, as in config.py
+      fail(f'bad config value: {e}')
     fail(f'bad command line: {e}', 2)
 
 

@@ -19,6 +19,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from vicreg_jax import checkpoints, loop, methods, parallel, runs
+from vicreg_jax import config as config_checks
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
 from vicreg_jax.loop import due
@@ -146,7 +147,7 @@ def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, onlin
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
-  methods.get(config)  # an unknown method fails before anything is written
+  config_checks.validate(config)  # a wrong value fails in one line before anything is written
   workdir = runs.make_workdir(workdir)
   _compilation_cache(config, workdir)
   mesh = parallel.make_mesh()

@@ -28,6 +28,7 @@ from absl import logging
 from clu import metric_writers
 
 from vicreg_jax import checkpoints, errors, loop, parallel, runs
+from vicreg_jax import config as config_checks
 from vicreg_jax.evaluate import classifier
 
 
@@ -80,6 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
     raise errors.ConfigError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
+  config_checks.validate(config)
   if config.checkpoints not in ('all', 'latest', 'final'):
     raise errors.ConfigError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
   runs.check_splits(config.data, [config.data.train_split, config.data.test_split])
