@@ -241,14 +241,15 @@ def read_agreed(read: Callable[[], Any], directory: str, step: int, retry_second
       return GONE, None
     waited = parallel.share_from_process_0(lambda: time.monotonic() - started)
     cause = f'{type(error).__name__}: {str(error)[:300]}' if error is not None else 'another process could not'
+    judged = (f'inspecting its files failed too ({reason[:200]})' if verdict == _UNKNOWN else
+              'its files show no damage')
     if waited >= retry_seconds:
       raise CheckpointReadError(
-          f'cannot read {what} {step} in {directory} ({cause}); its files show no damage, so it was left where it is; '
+          f'cannot read {what} {step} in {directory} ({cause}); {judged}, so it was left where it is; '
           f'gave up after {waited:.0f} s of retries (restore_retry_seconds); run the same command again once '
           'the cause is fixed')
-    logging.warning('Cannot read %s %d in %s (%s)%s; its files show no damage: trying again in %.0f s.', what, step,
-                    directory, cause, '' if verdict != _UNKNOWN else f', and inspecting it failed ({reason})',
-                    min(delay, retry_seconds - waited))
+    logging.warning('Cannot read %s %d in %s (%s); %s: trying again in %.0f s.', what, step, directory, cause,
+                    judged, min(delay, retry_seconds - waited))
     time.sleep(max(0.0, min(delay, retry_seconds - waited)))
     delay = min(2 * delay, 60.0)
 
