@@ -125,8 +125,9 @@ def test_a_persistent_error_that_is_not_damage_stops_and_moves_nothing(pretraine
   t0 = time.time()
   judged = (r'its files show no damage' if inspection == 'intact' else
             r'inspecting its files failed too \(UNAVAILABLE.*\)')
-  with pytest.raises(checkpoints.CheckpointReadError, match=r'^cannot read checkpoint 4 in .*checkpoints \(MemoryError: '
-                     rf'RESOURCE_EXHAUSTED.*\); {judged}, so it was left where it is; gave up after \d+ s') as e:
+  expected = (r'^cannot read checkpoint 4 in .*checkpoints \(MemoryError: RESOURCE_EXHAUSTED.*\); '
+              rf'{judged}, so it was left where it is; gave up after \d+ s')
+  with pytest.raises(checkpoints.CheckpointReadError, match=expected) as e:
     train.train_and_evaluate(config, str(work))
   took = time.time() - t0
   print(f'{inspection}: gave up after {took:.1f} s (restore_retry_seconds=3), {len(attempts)} attempts, '

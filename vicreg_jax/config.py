@@ -76,8 +76,9 @@ def _sources():
 
 
 _RECIPE = {  # an augmentation recipe (augment.view1/view2, transforms.train)
-    'crop_size': NONNEG_INT, 'crop_method': Rule('str', choices=('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5',
-                                                                     'gaussian', 'mitchellcubic')),
+    'crop_size': NONNEG_INT,
+    'crop_method': Rule('str', choices=('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5', 'gaussian',
+                                        'mitchellcubic')),
     'translate': NONNEG_INT, 'affine_degrees': NONNEG, 'affine_shear': NONNEG, 'flip_p': PROBABILITY,
     'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY, 'blur_kernel_fraction': POSITIVE,
     'solarize_p': PROBABILITY, 'noise_std': NONNEG, 'cutout_p': PROBABILITY, 'cutout_size': NONNEG_INT,
@@ -122,7 +123,8 @@ _PRETRAIN = {
     **{f'augment.{v}.{k}': r for v in ('view1', 'view2') for k, r in _RECIPE.items()},
 }
 _EVAL = {
-    'epochs': COUNT, 'pretrain_workdir': TEXT, 'checkpoints': Rule('str', choices=('all', 'latest', 'final')), 'from_scratch': BOOL,
+    'epochs': COUNT, 'pretrain_workdir': TEXT, 'checkpoints': Rule('str', choices=('all', 'latest', 'final')),
+    'from_scratch': BOOL,
     'poll_seconds': POSITIVE, 'timeout_seconds': NONNEG, 'start_timeout_seconds': NONNEG,
     'classifier.head_lr': NONNEG, 'classifier.backbone_lr': NONNEG, 'classifier.weight_decay': NONNEG,
     'classifier.momentum': FRACTION, 'classifier.head_init_std': NONNEG,
