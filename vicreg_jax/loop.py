@@ -152,15 +152,13 @@ class Checkpoint:
 
   def __init__(self, mngr, every: int, stop_step: int, guard: NonFiniteGuard, at_stop: bool = True):
     self.mngr, self.every, self.stop_step, self.guard = mngr, every, stop_step, guard
-    self.at_stop = at_stop
+    self.at_stop, self.saved = at_stop, 0  # the step of the last save
 
   def __call__(self, step: int, out: StepOutput, force: bool = False):
     if force or step % self.every == 0 or (self.at_stop and step == self.stop_step):
       self.guard.check(step, out.metrics)
       checkpoints.save(self.mngr, step, out.state, force=force)
       self.saved = step
-
-  saved = 0
 
 
 class InputWait:

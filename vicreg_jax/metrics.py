@@ -21,6 +21,19 @@ def _add(sums: Optional[dict], count, metrics: dict, finite, latest: tuple):
   return out, count + finite.astype(jnp.int32)
 
 
+def all_finite(loss, grads) -> jax.Array:
+  """Whether the (global) loss and every gradient entry are finite: a step's ``finite`` metric."""
+  return jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+
+def keep_if_finite(finite, new, old):
+  """``new`` if the step was finite, else ``old`` with only the step counter moved on (states with ``step`` and
+  ``replace``): a bad step changes no parameter, statistic or optimiser state, so no checkpoint ever holds its
+  NaNs (the host learns of it a step later, from ``metrics['finite']``: :class:`loop.NonFiniteGuard`)."""
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.replace(step=old.step), old)
+  return kept.replace(step=new.step)
+
+
 class IntervalMean:
   """Accumulates each step's scalar metrics on the device; :meth:`take` returns their means over the steps added
   since the last take and starts a new interval. A step whose ``finite`` metric is False (an update the step

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from vicreg_jax import collectives, errors, losses, methods, parallel
 from vicreg_jax.data import device_augment
 from vicreg_jax.evaluate import diagnostics
+from vicreg_jax.metrics import all_finite, keep_if_finite
 from vicreg_jax.models import backbones, heads, resnet
 
 @flax.struct.dataclass
@@ -216,19 +217,6 @@ def _poisoned(loss, metrics, step, nan_at_step: int):
   return loss, dict(metrics, loss=loss)
 
 
-def _all_finite(loss, grads) -> jax.Array:
-  """Whether the (global) loss and every gradient entry are finite."""
-  return jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-
-
-def _if_finite(finite, new: TrainState, old: TrainState) -> TrainState:
-  """``new`` if the step was finite, else ``old`` with only the step counter moved on: a bad step changes no
-  parameter, statistic or optimiser state, so no checkpoint ever holds its NaNs (the host learns of it a step
-  later, from ``metrics['finite']``: :class:`NonFiniteGuard`)."""
-  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.replace(step=old.step), old)
-  return kept.replace(step=new.step)
-
-
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None), total_steps: Optional[int] = None):
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
@@ -284,7 +272,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
                                                             make_views, remat)
     grads = collectives.pmean(grads, axis)
-    finite = _all_finite(metrics['loss'], grads)
+    finite = all_finite(metrics['loss'], grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
@@ -296,7 +284,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
           head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
-    new_state = _if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+    new_state = keep_if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                               opt_state=opt_state, probe_params=probe_params,
                                               probe_opt_state=probe_opt_state, extra=extra), state)
     return new_state, dict(metrics, finite=finite), (h1, views.z[0])

@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     train_step = make_train_step(config, build_model(config), tx, schedule, mesh, online, total_steps)
     diagnose = make_diagnostics(mesh, config.get('diagnostics_max_rows', 1024))
-    state, preempted = loop.run(lambda s, b: train_step(s, b), state, batches, actions, start_step, stop_step,
+    state, preempted = loop.run(train_step, state, batches, actions, start_step, stop_step,
                                 guard=guard, preemption=preemption, checkpoint=checkpoint,
                                 derive=lambda hz: diagnose(*hz), profile=loop.Profile(config.get('profile_steps', ''),
                                                                                       workdir))

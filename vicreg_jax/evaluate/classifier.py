@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from vicreg_jax import checkpoints, collectives, errors, loop, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
+from vicreg_jax.metrics import all_finite, keep_if_finite
 from vicreg_jax.models import backbones
 
 
@@ -121,10 +122,9 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
       batch_stats = jax.tree.map(lambda x: jax.lax.all_gather(x, axis)[0], batch_stats)
     grads = collectives.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = ClassifierState(step=state.step, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=state.step + 1)
+    finite = all_finite(loss, grads)
+    state = keep_if_finite(finite, ClassifierState(step=state.step + 1, params=optax.apply_updates(
+        state.params, updates), batch_stats=batch_stats, opt_state=opt_state), state)
     top1 = collectives.pmean(jnp.mean(jnp.argmax(logits, -1) == batch['label']), axis)
     return state, {'loss': loss, 'train_top1': top1, 'finite': finite}
 

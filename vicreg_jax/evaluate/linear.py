@@ -161,10 +161,10 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
   pretraining run's files)."""
   final_step, _, _ = runs.schedule_steps(pre_config)
   directory = os.path.join(pre, 'checkpoints')
-  mngr, damaged = checkpoints.reader(directory), {}
+  mngr, skipped = checkpoints.reader(directory), {}
   while str(final_step) not in results:
     step = _poll(f'checkpoint {final_step} in {directory}',
-                 lambda: _next_checkpoint(mngr, {**results, **damaged}, config, final_step), config,
+                 lambda: _next_checkpoint(mngr, {**results, **skipped}, config, final_step), config,
                  config.timeout_seconds or None)
     outcome, value = checkpoints.read_backbone(directory, step, mesh, config.get('restore_retry_seconds', 600.0))
     if outcome == checkpoints.DAMAGED:
@@ -173,11 +173,11 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
             f'checkpoint {step} of {pre} is damaged ({value}); run the pretraining command again (it sets the '
             'checkpoint aside and redoes its steps), then this one')
       logging.warning('Checkpoint %d of %s is damaged (%s); skipped.', step, pre, value)
-      damaged[str(step)] = value
+      skipped[str(step)] = value
       continue
     if outcome == checkpoints.GONE:  # deleted by the run's max_to_keep meanwhile
       logging.info('Checkpoint %d of %s was deleted before it could be read; skipped.', step, pre)
-      damaged[str(step)] = 'gone'
+      skipped[str(step)] = 'gone'
       continue
     logging.info('Evaluating checkpoint %d of %s (final: %d).', step, pre, final_step)
     if (result := _evaluate(config, pre_config, value, step, workdir, writer, finetune, preemption)) is None:
