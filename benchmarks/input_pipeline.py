@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
-from vicreg_jax import defaults  # noqa: E402
+from vicreg_jax import config as schema  # noqa: E402
 from vicreg_jax.data import augment, pipeline  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def ours_rate(root: str, n: int, epochs: int, size: int, batch: int = 16, on_dev
   config = module.get_config()
   config.batch_size = batch
   config.data.update(source='folder', data_dir=root, image_size=size, threadpool_size=1, prefetch=1)
-  view1, view2 = defaults.imagenet_views(size)
+  view1, view2 = schema.imagenet_views(size)
   config.augment.view1, config.augment.view2 = view1, view2
   config.augment.on_device = on_device
   ds = _single_thread(pipeline.pretrain_dataset(config))
@@ -101,7 +101,7 @@ def ours_rate(root: str, n: int, epochs: int, size: int, batch: int = 16, on_dev
 
 def unfused_rate(paths: list[str], epochs: int, size: int, batch: int = 16) -> float:
   """(a'): decode the whole JPEG once, then the two views crop the decoded image."""
-  view1, view2 = defaults.imagenet_views(size)
+  view1, view2 = schema.imagenet_views(size)
 
   def views(i, path):
     image = augment.decode(tf.io.read_file(path))
@@ -123,7 +123,7 @@ def device_colour_ops(size: int, batch: int = 64, repeats: int = 5) -> tuple[flo
   and their FLOPs per image from XLA's cost analysis."""
   import jax
   from vicreg_jax.data import device_augment
-  view1, view2 = defaults.imagenet_views(size)
+  view1, view2 = schema.imagenet_views(size)
   rng = np.random.default_rng(0)
   x1, x2 = (jax.device_put(rng.integers(0, 256, (batch, size, size, 3), np.uint8)) for _ in range(2))
 

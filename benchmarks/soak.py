@@ -28,7 +28,7 @@ def command(workdir: str, steps: int) -> list:
   return [sys.executable, '-m', 'vicreg_jax.main', '--config=configs/digits.py', f'--workdir={workdir}',
           '--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
           f'--config.num_steps={steps}', '--config.checkpoint_every_steps=10', '--config.keep_checkpoints=2',
-          '--config.log_every_steps=1', '--config.eval.final_probe=False']
+          '--config.log_every_steps=1', '--config.final_probe.enabled=False']
 
 
 def environment(cache: str) -> dict:

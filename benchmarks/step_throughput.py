@@ -88,8 +88,8 @@ def measured_peak(dtype: str, side: int) -> float:
 
 
 def _config(args):
-  from vicreg_jax import defaults
-  c = defaults.base_config()
+  from vicreg_jax import config as schema
+  c = schema.base_config()
   c.batch_size = args.batch
   c.num_steps = 1000
   c.online_probe.enabled = False

@@ -9,7 +9,7 @@ Reported there: about 92% linear top-1 after 1000 epochs. Not yet run in this pr
 cifar10 with `tfds build cifar10` beforehand.
 """
 
-from vicreg_jax.defaults import base_config, view_recipe
+from vicreg_jax.config import base_config, view_recipe
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -26,5 +26,6 @@ def get_config():
   view = view_recipe(crop_size=32, crop_scale=(0.2, 1.0), flip_p=0.5, jitter_p=0.8, gray_p=0.2, solarize_p=0.1,
                      mean=CIFAR_MEAN, std=CIFAR_STD)
   c.augment.update(view1=view, view2=dict(view))
-  c.eval.update(final_probe=True, test_split='test', batch_size=1024)
+  c.data.test_split = 'test'
+  c.final_probe.update(enabled=True, batch_size=1024)
   return c

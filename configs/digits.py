@@ -15,7 +15,7 @@ Measured (README, seeds 0–2, mean ± std, 2 CPU cores): linear_top1 0.988 ± 0
 configs/digits_linear.py and configs/digits_semi.py; the supervised reference is configs/digits_supervised.py.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

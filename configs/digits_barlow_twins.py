@@ -8,7 +8,7 @@ knn_top1_20 0.962, embedding_std 0.488. λ is the official 0.0051 (for D = 512 t
 AdamW here, so the official LARS learning rate of biases and norm parameters (bias_lr_factor) is kept at 1.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

@@ -5,7 +5,7 @@
 Projector and predictor 512-128 (official 4096-256), EMA target with τ from 0.99 to 1 by cosine.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ Measured on the default digits run, seed 0 (600 steps): checkpoints 200 / 400 / 
 0.987, 12 s for all three on 2 CPU cores; the run's own scikit-learn probe says 0.987 at step 600.
 """
 
-from vicreg_jax.defaults import eval_job_config
+from vicreg_jax.config import eval_job_config
 
 
 def get_config():

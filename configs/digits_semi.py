@@ -10,7 +10,7 @@ seeded 5-per-class draws) with the pretraining views, BatchNorm in train mode wi
 0.867 in 21 s on 2 CPU cores (the frozen 5-per-class probe of that run: 0.903).
 """
 
-from vicreg_jax.defaults import digits_config, eval_job_config
+from vicreg_jax.config import digits_config, eval_job_config
 
 
 def get_config():
@@ -24,7 +24,8 @@ def get_config():
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
   c.classifier.update(backbone_lr=0.03, head_lr=0.08, weight_decay=0.0, report='last')
-  c.data.update(source='digits', name='digits', test_split='test', channels=1, labels_per_class=5)
+  c.data.update(source='digits', name='digits', test_split='test', channels=1)
+  c.classifier.labels_per_class = 5
   c.transforms.train = digits_config().augment.view1.to_dict()  # the pretraining views
   c.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
   return c

@@ -5,7 +5,7 @@
 Projector 512-512-128, temperature 0.5 (the official CIFAR-10 value), negatives from every device.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ Projector 512-512-512 with the official BatchNorm on its output, predictor 128-5
 learning rate (official --fix-pred-lr).
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

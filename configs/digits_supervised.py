@@ -12,7 +12,7 @@ fresh backbone stays frozen under a linear head: the random-encoder baseline.
 Measured on the digits run's ConvNet (README, seeds 0–2): top-1 0.988 ± 0.002, 174–220 s each on 2 CPU cores.
 """
 
-from vicreg_jax.defaults import eval_job_config
+from vicreg_jax.config import eval_job_config
 
 
 def get_config():

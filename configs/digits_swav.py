@@ -6,7 +6,7 @@ Projector 512-128, 30 prototypes, temperature 0.1, Sinkhorn ε 0.05 with 3 itera
 the first 50 steps, no queue.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

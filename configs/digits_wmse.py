@@ -6,7 +6,7 @@ Official head (Linear-BN-ReLU-Linear) to a 64-d embedding; whitening sub-batches
 one draw.
 """
 
-from vicreg_jax.defaults import digits_config
+from vicreg_jax.config import digits_config
 
 
 def get_config():

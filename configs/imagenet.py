@@ -18,7 +18,7 @@ run in parallel with autotune; ``data.threadpool_size`` sets a private thread po
 ``data.shuffle_buffer`` the TFDS shuffle buffer (encoded images, about 110 kB each).
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expected: 73.2% linear top-1 with configs/imagenet_linear.py (paper, Table 1); 5
 labels (Table 2).
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

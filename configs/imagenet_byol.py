@@ -9,7 +9,7 @@ warmup epochs then cosine to 0, 1000 epochs; the views are the same as VICReg's 
 Evaluate with configs/imagenet_linear.py.
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

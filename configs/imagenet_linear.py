@@ -9,7 +9,7 @@ Evaluates every checkpoint as it lands (``--config.checkpoints=latest`` skips to
 Expected on the paper's 1000-epoch checkpoint: 73.2% top-1, 91.1% top-5 (paper, Table 1).
 """
 
-from vicreg_jax.defaults import eval_job_config
+from vicreg_jax.config import eval_job_config
 
 
 def get_config():

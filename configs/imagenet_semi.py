@@ -8,7 +8,7 @@ trained, backbone/head lr 0.03/0.08 (1%) or 0.01/0.1 (10%), weight decay 0, 20 e
 from the pretraining run's final checkpoint. Expected (paper, Table 2): top-1 54.8% (1%), 69.5% (10%).
 """
 
-from vicreg_jax.defaults import eval_job_config
+from vicreg_jax.config import eval_job_config
 
 LRS = {1: (0.03, 0.08), 10: (0.01, 0.1)}
 

@@ -9,7 +9,7 @@ views are VICReg's (SimCLR's own blur both views at 0.5 and never solarize). Eva
 configs/imagenet_linear.py.
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

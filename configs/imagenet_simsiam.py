@@ -9,7 +9,7 @@ global batch 512, cosine without warmup, 100 epochs (paper: 68.1% linear top-1).
 configs/imagenet_linear.py.
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

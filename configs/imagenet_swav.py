@@ -9,7 +9,7 @@ prototypes frozen for the first 313 steps, global batch 4096 without a queue, LA
 multi-crop (2×224 + 6×96, 75.3%) is not implemented. Evaluate with configs/imagenet_linear.py.
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

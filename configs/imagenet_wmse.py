@@ -8,7 +8,7 @@ Adam with L2 1e-6) at 2e-3, 240 epochs: the authors' ImageNet-100 recipe, the cl
 ImageNet-1k. Evaluate with configs/imagenet_linear.py.
 """
 
-from vicreg_jax.defaults import imagenet_config
+from vicreg_jax.config import imagenet_config
 
 
 def get_config():

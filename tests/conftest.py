@@ -202,7 +202,7 @@ def tiny_digits(**overrides):
   c = load_config('digits')
   c.model.update(width_multiplier=0.25, projector='32-32-32')
   c.batch_size = 64
-  c.eval.final_probe = False
+  c.final_probe.enabled = False
   c.log_every_steps = 1
   for k, v in overrides.items():
     node = c

@@ -15,7 +15,7 @@ def test_rows_build_configs_of_their_method_with_their_overrides():
   rows = {r.name: r for r in ablate.PAPER_ROWS}
   c = ablate.row_config(base, rows['coeff_1_1_1'], seed=2, epochs=7, settings=['model.width_multiplier=0.5'])
   assert (c.method, c.vicreg.sim_coeff, c.vicreg.std_coeff, c.vicreg.cov_coeff) == ('vicreg', 1.0, 1.0, 1.0)
-  assert (c.seed, c.epochs, c.num_steps, c.model.width_multiplier, c.eval.final_probe) == (2, 7, 0, 0.5, True)
+  assert (c.seed, c.epochs, c.num_steps, c.model.width_multiplier, c.final_probe.enabled) == (2, 7, 0, 0.5, True)
   s = ablate.row_config(base, rows['simsiam_no_pred_var'], seed=0, epochs=0, settings=[])
   # From configs/digits_simsiam.py: its projector with the output BatchNorm, no predictor, μ = 1.
   assert s.method == 'simsiam' and s.model.projector_output_bn and s.simsiam.predictor == ''
@@ -49,7 +49,7 @@ def test_command_runs_rows_over_seeds_and_resumes(tmp_path):
   rewritten from the recorded summaries."""
   cmd = [sys.executable, '-m', 'vicreg_jax.ablate', f'--workdir={tmp_path}', '--rows=inv_only',
          '--seeds=0,1', '--epochs=1', '--set=model.width_multiplier=0.25', "--set=model.projector='32-32-32'",
-         '--set=batch_size=64', '--set=eval.draws=1']
+         '--set=batch_size=64', '--set=final_probe.draws=1']
   first = subprocess.run(cmd, cwd=REPO, env=job_env(2), capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   progress = [line for line in first.stdout.splitlines() if line.startswith('[')]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vicreg_jax import defaults
+from vicreg_jax import config as schema
 from vicreg_jax.data import augment
 
 SIZE = 32
-VIEW1, VIEW2 = defaults.imagenet_views(SIZE)
+VIEW1, VIEW2 = schema.imagenet_views(SIZE)
 IMAGE = tf.random.stateless_uniform((40, 48, 3), seed=[1, 2])
 JPEG = tf.io.encode_jpeg(tf.image.convert_image_dtype(IMAGE, tf.uint8))
 PNG = tf.io.encode_png(tf.image.convert_image_dtype(IMAGE, tf.uint8))

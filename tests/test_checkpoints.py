@@ -17,7 +17,7 @@ from vicreg_jax import checkpoints, errors, train
 from vicreg_jax.evaluate import linear
 
 TINY = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
-        '--config.eval.final_probe=False', '--config.log_every_steps=1', '--config.compilation_cache=']
+        '--config.final_probe.enabled=False', '--config.log_every_steps=1', '--config.compilation_cache=']
 
 
 def listing(work) -> list:

@@ -5,6 +5,7 @@ divides or counts, beyond its range, of the wrong type, an unknown name) ends in
 import glob
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import REPO, job_env, load_config
 from vicreg_jax import config as config_checks
+from vicreg_jax import methods
 from vicreg_jax import errors
 
 CONFIGS = sorted(p.split('/')[-1][:-3] for p in glob.glob(str(REPO / 'configs' / '*.py')))
@@ -102,3 +104,76 @@ def test_wrong_values_on_the_command_line_end_in_one_line_with_exit_1(tmp_path):
     assert case['key'].split('.')[-1] in lines[-1], (case, lines[-1])
   assert not (tmp_path / 'never').exists()  # refused before any work
   print(f'{len(cases)} command lines, each refused in one line naming its key, exit 1')
+
+
+def test_one_schema_shared_keys_mean_the_same_in_every_job():
+  """The keys both jobs have are one definition (the same default, the same rule); no other key name is used by
+  both jobs; each method's section is its registry record's defaults, and its rules cover every key."""
+  pre, ev = (config_checks.leaves(c) for c in (config_checks.base_config(), config_checks.eval_job_config()))
+  shared = set(pre) & set(ev)
+  # epochs: shared, but 0 is allowed only in pretraining (where num_steps can set the length instead)
+  assert shared == set(config_checks._SHARED) | {'epochs'}, sorted(shared ^ set(config_checks._SHARED))
+  differing = {k for k in shared if pre[k] != ev[k]}
+  # the job presets change some shared defaults: each such difference is listed here
+  assert differing == {'job', 'batch_size', 'epochs', 'log_every_steps', 'data.image_size'}, differing
+  recipe = ('augment.view1.', 'augment.view2.', 'transforms.')  # a view recipe's keys: one definition (recipes.py)
+  last = lambda keys: {k.rsplit('.', 1)[-1] for k in keys if not k.startswith(recipe)}  # noqa: E731
+  reused = last(set(pre) - shared) & last(set(ev) - shared)
+  # final_probe's and classifier's labels_per_class: both train a linear classifier on k labels per class;
+  # online_probe's and classifier's momentum / weight_decay: an SGD's
+  assert reused == {'labels_per_class', 'momentum', 'weight_decay'}, reused
+  for name, method in methods.METHODS.items():
+    assert config_checks.base_config()[name].to_dict() == method.defaults
+    assert set(method.rules) == set(method.defaults), name
+
+
+def test_a_saved_config_is_read_through_the_schema(tmp_path):
+  """An older run's config.json: keys it lacks take the defaults, renamed keys land under their new names, an
+  unknown key is one line naming it and the file."""
+  saved = config_checks.digits_config().to_dict()
+  del saved['final_probe'], saved['reductions'], saved['model']['remat']
+  saved['eval'] = {'final_probe': True, 'test_split': 'test', 'labels_per_class': 3, 'draws': 2, 'batch_size': 64,
+                   'max_train_examples': 0, 'max_test_examples': 100}
+  saved['data']['test_split'] = 'validation'  # the old pretraining data section had none: eval.test_split wins
+  del saved['data']['test_split']
+  config = config_checks.from_saved(json.loads(json.dumps(saved)))
+  assert config.final_probe.to_dict() == {'enabled': True, 'labels_per_class': 3, 'draws': 2, 'batch_size': 64,
+                                          'max_train_examples': 0, 'max_test_examples': 100}
+  assert config.data.test_split == 'test' and config.reductions == 'native' and config.model.remat is False
+  assert config.model.arch == 'convnet' and config.data.image_size == 16
+  assert list(config.augment.view1.crop_scale) == list(config_checks.digits_config().augment.view1.crop_scale)
+  config_checks.validate(config)
+  linear = config_checks.eval_job_config().to_dict()
+  del linear['classifier']['labels_per_class']
+  linear['data']['labels_per_class'] = 5
+  linear['job'] = 'finetune'
+  config = config_checks.from_saved(json.loads(json.dumps(linear)))
+  assert config.classifier.labels_per_class == 5 and config.job == 'finetune'
+  saved['model']['no_such_key'] = 1
+  with pytest.raises(errors.ConfigError, match=r'^my/config.json: unknown config key model.no_such_key$'):
+    config_checks.from_saved(saved, origin='my/config.json')
+
+
+def test_an_old_key_on_the_command_line_names_its_new_name(tmp_path):
+  for arg, new in (('--config.eval.final_probe=False', 'config.final_probe.enabled'),
+                   ('--config.eval.test_split=test', 'config.data.test_split'),
+                   ('--config.data.labels_per_class=5', 'config.classifier.labels_per_class')):
+    r = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', arg, f'--workdir={tmp_path / "never"}'],
+                       cwd=REPO, env=job_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: config.{arg[9:].split("=")[0]} is now {new}'], (
+        arg, r.stderr[-2000:])
+  assert not (tmp_path / 'never').exists()
+
+
+def test_no_config_key_is_read_with_a_fallback():
+  """The schema defines every key, and a saved config is filled with its defaults: a ``.get(key, default)`` on
+  a config section could only hide a missing key (or contradict its default)."""
+  pattern = re.compile(r'\b(config|pre_config|data|model|augment|cl|o)(\.\w+)*\.get\(\s*[\'"](\w+)')
+  keys = {k.rsplit('.', 1)[-1] for job in ('pretrain', 'linear') for k in config_checks.rules(job)}
+  found = []
+  for path in sorted((REPO / 'vicreg_jax').rglob('*.py')):
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      for m in pattern.finditer(line):
+        if m.group(3) in keys:
+          found.append(f'{path.relative_to(REPO)}:{n}: {line.strip()}')
+  assert not found, '\n'.join(found)

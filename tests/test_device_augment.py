@@ -12,12 +12,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_digits
-from vicreg_jax import defaults, methods, parallel, train
+from vicreg_jax import config as schema, methods, parallel
+from vicreg_jax import step as step_lib
 from vicreg_jax.data import augment, pipeline
 from vicreg_jax.data import device_augment as da
 
 SIZE = 32
-VIEW1, VIEW2 = defaults.imagenet_views(SIZE)
+VIEW1, VIEW2 = schema.imagenet_views(SIZE)
 IMAGE = tf.random.stateless_uniform((SIZE, SIZE, 3), seed=[1, 2]).numpy()
 IMAGE[0, :4] = 0.5                             # grays (hue and saturation 0)
 IMAGE[1, :6] = np.eye(3).tolist() + [[1, 1, 0], [0, 1, 1], [1, 0, 1]]  # primaries and secondaries
@@ -214,11 +215,11 @@ def test_digits_train_step_with_colour_ops_on_device_moves_parameters_and_ignore
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
     tx, schedule = methods.make_optimizer(config, 10, 2)
-    online = train.make_probe(config, 10)
-    state = jax.device_put(train.init_state(config, train.build_model(config, None), tx, jax.random.key(0),
+    online = step_lib.make_probe(config, 10)
+    state = jax.device_put(step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0),
                                             online), parallel.replicated(mesh))
     p0 = jax.device_get(state.params)
-    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
+    step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online)
     losses = []
     for b in host:
       state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from vicreg_jax import collapse
 from vicreg_jax.evaluate import diagnostics
 
 from conftest import REPO
@@ -21,8 +22,8 @@ def orthonormal(rows, cols, seed):
 def test_rankme_of_k_equal_singular_values_is_k():
   for k in (1, 3, 10):
     x = orthonormal(200, k, 0) @ (5.0 * orthonormal(50, k, 1).T)  # singular values: k fives, then zeros
-    assert abs(diagnostics.rankme(x) - k) < 0.01 * k
-    s = diagnostics.singular_values(x)
+    assert abs(collapse.rankme(x) - k) < 0.01 * k
+    s = collapse.singular_values(x)
     assert np.sum(s > 1e-6) == k
 
 
@@ -31,17 +32,17 @@ def test_rankme_of_a_skewed_spectrum_is_between_one_and_rank():
   x = orthonormal(100, 3, 2) @ np.diag(s) @ orthonormal(20, 3, 3).T
   p = s / s.sum()
   expected = np.exp(-np.sum(p * np.log(p)))  # the definition, on the known spectrum
-  assert abs(diagnostics.rankme(x) - expected) < 1e-3
+  assert abs(collapse.rankme(x) - expected) < 1e-3
   assert 1.0 < expected < 2.0
-  assert diagnostics.rankme_from_spectrum(s) == pytest.approx(expected, abs=1e-4)
+  assert collapse.rankme_from_spectrum(s) == pytest.approx(expected, abs=1e-4)
 
 
 def test_rank_three_matrix_has_rankme_three_and_three_nonzero_singular_values():
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(200, 3)) @ rng.normal(size=(3, 32))).astype(np.float32)
-  assert float(diagnostics.collapse_stats(x)['rankme']) == pytest.approx(diagnostics.rankme(x), abs=1e-3)
-  assert abs(float(diagnostics.collapse_stats(x)['rankme']) - 3) < 0.1
-  s = np.asarray(diagnostics.spectrum(x))
+  assert float(collapse.collapse_stats(x)['rankme']) == pytest.approx(collapse.rankme(x), abs=1e-3)
+  assert abs(float(collapse.collapse_stats(x)['rankme']) - 3) < 0.1
+  s = np.asarray(collapse.spectrum(x))
   assert s.shape == (32,) and np.all(np.diff(s) <= 0)
   assert np.sum(s > 1e-3 * s[0]) == 3 and np.all(s[3:] < 1e-5 * s[0])
 
@@ -50,13 +51,13 @@ def test_orthogonal_columns_are_full_rank_and_uncorrelated_parallel_columns_are_
   d = 32
   x = np.random.default_rng(4).normal(size=(256, d))
   x = 3.0 * np.linalg.qr(x - x.mean(0))[0]  # centred orthogonal columns of equal norm: whitened data
-  stats = diagnostics.collapse_stats(x.astype(np.float32))
+  stats = collapse.collapse_stats(x.astype(np.float32))
   assert float(stats['rankme']) == pytest.approx(d, rel=1e-4)
   assert float(stats['corr_offdiag']) < 1e-4
   rng = np.random.default_rng(5)
   a = rng.uniform(0.5, 2.0, size=d) * rng.choice([-1.0, 1.0], size=d)
   parallel = np.outer(rng.normal(size=256), a).astype(np.float32)  # x[:, j] = a_j v
-  stats = diagnostics.collapse_stats(parallel)
+  stats = collapse.collapse_stats(parallel)
   assert float(stats['corr_offdiag']) == pytest.approx(1.0, abs=1e-3)
   assert float(stats['rankme']) == pytest.approx(1.0, abs=0.01)
 
@@ -70,7 +71,7 @@ def test_std_against_numpy_with_a_constant_column_and_blocked_correlation():
   corr = (xc.T @ xc / len(x)) / np.outer(std + 1e-6, std + 1e-6)
   expected_corr = np.abs(corr[~np.eye(40, dtype=bool)]).mean()
   for block in (1024, 16):  # one block; three blocks, the last one padded
-    stats = {k: float(v) for k, v in diagnostics.collapse_stats(x, block=block).items()}
+    stats = {k: float(v) for k, v in collapse.collapse_stats(x, block=block).items()}
     assert all(np.isfinite(v) for v in stats.values())
     assert stats['std_mean'] == pytest.approx(std.mean(), rel=1e-5)
     assert stats['std_min'] == pytest.approx(0.0, abs=1e-6)
@@ -80,10 +81,10 @@ def test_std_against_numpy_with_a_constant_column_and_blocked_correlation():
 @pytest.mark.parametrize('shape', [(64, 16), (16, 64), (48, 48)])
 def test_jax_spectrum_and_rankme_agree_with_numpy_also_under_jit(shape):
   x = np.random.default_rng(7).normal(size=shape).astype(np.float32)
-  s, r = diagnostics.singular_values(x), diagnostics.rankme(x)
-  for f in (diagnostics.spectrum, jax.jit(diagnostics.spectrum)):
+  s, r = collapse.singular_values(x), collapse.rankme(x)
+  for f in (collapse.spectrum, jax.jit(collapse.spectrum)):
     np.testing.assert_allclose(np.asarray(f(x)), s, rtol=1e-4)
-  for f in (diagnostics.collapse_stats, jax.jit(diagnostics.collapse_stats)):
+  for f in (collapse.collapse_stats, jax.jit(collapse.collapse_stats)):
     assert float(f(x)['rankme']) == pytest.approx(r, rel=1e-4)
 
 

@@ -13,7 +13,7 @@ from conftest import REPO, job_env, write_folder
 pytestmark = pytest.mark.slow
 
 TINY = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
-        '--config.eval.final_probe=False', '--config.num_steps=1']
+        '--config.final_probe.enabled=False', '--config.num_steps=1']
 
 
 @pytest.fixture(scope='module')

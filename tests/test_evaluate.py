@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
 from vicreg_jax import parallel, runs, train
 from vicreg_jax.evaluate import classifier, linear
-from vicreg_jax.models import backbones
+from vicreg_jax.models import backbones, heads
 
 SIZE = 64
 
@@ -39,7 +39,7 @@ def test_linear_job_alongside_pretraining(tmp_path):
   env = job_env(2, fast_compile=False)  # 2 devices each (8 are tested in-process); the default digits model
   pretrain = subprocess.Popen(
       cli(f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
-          '--config.log_every_steps=30', '--config.eval.draws=1'),
+          '--config.log_every_steps=30', '--config.final_probe.draws=1'),
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   evaluate = subprocess.Popen(
       cli('--config=configs/digits_linear.py', f'--workdir={lin}', f'--config.pretrain_workdir={pre}',
@@ -136,7 +136,7 @@ def _finetune_setup():
   pre.model.update(width_multiplier=0.25)
   backbone0 = backbones.from_config(pre.model)
   variables = backbone0.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  head = classifier.Head(10)
+  head = heads.Head(10)
   dim = backbone0.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
   params = {'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'],
             'backbone': variables['params']}

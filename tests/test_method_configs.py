@@ -7,6 +7,7 @@ import pytest
 
 from conftest import checkpoint_arrays, load_config, max_abs_difference
 from vicreg_jax import methods, parallel, train
+from vicreg_jax import step as step_lib
 
 
 def shrunk(name: str, data_dir: str):
@@ -50,10 +51,10 @@ def test_method_imagenet_configs_trace_their_train_step(name, tmp_path, mock_tfd
   mesh = parallel.make_mesh()
   with mock_tfds('imagenet2012', tmp_path / 'tfds', IMAGENET_SPLITS, 32):
     tx, schedule = methods.make_optimizer(config, 10, 1)
-    online = train.make_probe(config, 1000)
-    state = jax.eval_shape(lambda k: train.init_state(config, train.build_model(config, None), tx, k, online),
+    online = step_lib.make_probe(config, 1000)
+    state = jax.eval_shape(lambda k: step_lib.init_state(config, step_lib.build_model(config, None), tx, k, online),
                            jax.random.key(0))
-    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
+    step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
   view = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
   lowered = step.lower(state, {'view1': view, 'view2': view, 'label': jax.ShapeDtypeStruct((16,), jnp.int32)})
   new_state, metrics, _ = lowered.out_info
@@ -72,12 +73,12 @@ def test_every_method_trains_on_the_digits_config(name, tmp_path):
   c.update(method=name, num_steps=3, log_every_steps=1, batch_size=128)
   c.model.width_multiplier = 0.25
   c.augment.on_device = False
-  c.eval.final_probe = False
+  c.final_probe.enabled = False
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary['steps'] == 3
   state = checkpoint_arrays(tmp_path / 'checkpoints' / '3' / 'default')  # the loss was finite at every step
   tx, _ = methods.make_optimizer(c, 3, 0)
-  init = train.init_state(c, train.build_model(c, None), tx, jax.random.key(c.seed)).params
+  init = step_lib.init_state(c, step_lib.build_model(c, None), tx, jax.random.key(c.seed)).params
   assert max_abs_difference(state['params'], init) > 1e-4
   assert set(methods.get(c).heads(c, None, jnp.float32)) <= set(state['params'])
   if name == 'byol':

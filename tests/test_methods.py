@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from vicreg_jax import defaults, losses, methods
+from vicreg_jax import config as schema, losses, methods
 from vicreg_jax.models import heads
 
 
@@ -21,7 +21,7 @@ def _views(name, c, n=32, d=16):
 
 @pytest.mark.parametrize('name', sorted(methods.METHODS))
 def test_every_method_has_a_section_and_runs_from_it(name):
-  c = defaults.base_config()
+  c = schema.base_config()
   c.method = name
   c.wmse.w_size = 32
   kwargs = methods.loss_kwargs(c)
@@ -33,7 +33,7 @@ def test_every_method_has_a_section_and_runs_from_it(name):
 
 def test_regularised_byol_and_simsiam_add_the_weighted_vicreg_terms():
   for name in ('byol', 'simsiam'):
-    c = defaults.base_config()
+    c = schema.base_config()
     c.method = name
     v = _views(name, c)
     plain, m0 = methods.get(c).objective(v, axis_name=None, std_coeff=0.0, cov_coeff=0.0)
@@ -41,7 +41,7 @@ def test_regularised_byol_and_simsiam_add_the_weighted_vicreg_terms():
     assert float(m0['variance']) > 0.01 and float(m0['covariance']) > 0.1  # both terms are active on random z
     np.testing.assert_allclose(reg, plain + m0['variance'] + 0.01 * m0['covariance'], rtol=1e-6)
     # SimSiam without a predictor compares each view's embedding with the other's (p = z).
-  c = defaults.base_config()
+  c = schema.base_config()
   c.method = 'simsiam'
   v = _views('simsiam', c)
   no_pred, _ = methods.get(c).objective(v._replace(p=None), axis_name=None)
@@ -54,7 +54,7 @@ def test_ema_decay_rises_from_tau_base_to_one_by_cosine():
 
 
 def test_swav_queue_fills_from_its_start_step_and_joins_when_full():
-  c = defaults.base_config()
+  c = schema.base_config()
   c.update(method='swav', batch_size=4)
   c.model.projector = '8-3'
   c.swav.update(queue_length=8, queue_start_step=1)
@@ -132,7 +132,7 @@ def test_any_config_takes_any_method(config, name):
 
 
 def test_unknown_method_names_the_choices():
-  c = defaults.base_config()
+  c = schema.base_config()
   c.method = 'simclr_v9'
   with pytest.raises(ValueError, match="barlow_twins.*vicreg.*wmse"):
     methods.get(c)

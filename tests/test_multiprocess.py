@@ -46,12 +46,12 @@ pytestmark = pytest.mark.slow
 STEPS = 24
 PRETRAIN = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
             f'--config.num_steps={STEPS}', '--config.checkpoint_every_steps=12', '--config.log_every_steps=12',
-            '--config.optim.base_lr=0.01', '--config.optim.warmup_epochs=1', '--config.eval.draws=1',
+            '--config.optim.base_lr=0.01', '--config.optim.warmup_epochs=1', '--config.final_probe.draws=1',
             '--config.optim.name=lars', '--config.reductions=ordered',
             '--config.prefetch_to_device=2', '--config.augment.on_device=True', '--config.augment.view1.noise_std=0.0',
             '--config.augment.view2.noise_std=0.0', '--config.model.remat=True', '--config.grad_accum_steps=2']
-NATIVE = [*PRETRAIN, '--config.reductions=native', '--config.eval.final_probe=False']
-REVERSED = [*PRETRAIN, '--config.reductions=reversed', '--config.eval.final_probe=False']
+NATIVE = [*PRETRAIN, '--config.reductions=native', '--config.final_probe.enabled=False']
+REVERSED = [*PRETRAIN, '--config.reductions=reversed', '--config.final_probe.enabled=False']
 LINEAR = ['--config=configs/digits_linear.py', '--config.epochs=40', '--config.poll_seconds=0.5',
           '--config.timeout_seconds=300', '--config.checkpoint_every_steps=100', '--config.reductions=ordered']
 FINETUNE = ['--config=configs/digits_semi.py', '--config.epochs=20', '--config.log_every_steps=20',
@@ -118,7 +118,7 @@ def runs(tmp_path_factory):
   job([*NATIVE, f'--workdir={root / "two_native"}'], logs, 'two_native', processes=2).check()
 
   def resume(name, devices, *extra):
-    return job([*PRETRAIN, f'--workdir={resumes[name]}', '--config.eval.final_probe=False', *extra], logs, name,
+    return job([*PRETRAIN, f'--workdir={resumes[name]}', '--config.final_probe.enabled=False', *extra], logs, name,
                devices=devices)
 
   for pair in ([job([*PRETRAIN, f'--workdir={one}'], logs, 'one', devices=4), resume('resume2', 2)],
@@ -220,7 +220,7 @@ def test_byol_on_two_processes_matches_one_process(tmp_path):
   after every step) and predictor, on two processes and on one (with a checkpoint at step 6)."""
   pretrain = [a for a in PRETRAIN if not a.startswith('--config.grad_accum_steps')]  # BYOL has no micro-batches
   byol = ['--config=configs/digits_byol.py', *pretrain, '--config.byol.predictor=32', '--config.checkpoint_every_steps=6',
-          '--config.model.projector=32-32', '--config.eval.final_probe=False', '--config.num_steps=12']
+          '--config.model.projector=32-32', '--config.final_probe.enabled=False', '--config.num_steps=12']
   two, one = tmp_path / 'two', tmp_path / 'one'
   job([*byol, f'--workdir={two}'], tmp_path / 'logs', 'byol_two', processes=2).check()
   job([*byol, f'--workdir={one}'], tmp_path / 'logs', 'byol_one', devices=4).check()
@@ -257,7 +257,7 @@ HEARTBEAT = 5
 def test_a_killed_process_ends_the_other_with_one_line_within_the_heartbeat_timeout(tmp_path, killed):
   # The pretraining run above (its compiled steps are in the cache), slowed down by a checkpoint every step.
   job = Job([*PRETRAIN, '--config.log_every_steps=1', '--config.checkpoint_every_steps=1',
-             '--config.eval.final_probe=False', f'--workdir={tmp_path / "run"}',
+             '--config.final_probe.enabled=False', f'--workdir={tmp_path / "run"}',
              f'--distributed_heartbeat_timeout={HEARTBEAT}'], tmp_path, processes=2, name='kill', env=SAME_POOL)
   survivor = 1 - killed
   try:

@@ -39,7 +39,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, opened):
   workdir = tmp_path / 'run'
   if opened == 'with_source':  # the checkout named, a tiny model
     lines = [f'source = {str(REPO)!r}', "pretrain_flags = ['--config.model.width_multiplier=0.25', "
-             "'--config.model.projector=32-32-32', '--config.eval.draws=1']", "linear_flags = ['--config.epochs=20']"]
+             "'--config.model.projector=32-32-32', '--config.final_probe.draws=1']", "linear_flags = ['--config.epochs=20']"]
     cwd = tmp_path
   else:  # as a user opens it: the kernel in notebooks/, every default but these two
     lines, cwd = [], NOTEBOOK.parent

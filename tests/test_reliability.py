@@ -23,7 +23,7 @@ from vicreg_jax.evaluate import linear
 FEATURES = {'prefetch_to_device': 2, 'augment.on_device': True, 'augment.view1.noise_std': 0.0,
             'augment.view2.noise_std': 0.0, 'model.remat': True, 'grad_accum_steps': 2}
 TINY = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
-        '--config.eval.final_probe=False', '--config.log_every_steps=1', '--config.optim.warmup_epochs=1',
+        '--config.final_probe.enabled=False', '--config.log_every_steps=1', '--config.optim.warmup_epochs=1',
         *(f'--config.{k}={v}' for k, v in FEATURES.items())]
 
 

@@ -16,16 +16,15 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import REPO, Job, job_env, tiny_digits
-from vicreg_jax import errors, loop, methods, parallel, step as step_lib, train
+from vicreg_jax import collapse, errors, loop, methods, parallel, step as step_lib
 from vicreg_jax.data import pipeline
-from vicreg_jax.evaluate import diagnostics
 
 
 def one_step(config, batch, devices=None):
   """The state and metrics after one step of ``config`` from its initial state on ``batch`` (host arrays)."""
   mesh = Mesh(np.asarray(devices or jax.devices()), (parallel.AXIS,))
   tx, schedule = methods.make_optimizer(config, 10, 2)
-  online = train.make_probe(config, 10)
+  online = step_lib.make_probe(config, 10)
   state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
   state = jax.device_put(state, parallel.replicated(mesh))
   step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
@@ -161,11 +160,11 @@ def test_diagnostics_on_a_subsample_computed_by_one_device():
   scalars, (s_h, s_z) = diagnose(jax.device_put(h, parallel.data_sharding(mesh)),
                                  jax.device_put(z, parallel.data_sharding(mesh)))
   rows = np.concatenate([np.arange(8) + 32 * d for d in range(8)])  # the first 8 of each device's 32
-  np.testing.assert_allclose(np.asarray(s_h), diagnostics.singular_values(h[rows]), rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(s_z)[:16], diagnostics.singular_values(z[rows])[:16], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(s_h), collapse.singular_values(h[rows]), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(s_z)[:16], collapse.singular_values(z[rows])[:16], rtol=1e-4)
   assert s_h.shape == (48,) and scalars['repr/rankme'].sharding.is_fully_replicated
   np.testing.assert_allclose(float(scalars['emb/rankme']),
-                             diagnostics.rankme_from_spectrum(diagnostics.singular_values(z[rows])), rtol=1e-3)
+                             collapse.rankme_from_spectrum(collapse.singular_values(z[rows])), rtol=1e-3)
   np.testing.assert_allclose(float(scalars['repr/std_mean']), h[rows].std(0).mean(), rtol=1e-4)
 
 
@@ -219,7 +218,7 @@ def test_profile_window_and_compilation_cache_across_restarts(tmp_path):
   start also writes a profiler trace of step 1."""
   cache, work, logs = tmp_path / 'cache', tmp_path / 'run', tmp_path / 'logs'
   args = ['--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32', '--config.batch_size=64',
-          '--config.eval.final_probe=False', '--config.num_steps=2', '--config.max_steps_per_run=1',
+          '--config.final_probe.enabled=False', '--config.num_steps=2', '--config.max_steps_per_run=1',
           f'--config.compilation_cache={cache}', '--config.compilation_cache_min_seconds=0', f'--workdir={work}']
   loaded = []
   for i in range(2):

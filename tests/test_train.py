@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
 from vicreg_jax import methods, parallel, runs, train
+from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
 
 
@@ -40,10 +41,10 @@ def test_sharded_step_equals_single_device_step(method):
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
     tx, schedule = methods.make_optimizer(config, 10, 2)
-    online = train.make_probe(config, 10)
-    state = train.init_state(config, train.build_model(config, None), tx, jax.random.key(0), online)
+    online = step_lib.make_probe(config, 10)
+    state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = train.make_train_step(config, train.build_model(config), tx, schedule, mesh, online)
+    step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
     for b in host_batches:
       state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
     results.append((jax.device_get(state), jax.device_get(metrics)))
@@ -58,7 +59,7 @@ def test_sharded_step_equals_single_device_step(method):
                s1.probe_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8.extra, s1.extra)
   # The steps did move the parameters (the comparison above is not between two initial states).
-  p0 = train.init_state(config, train.build_model(config, None), methods.make_optimizer(config, 10, 2)[0],
+  p0 = step_lib.init_state(config, step_lib.build_model(config, None), methods.make_optimizer(config, 10, 2)[0],
                         jax.random.key(0)).params
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), s1.params, p0))
   assert max(moved) > 1e-4
@@ -108,7 +109,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
 def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   workdir = tmp_path / 'run'
   r = run_cli('--config.num_steps=2', '--config.model.width_multiplier=0.25', '--config.model.projector=32-32-32',
-              '--config.eval.draws=1', f'--workdir={workdir}', timeout=300)
+              '--config.final_probe.draws=1', f'--workdir={workdir}', timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   assert set(summary) == {'linear_top1', 'linear_top1_5_per_class', 'knn_top1_20', 'knn_top1_200', 'rankme',

@@ -139,7 +139,7 @@ def row_config(base_path: str, row: Row, seed: int, epochs: int, settings: list[
   config.seed = seed
   if epochs:
     config.epochs, config.num_steps = epochs, 0
-  config.eval.final_probe = True
+  config.final_probe.enabled = True
   return config
 
 

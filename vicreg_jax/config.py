@@ -1,8 +1,22 @@
-"""The value of every configuration key, checked before a job starts (the keys and their defaults are in
-:mod:`vicreg_jax.defaults`): its type, its range (a count ≥ 1 where it divides or counts steps, a probability in
-[0, 1], a rate > 0, …) or its choices. A wrong value ends the job with one line naming the key
-(:class:`errors.ConfigError`), instead of a traceback from deep inside, or, worse, a run that silently trains 0
-steps. Every numeric and enumerated key of every config in ``configs/`` has a rule here (a test checks).
+"""The one configuration schema of every job: each key, its default and its rule, checked before a job starts.
+
+A config holds the **shared keys** (``job``, ``seed``, ``batch_size``, ``epochs``, the logging, checkpoint and
+failure-handling periods, ``reductions``) and the shared ``data`` section, each meaning the same in every job,
+plus the keys of its job:
+
+- ``job='pretrain'``: the run's length and periods, ``model``, ``method`` and one section per method (generated
+  from each :class:`vicreg_jax.methods.Method` record's ``defaults`` and ``rules``), ``optim``, ``augment``,
+  ``online_probe`` and ``final_probe`` (the end-of-run probe);
+- ``job='linear'`` / ``'finetune'`` (the evaluation jobs; ``finetune`` with ``from_scratch=True`` is the
+  supervised reference): ``pretrain_workdir``, the checkpoint follower's keys, ``classifier``, ``features`` and
+  ``transforms``; the backbone comes from the pretraining run's ``config.json``, read by :func:`from_saved`.
+
+The files in ``configs/`` start from a preset (:func:`base_config`, :func:`imagenet_config`,
+:func:`digits_config`, :func:`eval_job_config`) and are locked, so a misspelt key fails at start. Every value is
+checked by :func:`validate`: its type, its range (a count >= 1 where it divides or counts steps, a probability in
+[0, 1], a rate > 0, ...) or its choices; a wrong value ends the job with one line naming the key
+(:class:`errors.ConfigError`). Keys that were renamed (:data:`RENAMED`) are mapped when an old ``config.json``
+is read and named in one line when given on the command line.
 """
 
 from __future__ import annotations
@@ -11,7 +25,10 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+import ml_collections
+
 from vicreg_jax import errors
+from vicreg_jax.data.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS, full_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +77,8 @@ BOOL = Rule('bool')
 TEXT = Rule('str')
 
 
-def _methods():
-  from vicreg_jax import methods
+def _methods() -> dict:
+  from vicreg_jax import methods  # the registry imports this module's rules
   return methods.METHODS
 
 
@@ -75,6 +92,8 @@ def _sources():
   return sources.SOURCES
 
 
+JOBS = ('pretrain', 'linear', 'finetune')
+
 _RECIPE = {  # an augmentation recipe (augment.view1/view2, transforms.train)
     'crop_size': NONNEG_INT,
     'crop_method': Rule('str', choices=('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5', 'gaussian',
@@ -83,15 +102,15 @@ _RECIPE = {  # an augmentation recipe (augment.view1/view2, transforms.train)
     'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY, 'blur_kernel_fraction': POSITIVE,
     'solarize_p': PROBABILITY, 'noise_std': NONNEG, 'cutout_p': PROBABILITY, 'cutout_size': NONNEG_INT,
 }
-_SHARED = {  # keys of both jobs
-    'job': Rule('str', choices=('pretrain', 'linear', 'finetune')), 'seed': NONNEG_INT, 'batch_size': COUNT,
+_SHARED = {  # keys of every job
+    'job': Rule('str', choices=JOBS), 'seed': NONNEG_INT, 'batch_size': COUNT,
     'log_every_steps': COUNT, 'metrics_every_steps': COUNT, 'checkpoint_every_steps': COUNT,
     'nonfinite': Rule('str', choices=('stop', 'skip')), 'restore_retry_seconds': NONNEG,
     'reductions': Rule('str', choices=('native', 'ordered', 'reversed')),
     'data.source': Rule('str', choices=_sources), 'data.name': TEXT, 'data.train_split': TEXT,
-    'data.val_fraction': Rule('float', 0, 1), 'data.channels': Rule('int', 1, 4), 'data.image_size': NONNEG_INT,
-    'data.shuffle_buffer': NONNEG_INT, 'data.threadpool_size': NONNEG_INT, 'data.prefetch': NONNEG_INT,
-    'data.cache': BOOL, 'data.data_dir': Rule('str', none=True),
+    'data.test_split': TEXT, 'data.val_fraction': Rule('float', 0, 1), 'data.channels': Rule('int', 1, 4),
+    'data.image_size': NONNEG_INT, 'data.shuffle_buffer': NONNEG_INT, 'data.threadpool_size': NONNEG_INT,
+    'data.prefetch': NONNEG_INT, 'data.cache': BOOL, 'data.data_dir': Rule('str', none=True),
 }
 _PRETRAIN = {
     'epochs': NONNEG_INT, 'num_steps': NONNEG_INT, 'max_steps_per_run': NONNEG_INT, 'keep_checkpoints': COUNT,
@@ -104,41 +123,47 @@ _PRETRAIN = {
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
     'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.remat': BOOL,
     'method': Rule('str', choices=_methods),
-    'vicreg.sim_coeff': NONNEG, 'vicreg.std_coeff': NONNEG, 'vicreg.cov_coeff': NONNEG, 'vicreg.eps': POSITIVE,
-    'vicreg.gather_dtype': Rule('str', choices=('float32', 'bfloat16')),
-    'barlow_twins.lambd': NONNEG, 'barlow_twins.eps': POSITIVE, 'barlow_twins.bias_lr_factor': NONNEG,
-    'wmse.projector': TEXT, 'wmse.w_size': COUNT, 'wmse.w_iter': COUNT, 'wmse.eps': NONNEG,
-    'simclr.temperature': POSITIVE,
-    'byol.predictor': TEXT, 'byol.tau_base': FRACTION, 'byol.std_coeff': NONNEG, 'byol.cov_coeff': NONNEG,
-    'simsiam.predictor': TEXT, 'simsiam.fixed_predictor_lr': BOOL, 'simsiam.std_coeff': NONNEG,
-    'simsiam.cov_coeff': NONNEG,
-    'swav.num_prototypes': COUNT, 'swav.temperature': POSITIVE, 'swav.epsilon': POSITIVE,
-    'swav.sinkhorn_iterations': COUNT, 'swav.freeze_prototypes_steps': NONNEG_INT, 'swav.queue_length': NONNEG_INT,
-    'swav.queue_start_step': NONNEG_INT,
     'optim.name': Rule('str', choices=('lars', 'sgd', 'adamw')), 'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
     'optim.end_lr_factor': FRACTION, 'augment.on_device': BOOL,
-    'eval.final_probe': BOOL, 'eval.test_split': TEXT, 'eval.labels_per_class': COUNT, 'eval.draws': COUNT,
-    'eval.batch_size': COUNT, 'eval.max_train_examples': NONNEG_INT, 'eval.max_test_examples': NONNEG_INT,
+    'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
+    'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
+    'final_probe.max_test_examples': NONNEG_INT,
     **{f'augment.{v}.{k}': r for v in ('view1', 'view2') for k, r in _RECIPE.items()},
 }
 _EVAL = {
     'epochs': COUNT, 'pretrain_workdir': TEXT, 'checkpoints': Rule('str', choices=('all', 'latest', 'final')),
-    'from_scratch': BOOL,
-    'poll_seconds': POSITIVE, 'timeout_seconds': NONNEG, 'start_timeout_seconds': NONNEG,
+    'from_scratch': BOOL, 'poll_seconds': POSITIVE, 'timeout_seconds': NONNEG, 'start_timeout_seconds': NONNEG,
     'classifier.head_lr': NONNEG, 'classifier.backbone_lr': NONNEG, 'classifier.weight_decay': NONNEG,
-    'classifier.momentum': FRACTION, 'classifier.head_init_std': NONNEG,
+    'classifier.momentum': FRACTION, 'classifier.head_init_std': NONNEG, 'classifier.labels_per_class': NONNEG_INT,
     'classifier.batchnorm': Rule('str', choices=('per_device', 'sync')),
     'classifier.report': Rule('str', choices=('best', 'last')), 'classifier.test_every_epochs': NONNEG_INT,
-    'features.cache': BOOL, 'features.standardize': BOOL, 'data.test_split': TEXT,
-    'data.labels_per_class': NONNEG_INT, 'transforms.eval.resize': NONNEG_INT, 'transforms.eval.crop': NONNEG_INT,
+    'features.cache': BOOL, 'features.standardize': BOOL,
+    'transforms.eval.resize': NONNEG_INT, 'transforms.eval.crop': NONNEG_INT,
     **{f'transforms.train.{k}': r for k, r in _RECIPE.items()},
+}
+
+# Keys that were renamed: old dotted name -> new one. A config.json of an older run is read through this table
+# (:func:`from_saved`); an old name on the command line ends in one line naming the new one (vicreg_jax.main).
+RENAMED = {
+    'eval.final_probe': 'final_probe.enabled',
+    'eval.test_split': 'data.test_split',
+    'eval.labels_per_class': 'final_probe.labels_per_class',
+    'eval.draws': 'final_probe.draws',
+    'eval.batch_size': 'final_probe.batch_size',
+    'eval.max_train_examples': 'final_probe.max_train_examples',
+    'eval.max_test_examples': 'final_probe.max_test_examples',
+    'data.labels_per_class': 'classifier.labels_per_class',
 }
 
 
 def rules(job: str) -> dict[str, Rule]:
-  """The rules of a job's keys ('pretrain', or 'linear'/'finetune'), by dotted key."""
-  return {**_SHARED, **(_PRETRAIN if job == 'pretrain' else _EVAL)}
+  """The rules of a job's keys ('pretrain', or 'linear'/'finetune'), by dotted key; for pretraining with every
+  method's section (``METHOD.KEY``)."""
+  if job != 'pretrain':
+    return {**_SHARED, **_EVAL}
+  methods = {f'{name}.{k}': r for name, m in _methods().items() for k, r in m.rules.items()}
+  return {**_SHARED, **_PRETRAIN, **methods}
 
 
 def leaves(config, prefix: str = '') -> dict[str, Any]:
@@ -156,9 +181,233 @@ def validate(config) -> None:
   """:class:`errors.ConfigError` (one line naming the key) for the first value of ``config`` that breaks its
   rule, or for keys that do not fit together (pretraining without steps)."""
   values = leaves(config)
-  job_rules = rules(values.get('job', 'pretrain'))
-  for key, rule in job_rules.items():
+  if (problem := _SHARED['job'].problem(values.get('job'))) is not None:
+    raise errors.ConfigError(f'config.job {problem}')
+  job = values['job']
+  for key, rule in rules(job).items():
     if key in values and (problem := rule.problem(values[key])) is not None:
       raise errors.ConfigError(f'config.{key} {problem}')
-  if values.get('job', 'pretrain') == 'pretrain' and not (values.get('num_steps') or values.get('epochs')):
+  if job == 'pretrain' and not (values['num_steps'] or values['epochs']):
     raise errors.ConfigError('config.epochs and config.num_steps are both 0: set one of them to train for any steps')
+
+
+def renamed_message(key: str) -> Optional[str]:
+  """One line for an old key name (``eval.final_probe``; ``eval``: the section), None for any other key."""
+  if key in RENAMED:
+    return f'config.{key} is now config.{RENAMED[key]}'
+  moved = [f'{old} -> {new}' for old, new in RENAMED.items() if old.startswith(key + '.')]
+  if moved and key in _REMOVED_SECTIONS:
+    return f'config.{key} was split up: {", ".join(moved)}'
+  return None
+
+
+_REMOVED_SECTIONS = ('eval',)
+
+
+# --- the schema: shared keys and sections, then each job's ------------------------------------------------------
+
+def view_recipe(**keys) -> dict:
+  """A view recipe with every key of :data:`augment.RECIPE_DEFAULTS` (so ``--config.augment.view1.KEY=…`` works
+  for any key), ``keys`` overriding the "off" defaults."""
+  return full_recipe(keys)
+
+
+def imagenet_views(size: int = 224) -> tuple[dict, dict]:
+  """The official VICReg ImageNet recipe: view 1 always blurred, view 2 rarely blurred and sometimes solarized."""
+  common = dict(RECIPE_DEFAULTS, crop_size=size, crop_scale=(0.08, 1.0), crop_method='bicubic', flip_p=0.5, jitter_p=0.8,
+                jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.2, blur_sigma=(0.1, 2.0), blur_kernel_fraction=0.1,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  return dict(common, blur_p=1.0, solarize_p=0.0), dict(common, blur_p=0.1, solarize_p=0.2)
+
+
+def _shared(job: str) -> ml_collections.ConfigDict:
+  """The keys every job has (their defaults; the job presets below change some)."""
+  c = ml_collections.ConfigDict()
+  c.job = job
+  c.seed = 0
+  c.batch_size = 2048         # global, over all devices and hosts
+  c.epochs = 1000
+  c.log_every_steps = 50      # a progress line (pretraining: with the collapse diagnostics repr/…, emb/…)
+  c.metrics_every_steps = 10  # the step metrics (loss, terms, …) as their means over the steps since the last write
+  c.checkpoint_every_steps = 1000
+  # A NaN or inf in the loss or the gradients (checked on every step, one step late, without a host sync):
+  # 'stop' ends the run with one line naming the step and the term, the checkpoints intact; 'skip' drops the
+  # step's update (parameters, optimiser and method state unchanged), counted and logged.
+  c.nonfinite = 'stop'
+  # A checkpoint that cannot be read but whose files are whole (a storage error, out of memory): retried with
+  # backoff for this long, then the job stops with one line, every checkpoint left where it is. Only a checkpoint
+  # whose own files show damage (missing, truncated, not decoding) is set aside (vicreg_jax/checkpoints.py).
+  c.restore_retry_seconds = 600.0
+  # How sums over devices add the devices' values (vicreg_jax/collectives.py): 'native' (jax.lax's collectives),
+  # 'ordered' (in device order: bitwise the same on any split of the devices into processes; tests, debugging,
+  # slower) or 'reversed' (the reverse order: against 'ordered', what rounding alone changes in a run).
+  c.reductions = 'native'
+  # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', or 'folder' (``data_dir`` holds
+  # CLASS/*.jpg|jpeg|png, or train/CLASS/... and val/CLASS/...; without val/, ``val_fraction`` of every class is
+  # held out as 'validation'). test_split: the split the end-of-run probe and the evaluation jobs test on.
+  # image_size: in-memory images (digits) are resized to it (evaluation jobs: 0 takes the pretraining run's).
+  # tf.data: ``threadpool_size`` is the private thread pool per pipeline (0: TF's shared pool),
+  # ``shuffle_buffer`` examples (TFDS; encoded bytes when the views crop), ``prefetch`` batches; ``cache``
+  # (TFDS): keep this host's share in memory after one pass (as read: encoded or decoded).
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet2012', train_split='train', test_split='validation',
+      data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, image_size=224, channels=3,
+      shuffle_buffer=10_000, threadpool_size=0, prefetch=2, cache=False))
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every pretraining key, defaulting to the paper's ImageNet recipe (configs/imagenet.py adds only bfloat16 and
+  its logging and checkpoint periods)."""
+  c = _shared('pretrain')
+  c.num_steps = 0             # > 0 overrides epochs
+  c.max_steps_per_run = 0     # > 0: stop this invocation after that many steps, with a checkpoint (jobs with a
+                              # time limit); the same command continues from there
+  c.keep_checkpoints = 3
+  c.debug_nan_at_step = 0     # tests: the loss becomes NaN at this step (0: never)
+  c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
+  c.diagnostics_max_rows = 1024  # the collapse diagnostics' SVD: on a subsample of this many rows of the batch
+  # JAX's persistent compilation cache: 'workdir' (WORKDIR/compilation_cache, unless JAX_COMPILATION_CACHE_DIR
+  # names one), a directory (gs:// allowed; one can serve several runs) or '' (JAX's own setting). A restart then
+  # loads the compiled step instead of compiling it again; programs compiled in less than
+  # compilation_cache_min_seconds are not stored.
+  c.compilation_cache = 'workdir'
+  c.compilation_cache_min_seconds = 1.0
+  c.profile_steps = ''        # 'FIRST-LAST' (e.g. '20-25'): a profiler trace of those steps in WORKDIR/profile
+  c.prefetch_to_device = 2    # batches put on the devices ahead of the step (0: each when the step needs it)
+  c.grad_accum_steps = 1      # > 1: micro-batches through the backbone per step (memory); see vicreg_jax/step.py
+  # A linear classifier on stop-gradient representations, trained alongside (never touches the backbone);
+  # its train top-1 per epoch is an early collapse warning.
+  c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1, momentum=0.9))
+  c.model = ml_collections.ConfigDict(dict(
+      arch='resnet50', width_multiplier=1.0, stem='imagenet', projector='8192-8192-8192', dtype='float32',
+      projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
+      projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
+      projector_output_bn=False,    # a BatchNorm without affine after the projector's last layer (SimSiam)
+      remat=False))                 # recompute each residual block's activations in the backward pass (memory)
+  # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
+  # keyword arguments and optimiser keys (each method's record holds their defaults and what they mean).
+  c.method = 'vicreg'
+  for name, method in _methods().items():
+    c[name] = ml_collections.ConfigDict(dict(method.defaults))
+  c.optim = ml_collections.ConfigDict(dict(
+      name='lars',  # or 'sgd' (SimSiam; eta unused) or 'adamw' (small demos; momentum and eta unused)
+      base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
+  view1, view2 = imagenet_views()
+  # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
+  # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
+  # normalisation) runs in the jit step on the accelerator, same distribution (data/device_augment.py). False:
+  # all on the host, float32 sent (needed for recipes with pixel noise, which uint8 would clip).
+  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=True))
+  # The end-of-run probe (vicreg_jax/evaluate/summary.py) on data.train_split / data.test_split: linear probes
+  # with all labels and with labels_per_class per class (over ``draws`` draws), k-NN, RankMe, embedding std.
+  c.final_probe = ml_collections.ConfigDict(dict(
+      enabled=False, labels_per_class=5, draws=5, batch_size=256, max_train_examples=0, max_test_examples=0))
+  c.lock()
+  return c
+
+
+def imagenet_config() -> ml_collections.ConfigDict:
+  """The ImageNet runs (configs/imagenet*.py): the paper's recipe in bfloat16, a progress line every 100 steps,
+  a checkpoint every 2500, a shuffle buffer of 50,000 encoded images."""
+  c = base_config()
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2500
+  c.model.dtype = 'bfloat16'
+  c.data.shuffle_buffer = 50_000
+  return c
+
+
+def digits_config() -> ml_collections.ConfigDict:
+  """The digits demo (configs/digits.py, whose docstring says why): what every method's digits config starts
+  from. 8×8 digits upsampled to 16×16, a 3-layer ConvNet, projector 512³, AdamW, 150 epochs, shift /
+  brightness / noise / cutout views, the end-of-run probe on the test split."""
+  c = base_config()
+  c.batch_size = 256
+  c.epochs = 150
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 200
+  c.model.update(arch='convnet', projector='512-512-512', projector_hidden_bias=False)  # AdamW: see heads.Projector
+  c.optim.update(name='adamw', base_lr=2e-3, weight_decay=1e-4)
+  c.data.update(source='digits', name='digits', test_split='test', image_size=16, channels=1)
+  view = view_recipe(translate=2, jitter_p=1.0, jitter=(0.4, 0.0, 0.0, 0.0), noise_std=0.1, cutout_p=0.5,
+                     cutout_size=3)
+  c.augment.update(view1=view, view2=dict(view), on_device=False)  # pixel noise: the host does it all
+  c.final_probe.update(enabled=True, batch_size=512)
+  return c
+
+
+def eval_job_config() -> ml_collections.ConfigDict:
+  """Keys of the linear-evaluation (``job='linear'``) and fine-tuning (``job='finetune'``) jobs, defaulting to
+  the official ImageNet linear protocol. The backbone comes from the pretraining run's own config.json."""
+  c = _shared('linear')
+  c.batch_size = 256
+  c.epochs = 100
+  c.log_every_steps = 100     # a progress line
+  c.data.image_size = 0       # in-memory (digits) images: the pretraining run's size
+  c.pretrain_workdir = ''     # the pretraining run's --workdir (required)
+  c.checkpoints = 'all'       # 'all': each checkpoint as it lands; 'latest': skip to the newest; 'final' only
+  c.from_scratch = False      # instead: the same backbone freshly initialised (baselines; results key '0')
+  c.poll_seconds = 60.0
+  c.timeout_seconds = 0.0     # give up after this long without a new checkpoint (0: wait for ever)
+  c.start_timeout_seconds = 600.0  # give up after this long if pretrain_workdir has no config.json yet (0: at once)
+  # The classifier's optimiser (SGD, cosine per epoch, lr per group) and protocol.
+  c.classifier = ml_collections.ConfigDict(dict(
+      head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9, head_init_std=0.01,
+      labels_per_class=0,      # > 0: train on that many labels per class (semi-supervised; in-memory sources)
+      batchnorm='per_device',  # fine-tuning: each device's batch statistics (official: DDP, no SyncBN) or 'sync'
+      report='best',           # test top-1 of the 'best' epoch, tested after each (official), or of the 'last'
+      test_every_epochs=1))    # the test top-1/top-5 written every this many epochs (official: 1; 0: at the end)
+  c.features = ml_collections.ConfigDict(dict(
+      cache=False,            # extract frozen features once (no train augmentation): small datasets
+      standardize=False))     # scale cached features by the training features' mean/std (BN without affine)
+  c.transforms = ml_collections.ConfigDict(dict(
+      # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) (bilinear) + CenterCrop(224).
+      train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method='bilinear', flip_p=0.5,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD),
+      eval=dict(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)))
+  c.lock()
+  return c
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value, origin: str) -> None:
+  """``config[key] = value`` for a dotted ``key`` the schema defines; a ConfigError naming it otherwise."""
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    if part not in node or not hasattr(node[part], 'items'):
+      raise errors.ConfigError(f'{origin}: unknown config key {key}')
+    node = node[part]
+  if last not in node:
+    if path and path[-1] in ('view1', 'view2', 'train', 'eval') and isinstance(node, ml_collections.ConfigDict):
+      node.unlock()  # a view recipe or transform: its keys are the recipe's (augment.py checks them)
+      node[last] = value
+      node.lock()
+      return
+    raise errors.ConfigError(f'{origin}: unknown config key {key}')
+  if isinstance(node[last], ml_collections.ConfigDict) or hasattr(value, 'items'):
+    node[last] = ml_collections.ConfigDict(value) if hasattr(value, 'items') else value
+  else:
+    with node.ignore_type():
+      node[last] = value
+
+
+def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.ConfigDict:
+  """A saved config (a run's ``config.json``, as a dict) read through the schema: the job's preset with every
+  saved value set; keys it lacks keep the schema's defaults, renamed keys (:data:`RENAMED`) are mapped to their
+  new names, and an unknown key is a :class:`errors.ConfigError` naming it and ``origin``."""
+  job = values.get('job', 'pretrain')
+  config = base_config() if job == 'pretrain' else eval_job_config()
+  if job not in JOBS:
+    raise errors.ConfigError(f'{origin}: unknown job {job!r}')
+  flat = leaves(values)
+  for key in [k for k in flat if any(k.startswith(f'{v}.') for v in ('augment.view1', 'augment.view2',
+                                                                     'transforms.train', 'transforms.eval'))]:
+    del flat[key]  # the recipes are set whole below (a recipe's keys are the recipe module's, not the schema's)
+  for section, recipe in (('augment', 'view1'), ('augment', 'view2'), ('transforms', 'train'),
+                          ('transforms', 'eval')):
+    if isinstance(values.get(section), dict) and recipe in values[section]:
+      config[section][recipe] = values[section][recipe]
+  for key, value in flat.items():
+    _set(config, RENAMED.get(key, key), value, origin)
+  return config

@@ -15,7 +15,7 @@ is read with ``torch.load(weights_only=True)``, which refuses pickled objects ot
 containers). Depth and width come from the weights (:func:`torch_weights.infer_arch`). The workdir gets what
 the evaluation jobs read:
 
-- ``config.json``: :func:`defaults.imagenet_config` (the official recipe) with ``model`` set to the weights'
+- ``config.json``: :func:`config.imagenet_config` (the official recipe) with ``model`` set to the weights'
   architecture, ImageNet stem, float32 (as the official evaluation; ``--config.model.dtype=bfloat16`` to run the
   backbone in bfloat16) and ``num_steps`` = ``--step`` (the jobs stop after the run's last step). The jobs also
   count the examples of the config's training split, so ``data`` must name a dataset they can read: give the
@@ -55,8 +55,8 @@ _PREFIXES = ('module.backbone.', 'backbone.', 'module.', 'encoder.', 'module.enc
 
 def base_config():
   """The config a converted workdir starts from: the official ImageNet recipe, the backbone in float32."""
-  from vicreg_jax import defaults
-  c = defaults.imagenet_config()
+  from vicreg_jax import config as schema
+  c = schema.imagenet_config()
   c.model.dtype = 'float32'
   return c
 
@@ -268,7 +268,7 @@ def main(argv: list) -> int:
                                              flag_values=fv, sys_argv=list(argv))
     rest = fv(list(argv))
   except (AttributeError, KeyError) as e:
-    return _fail(f'unknown config key {str(e).strip(chr(34) + chr(39))}: see vicreg_jax/defaults.py for the keys', 2)
+    return _fail(f'unknown config key {str(e).strip(chr(34) + chr(39))}: see vicreg_jax/config.py for the keys', 2)
   except (flags.Error, TypeError, ValueError) as e:
     return _fail(f'bad command line: {e}', 2)
   if len(rest) > 1:

@@ -108,7 +108,7 @@ def import_tensorflow_quietly():
 def _config_error(e: Exception):
   if isinstance(e, (AttributeError, KeyError)):
     key = str(e).strip(chr(34) + chr(39))
-    fail(f'unknown config key {key}: see the config file or vicreg_jax/defaults.py for the keys', 2)
+    fail(f'unknown config key {key}: see the config file or vicreg_jax/config.py for the keys', 2)
   fail(f'bad config override: {e}')
 
 
@@ -123,7 +123,18 @@ def _parse_flags(argv):
     fail(f'bad command line: {e}', 2)
 
 
+def _renamed_keys(argv) -> None:
+  """An old key name on the command line (``--config.eval.final_probe=...``) ends in one line naming the new one."""
+  from vicreg_jax import config as schema
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if (message := schema.renamed_message(key)) is not None:
+        fail(message, 2)
+
+
 def run():
+  _renamed_keys(sys.argv)
   import_tensorflow_quietly()
   # ml_collections reads --config.key=value overrides both while defining the flag (default config) and
   # while parsing (explicit --config); an unknown key must end in one line either way, not a traceback.

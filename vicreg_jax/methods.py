@@ -8,8 +8,8 @@ The step embeds both views with the backbone and projector (and the method's hea
 runs the EMA target network where the method has one, and hands everything to the method's ``objective`` as a
 :class:`Views`, with the keys of the method's config section (``config[config.method]``, minus its
 ``trainer_keys``) as keyword arguments. Adding a method means its pure loss in :mod:`vicreg_jax.losses`, its
-section in :func:`vicreg_jax.defaults.base_config`, its configs, and one :class:`Method` line in
-:data:`METHODS`.
+:class:`Method` record in :data:`METHODS` (whose ``defaults`` and ``rules`` become the method's config section
+and its checks in :mod:`vicreg_jax.config`), and its configs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from vicreg_jax import errors, losses, optim
+from vicreg_jax.config import BOOL, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, TEXT, Rule
 from vicreg_jax.models import heads
 
 
@@ -73,6 +74,8 @@ class Method:
   init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
     step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
   prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).
+  defaults: the method's config section (``config.NAME``), key by key, with its default values.
+  rules: a :class:`vicreg_jax.config.Rule` for every key of ``defaults`` (checked at start).
   """
   objective: Callable
   terms: tuple[str, ...]
@@ -82,6 +85,8 @@ class Method:
   init_extra: Callable = _no_extra
   update_extra: Callable = _keep_extra
   prepare_params: Callable = lambda params: params
+  defaults: dict = dataclasses.field(default_factory=dict)
+  rules: dict = dataclasses.field(default_factory=dict)
 
 
 # --- objectives: each method's loss on the step's views -------------------------------------------------------
@@ -148,9 +153,9 @@ def _predictor(hidden_bias: Optional[bool]):
     if not hidden:
       return {}
     spec = f'{hidden}-{heads.parse_mlp_spec(projector_spec(config))[-1]}'
-    bias = config.model.get('projector_hidden_bias', True) if hidden_bias is None else hidden_bias
+    bias = config.model.projector_hidden_bias if hidden_bias is None else hidden_bias
     return {'predictor': heads.Projector(spec, axis_name=axis_name, dtype=dtype, hidden_bias=bias,
-                                         batchnorm=config.model.get('projector_bn', True))}
+                                         batchnorm=config.model.projector_bn)}
   return make
 
 
@@ -182,19 +187,57 @@ def _swav_enqueue(extra, v: Views, step, *, axis_name, queue_start_step=0, **sec
           'queue_count': extra['queue_count'] + jnp.where(start, new.shape[1], 0)}
 
 
+_VARIANCE_COVARIANCE = {'std_coeff': NONNEG, 'cov_coeff': NONNEG}
+
 METHODS: dict[str, Method] = {
-    'vicreg': Method(_vicreg, ('invariance', 'variance', 'covariance')),
-    'barlow_twins': Method(_barlow_twins, ('on_diagonal', 'off_diagonal'), trainer_keys=('bias_lr_factor',)),
-    'wmse': Method(_wmse, ('cosine',), trainer_keys=('projector',)),
-    'simclr': Method(_simclr, ('top1',)),
-    'byol': Method(_byol, ('cosine', 'variance', 'covariance'), trainer_keys=('predictor', 'tau_base'),
-                   heads=_predictor(hidden_bias=None), ema_target=True),
-    'simsiam': Method(_simsiam, ('cosine', 'variance', 'covariance'),
-                      trainer_keys=('predictor', 'fixed_predictor_lr'), heads=_predictor(hidden_bias=False)),
-    'swav': Method(_swav, ('entropy',), trainer_keys=('num_prototypes', 'freeze_prototypes_steps', 'queue_length',
-                                                      'queue_start_step'),
-                   heads=_prototypes, init_extra=_swav_queue, update_extra=_swav_enqueue,
-                   prepare_params=heads.normalize_prototypes),
+    # gather_dtype: the embeddings' dtype in the loss's all-gather over the devices ('float32', or 'bfloat16':
+    # half the traffic, the statistics still in float32; losses.vicreg_loss says what it rounds).
+    'vicreg': Method(
+        _vicreg, ('invariance', 'variance', 'covariance'),
+        defaults=dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, gather_dtype='float32'),
+        rules=dict(sim_coeff=NONNEG, std_coeff=NONNEG, cov_coeff=NONNEG, eps=POSITIVE,
+                   gather_dtype=Rule('str', choices=('float32', 'bfloat16')))),
+    # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2.
+    'barlow_twins': Method(
+        _barlow_twins, ('on_diagonal', 'off_diagonal'), trainer_keys=('bias_lr_factor',),
+        defaults=dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024),
+        rules=dict(lambd=NONNEG, eps=POSITIVE, bias_lr_factor=NONNEG)),
+    # W-MSE (htdt/self-supervised): its own head (official Linear-BN-ReLU-Linear to 64-d, used instead of
+    # model.projector: the whitening needs D < w_size), whitening of random sub-batches of w_size, w_iter draws,
+    # shrinkage eps (official 0).
+    'wmse': Method(
+        _wmse, ('cosine',), trainer_keys=('projector',),
+        defaults=dict(projector='1024-64', w_size=128, w_iter=1, eps=0.0),
+        rules=dict(projector=TEXT, w_size=COUNT, w_iter=COUNT, eps=NONNEG)),
+    # SimCLR: NT-Xent temperature (official ImageNet 0.1, CIFAR 0.5).
+    'simclr': Method(_simclr, ('top1',), defaults=dict(temperature=0.1), rules=dict(temperature=POSITIVE)),
+    # BYOL (deepmind-research/byol, 1000 epochs): the predictor MLP's hidden sizes (its output is the
+    # projector's), EMA base decay τ (cosine to 1); std_coeff / cov_coeff add VICReg's variance / covariance
+    # terms (the VICReg paper's Table 4: 1 and 0.01).
+    'byol': Method(
+        _byol, ('cosine', 'variance', 'covariance'), trainer_keys=('predictor', 'tau_base'),
+        heads=_predictor(hidden_bias=None), ema_target=True,
+        defaults=dict(predictor='4096', tau_base=0.996, std_coeff=0.0, cov_coeff=0.0),
+        rules=dict(predictor=TEXT, tau_base=FRACTION, **_VARIANCE_COVARIANCE)),
+    # SimSiam (facebookresearch/simsiam): the predictor's hidden sizes ('' = none, the collapsing ablation), the
+    # predictor's learning rate held at its peak (--fix-pred-lr), and the same optional VICReg terms.
+    'simsiam': Method(
+        _simsiam, ('cosine', 'variance', 'covariance'), trainer_keys=('predictor', 'fixed_predictor_lr'),
+        heads=_predictor(hidden_bias=False),
+        defaults=dict(predictor='512', fixed_predictor_lr=True, std_coeff=0.0, cov_coeff=0.0),
+        rules=dict(predictor=TEXT, fixed_predictor_lr=BOOL, **_VARIANCE_COVARIANCE)),
+    # SwAV (facebookresearch/swav): prototypes, softmax temperature, Sinkhorn-Knopp ε and iterations, prototypes
+    # frozen for the first steps, and a queue of the last queue_length embeddings per crop (0: none; official
+    # 3840 for batch 256) filled from queue_start_step.
+    'swav': Method(
+        _swav, ('entropy',), trainer_keys=('num_prototypes', 'freeze_prototypes_steps', 'queue_length',
+                                           'queue_start_step'),
+        heads=_prototypes, init_extra=_swav_queue, update_extra=_swav_enqueue,
+        prepare_params=heads.normalize_prototypes,
+        defaults=dict(num_prototypes=3000, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
+                      freeze_prototypes_steps=313, queue_length=0, queue_start_step=0),
+        rules=dict(num_prototypes=COUNT, temperature=POSITIVE, epsilon=POSITIVE, sinkhorn_iterations=COUNT,
+                   freeze_prototypes_steps=NONNEG_INT, queue_length=NONNEG_INT, queue_start_step=NONNEG_INT)),
 }
 
 

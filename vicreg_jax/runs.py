@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import tensorflow as tf
 
+from vicreg_jax import config as schema
 from vicreg_jax import errors
 from vicreg_jax.data import sources
 
@@ -72,12 +73,15 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
-  """A run's ``config.json`` as a ConfigDict, or None if the run has not written it yet."""
+  """A run's ``config.json`` read through the schema (:func:`vicreg_jax.config.from_saved`: keys it lacks take
+  their defaults, renamed keys their new names; an unknown key is a ConfigError naming the file), or None if the
+  run has not written it yet."""
   path = os.path.join(workdir, 'config.json')
   if not tf.io.gfile.exists(path):
     return None
   with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    values = json.load(f)
+  return schema.from_saved(values, origin=path)
 
 
 def write_json(path: str, value) -> None:

@@ -14,9 +14,8 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import collectives, errors, losses, methods, parallel
+from vicreg_jax import collapse, collectives, errors, losses, methods, parallel
 from vicreg_jax.data import device_augment
-from vicreg_jax.evaluate import diagnostics
 from vicreg_jax.metrics import all_finite, keep_if_finite
 from vicreg_jax.models import backbones, heads, resnet
 
@@ -32,14 +31,21 @@ class TrainState:
                                # 'queue' and 'queue_count'; {} for methods without
 
 
+def make_probe(config, num_classes: int):
+  """The online probe's head and optimiser (SGD with momentum, constant lr), or (None, None) when disabled."""
+  if not config.online_probe.enabled:
+    return None, None
+  return heads.Head(num_classes), optax.sgd(config.online_probe.lr, momentum=config.online_probe.momentum)
+
+
 def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
   """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
   statistics synchronised over ``axis_name``."""
   dtype = backbones.DTYPES[config.model.dtype]
   projector = heads.Projector(methods.projector_spec(config), axis_name=axis_name, dtype=dtype,
-                              hidden_bias=config.model.get('projector_hidden_bias', True),
-                              batchnorm=config.model.get('projector_bn', True),
-                              output_bn=config.model.get('projector_output_bn', False))
+                              hidden_bias=config.model.projector_hidden_bias,
+                              batchnorm=config.model.projector_bn,
+                              output_bn=config.model.projector_output_bn)
   return heads.SSLModel(backbones.from_config(config.model, axis_name), projector,
                         **methods.get(config).heads(config, axis_name, dtype))
 
@@ -233,14 +239,13 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   """
   axis = parallel.AXIS
   method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
-  if method.ema_target and total_steps is None:  # the EMA decay's cosine needs the run's length
-    from vicreg_jax import runs  # reads the dataset's size (TensorFlow)
-    total_steps = runs.schedule_steps(config)[0]
+  if method.ema_target and total_steps is None:
+    raise ValueError(f'{config.method}: the EMA decay\'s cosine needs the run\'s length (total_steps)')
   head, probe_tx = online_probe
-  colour_ops = _colour_ops(config) if config.augment.get('on_device', False) else None
-  nan_at_step = config.get('debug_nan_at_step', 0)
+  colour_ops = _colour_ops(config) if config.augment.on_device else None
+  nan_at_step = config.debug_nan_at_step
   reductions = collectives.check(config.reductions)
-  remat, micro = config.model.get('remat', False), config.get('grad_accum_steps', 1)
+  remat, micro = config.model.remat, config.grad_accum_steps
   if micro > 1 and method.ema_target:
     raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
                              'runs on the whole batch); use model.remat to save memory instead')
@@ -297,9 +302,9 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
 def collapse_metrics(h, z) -> tuple[dict, tuple]:
   """Collapse diagnostics of a batch's representations (``repr/…``) and embeddings (``emb/…``), and the two
   singular-value spectra they were computed from."""
-  spectra = (diagnostics.spectrum(h), diagnostics.spectrum(z))
+  spectra = (collapse.spectrum(h), collapse.spectrum(z))
   scalars = {f'{name}/{k}': v for name, x, s in (('repr', h, spectra[0]), ('emb', z, spectra[1]))
-             for k, v in diagnostics.collapse_stats(x, s=s).items()}
+             for k, v in collapse.collapse_stats(x, s=s).items()}
   return scalars, spectra
 
 

@@ -1,10 +1,9 @@
-"""Pretraining: the loop and its periodic actions (the step itself is in :mod:`vicreg_jax.step`), the final
-probe."""
+"""The pretraining job's wiring: the state, the input, the loop with its periodic actions and the summary (the step
+itself is in :mod:`vicreg_jax.step`, the end-of-run probe in :mod:`vicreg_jax.evaluate.summary`)."""
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
@@ -12,27 +11,17 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
-import optax
-import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 from vicreg_jax import checkpoints, loop, methods, parallel, runs
-from vicreg_jax import config as config_checks
+from vicreg_jax import config as schema
 from vicreg_jax.data import pipeline, sources
-from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
+from vicreg_jax.evaluate import diagnostics
+from vicreg_jax.evaluate import summary as end_of_run
 from vicreg_jax.loop import due
 from vicreg_jax.metrics import IntervalMean
-from vicreg_jax.step import TrainState, build_model, init_state, make_diagnostics, make_train_step  # noqa: F401
-
-
-def make_probe(config, num_classes: int):
-  """The online probe's head and optimiser (SGD with momentum, constant lr), or (None, None) when disabled."""
-  if not config.online_probe.enabled:
-    return None, None
-  return (classifier.Head(num_classes),
-          optax.sgd(config.online_probe.lr, momentum=config.online_probe.momentum))
+from vicreg_jax.step import TrainState, build_model, init_state, make_diagnostics, make_probe, make_train_step
 
 
 # --- the loop's periodic actions ------------------------------------------------------------------------------
@@ -108,7 +97,7 @@ def _initial_state(config, tx, online, mesh, mngr, workdir: str) -> TrainState:
   init = functools.partial(init_state, config, build_model(config, None), tx, online_probe=online)
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
   restored = checkpoints.restore_newest(
-      mngr, state, workdir, config.get('restore_retry_seconds', 600.0),
+      mngr, state, workdir, config.restore_retry_seconds,
       check=lambda step: checkpoints.check_same_model(str(mngr.directory), step, state, workdir))
   return state if restored is None else restored
 
@@ -147,12 +136,12 @@ def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, onlin
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains (resuming from the latest checkpoint in ``workdir``), then probes; returns the summary."""
   start_time = time.time()
-  config_checks.validate(config)  # a wrong value fails in one line before anything is written
+  schema.validate(config)  # a wrong value fails in one line before anything is written
   workdir = runs.make_workdir(workdir)
   _compilation_cache(config, workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  runs.check_splits(config.data, [config.data.train_split] + ([config.eval.test_split] if config.eval.final_probe
+  runs.check_splits(config.data, [config.data.train_split] + ([config.data.test_split] if config.final_probe.enabled
                                                               else []))
   total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
   tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps)
@@ -168,8 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
   batches = loop.InputWait(parallel.prefetch_to_device(pipeline.global_batches(
       pipeline.pretrain_dataset(config, start_step, jax.process_index(), jax.process_count()),
-      parallel.data_sharding(mesh)), config.get('prefetch_to_device', 0)))
-  guard = loop.NonFiniteGuard(config.get('nonfinite', 'stop'), methods.get(config).terms, writer)
+      parallel.data_sharding(mesh)), config.prefetch_to_device))
+  guard = loop.NonFiniteGuard(config.nonfinite, methods.get(config).terms, writer)
   checkpoint = loop.Checkpoint(mngr, config.checkpoint_every_steps, stop_step, guard)
   actions = _reporting_actions(config, writer, total_steps, epoch_steps, online[0] is not None, batches)
   logging.info('Training %s for %d steps (%d warmup) of global batch %d on %d devices of %d process(es).',
@@ -177,10 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preemption = loop.Preemption()
   try:
     train_step = make_train_step(config, build_model(config), tx, schedule, mesh, online, total_steps)
-    diagnose = make_diagnostics(mesh, config.get('diagnostics_max_rows', 1024))
+    diagnose = make_diagnostics(mesh, config.diagnostics_max_rows)
     state, preempted = loop.run(train_step, state, batches, actions, start_step, stop_step,
                                 guard=guard, preemption=preemption, checkpoint=checkpoint,
-                                derive=lambda hz: diagnose(*hz), profile=loop.Profile(config.get('profile_steps', ''),
+                                derive=lambda hz: diagnose(*hz), profile=loop.Profile(config.profile_steps,
                                                                                       workdir))
   finally:
     preemption.close()
@@ -202,8 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _summarise(config, state: TrainState, mesh, workdir: str, writer, start_time: float) -> dict:
   """The final probe's figures (if enabled) and the wall time: to the writer, ``summary.json`` and stdout."""
   summary = {'steps': int(state.step)}
-  if config.eval.final_probe:
-    summary.update(final_probe(config, state, mesh, workdir))
+  if config.final_probe.enabled:
+    summary.update(end_of_run.final_probe(config, state, mesh, workdir))
     writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in summary.items() if k != 'steps'})
   summary['wall_seconds'] = round(time.time() - start_time, 1)
   runs.write_json(os.path.join(workdir, 'summary.json'), summary)
@@ -211,51 +200,3 @@ def _summarise(config, state: TrainState, mesh, workdir: str, writer, start_time
   print(json.dumps(summary), flush=True)
   writer.close()
   return summary
-
-
-def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
-  """Linear probes on frozen representations (all labels; k labels per class over several draws), weighted
-  k-NN (k = 20, 200), RankMe of representations and embeddings, the std of the embeddings and of the embeddings
-  scaled to unit norm (:func:`diagnostics.unit_std`), on the
-  train/test splits named in ``config.eval``. Writes the singular values of the training set's
-  representations and embeddings to ``workdir/spectra.npz`` (for ``python -m vicreg_jax.evaluate.diagnostics``).
-
-  Each process extracts the features of its share of the images; k-NN runs on all devices; the host-side work
-  (scikit-learn probes, spectra) runs on process 0, which hands the figures to the others."""
-  model = build_model(config, axis_name=None)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  apply = parallel.jit(functools.partial(model.apply, train=False))
-  recipe = dict(config.augment.view1)
-  n_dev = mesh.devices.size
-  batch = max(n_dev, config.eval.batch_size // n_dev * n_dev)
-
-  def features(split: str, max_examples: int):
-    ds = pipeline.eval_dataset(config.data, split, batch, crop=config.data.image_size, mean=recipe.get('mean'),
-                               std=recipe.get('std'), process_index=jax.process_index(),
-                               process_count=jax.process_count(), max_examples=max_examples)
-    return probe.extract(apply, variables, pipeline.global_batches(ds, parallel.data_sharding(mesh)))
-
-  (h_tr, z_tr), y_tr = features(config.data.train_split, config.eval.max_train_examples)
-  (h_te, _), y_te = features(config.eval.test_split, config.eval.max_test_examples)
-  knn_acc = knn.knn_accuracy(h_tr, y_tr, h_te, y_te, ks=(20, 200), mesh=mesh)
-
-  def host_side() -> dict:
-    s_h, s_z = diagnostics.singular_values(h_tr), diagnostics.singular_values(z_tr)
-    buffer = io.BytesIO()  # np.savez seeks, which GFile (gs://) does not support for writing
-    np.savez(buffer, representations=s_h, embeddings=s_z)
-    with tf.io.gfile.GFile(os.path.join(workdir, 'spectra.npz'), 'wb') as f:
-      f.write(buffer.getvalue())
-    result = {
-        'linear_top1': probe.linear_probe(h_tr, y_tr, h_te, y_te),
-        f'linear_top1_{config.eval.labels_per_class}_per_class': probe.few_label_probe(
-            h_tr, y_tr, h_te, y_te, config.eval.labels_per_class, config.eval.draws, config.seed),
-        'knn_top1_20': knn_acc[20],
-        'knn_top1_200': knn_acc[200],
-        'rankme': diagnostics.rankme_from_spectrum(s_h),
-        'rankme_embeddings': diagnostics.rankme_from_spectrum(s_z),
-        'embedding_std': float(np.mean(np.std(z_tr, axis=0))),
-        'embedding_std_unit': diagnostics.unit_std(z_tr),
-    }
-    return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
-
-  return parallel.share_from_process_0(host_side)

@@ -30,7 +30,7 @@ from vicreg_jax import checkpoints, collectives, errors, loop, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
 from vicreg_jax.metrics import all_finite, keep_if_finite
-from vicreg_jax.models import backbones
+from vicreg_jax.models import backbones, heads
 
 
 @flax.struct.dataclass
@@ -39,17 +39,6 @@ class ClassifierState:
   params: Any        # {'head': ...} (+ 'backbone' when fine-tuning)
   batch_stats: Any   # the backbone's BatchNorm statistics when fine-tuning, else {}
   opt_state: Any
-
-
-class Head(nn.Module):
-  """The linear classifier: weights N(0, 0.01), bias 0 (official evaluate.py)."""
-  num_classes: int
-  init_std: float = 0.01
-
-  @nn.compact
-  def __call__(self, h):
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.init_std),
-                    bias_init=nn.initializers.zeros, name='fc')(h.astype(jnp.float32))
 
 
 # --- the pretrained backbone --------------------------------------------------------------------------------
@@ -236,17 +225,18 @@ def _train_batches(config, train_feats, indices, start: int, sharding):
 
 
 def _train_subset(config) -> tuple[Optional[np.ndarray], int]:
-  """The indices of ``data.labels_per_class`` examples per class (None: the whole split) and the number of
+  """The indices of ``classifier.labels_per_class`` examples per class (None: the whole split) and the number of
   training examples."""
   data = config.data
   source = sources.get(data)
-  if not data.labels_per_class:
+  per_class = config.classifier.labels_per_class
+  if not per_class:
     return None, source.num_examples(data, data.train_split)
   in_memory = source.in_memory(data, data.train_split)
   if in_memory is None:
-    raise errors.ConfigError('data.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
+    raise errors.ConfigError('classifier.labels_per_class needs an in-memory source (digits or folder); for TFDS name a '
                      "subset split instead (e.g. 'imagenet2012_subset/1pct').")
-  indices = sources.per_class_subset(in_memory[1], data.labels_per_class, config.seed)
+  indices = sources.per_class_subset(in_memory[1], per_class, config.seed)
   return indices, len(indices)
 
 
@@ -261,7 +251,7 @@ def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool
   tx = tx_of(params)
   state = parallel.replicate(ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                              batch_stats=batch_stats, opt_state=tx.init(params)), mesh)
-  restored = checkpoints.restore_newest(mngr, state, workdir, config.get('restore_retry_seconds', 600.0),
+  restored = checkpoints.restore_newest(mngr, state, workdir, config.restore_retry_seconds,
                                         what=f'{tag} head checkpoint', prefix=f'heads-{tag}-')
   if restored is not None:
     logging.info('%s: resumed head training at step %d.', tag, int(restored.step))
@@ -286,7 +276,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
   eval_backbone = backbones.from_config(pre_config.model)
   train_feats, test_feats, feat_dim = _features(config, pre_config, pretrained, eval_backbone, mesh, finetune)
-  head = Head(sources.get(config.data).num_classes(config.data), cl.head_init_std)
+  head = heads.Head(sources.get(config.data).num_classes(config.data), cl.head_init_std)
   tag, ckpt_dir = f'ckpt{step}', os.path.join(workdir, 'heads', str(step))
   mngr = checkpoints.manager(ckpt_dir, keep=1)
   state, tx = _initial_state(config, head, feat_dim, pretrained, finetune,
@@ -330,7 +320,7 @@ def _run(config, tag: str, writer, mngr, steps_per_epoch: int, epoch_test, preem
   for key in ('metrics_every_steps', 'log_every_steps', 'checkpoint_every_steps'):
     if config[key] < 1:
       raise errors.ConfigError(f'{key} must be at least 1, not {config[key]}')
-  guard = loop.NonFiniteGuard(config.get('nonfinite', 'stop'), (), writer, what=tag)
+  guard = loop.NonFiniteGuard(config.nonfinite, (), writer, what=tag)
   metrics = loop.StepMetrics(writer, config.metrics_every_steps, config.log_every_steps, total, prefix=f'{tag}/')
   actions = [metrics, _Progress(tag, config.log_every_steps, total, steps_per_epoch, config.epochs, metrics, start),
              epoch_test]

@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers
 
 from vicreg_jax import checkpoints, errors, loop, parallel, runs
-from vicreg_jax import config as config_checks
+from vicreg_jax import config as schema
 from vicreg_jax.evaluate import classifier
 
 
@@ -81,17 +81,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   freshly initialised backbone); returns results by step."""
   if not config.pretrain_workdir:
     raise errors.ConfigError('set --config.pretrain_workdir to the pretraining run\'s --workdir')
-  config_checks.validate(config)
+  schema.validate(config)
   if config.checkpoints not in ('all', 'latest', 'final'):
     raise errors.ConfigError(f"checkpoints must be 'all', 'latest' or 'final', not {config.checkpoints!r}")
   runs.check_splits(config.data, [config.data.train_split, config.data.test_split])
   workdir = runs.make_workdir(workdir)
   pre = runs.absolute_workdir(config.pretrain_workdir)
-  pre_config = ml_collections.ConfigDict(_poll(
+  pre_config = schema.from_saved(_poll(
       f'{pre}/config.json (is --config.pretrain_workdir the pretraining run\'s --workdir?)',
-      lambda: _pretraining_config(pre), config, config.get('start_timeout_seconds', 600.0)))
+      lambda: _pretraining_config(pre), config, config.start_timeout_seconds), origin=f'{pre}/config.json')
   runs.save_config(workdir, config)
-  if not config.data.image_size and pre_config.data.get('image_size'):
+  if not config.data.image_size and pre_config.data.image_size:
     config = _with_image_size(config, pre_config.data.image_size)
 
   results = parallel.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
@@ -117,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
 
 
 def _pretraining_config(pre: str) -> Optional[dict]:
-  """The pretraining run's config (a dict), None while it has not written one, or :class:`errors.WorkdirError`
+  """The pretraining run's config (read through the schema, as a dict to share between processes), None while it has not written one, or :class:`errors.WorkdirError`
   for a folder that can never become one (checkpoints without a config, or a finished run without
   checkpoints)."""
   config = runs.read_config(pre)
@@ -166,7 +166,7 @@ def _evaluate_checkpoints(config, pre: str, pre_config, results: dict, workdir: 
     step = _poll(f'checkpoint {final_step} in {directory}',
                  lambda: _next_checkpoint(mngr, {**results, **skipped}, config, final_step), config,
                  config.timeout_seconds or None)
-    outcome, value = checkpoints.read_backbone(directory, step, mesh, config.get('restore_retry_seconds', 600.0))
+    outcome, value = checkpoints.read_backbone(directory, step, mesh, config.restore_retry_seconds)
     if outcome == checkpoints.DAMAGED:
       if step == final_step:
         raise errors.WorkdirError(

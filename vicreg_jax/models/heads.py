@@ -112,3 +112,15 @@ class SSLModel(nn.Module):
     if self.prototypes is not None:
       extra['scores'] = self.prototypes(z)
     return h, z, extra
+
+
+class Head(nn.Module):
+  """A linear classifier on representations (the evaluation jobs' head, the online probe): weights
+  N(0, ``init_std``), bias 0 (official VICReg evaluate.py), computed in float32."""
+  num_classes: int
+  init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, h):
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.init_std),
+                    bias_init=nn.initializers.zeros, name='fc')(h.astype(jnp.float32))
