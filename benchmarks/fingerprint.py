@@ -42,7 +42,8 @@ def digest(ds, batches: int) -> str:
     for key in sorted(batch):
       a = batch[key]
       h.update(f'{key}{a.dtype}{a.shape}'.encode())
-      h.update(a.tobytes())
+      # strings (object arrays) by their contents: tobytes() would hash the objects' addresses
+      h.update(b'\0'.join(a.ravel().tolist()) if a.dtype == object else a.tobytes())
   return h.hexdigest()[:16]
 
 

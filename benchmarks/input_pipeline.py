@@ -43,7 +43,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 from vicreg_jax import config as schema  # noqa: E402
-from vicreg_jax.data import augment, pipeline  # noqa: E402
+from vicreg_jax.data import augment, pipeline, recipes  # noqa: E402
 
 
 def make_images(root: str, n: int, seed: int = 0) -> list[str]:
@@ -145,73 +145,91 @@ def device_colour_ops(size: int, batch: int = 64, repeats: int = 5) -> tuple[flo
 
 # --- (b): the official recipe's operations with PIL (or torchvision) ------------------------------------------
 
-def _pil_views(size: int):
-  """Two view functions (PIL image -> float32 array [size, size, 3], normalised) of the official recipe."""
-  from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+def _torchvision_views(size: int):
+  """The official code's two view transforms with torchvision, verbatim apart from its custom blur/solarize
+  classes; None without torchvision."""
   try:
     import torchvision.transforms as T
   except ImportError:
-    T = None
-  if T is not None:  # the official code's transforms, verbatim apart from its custom blur/solarize classes
-    def make(blur_p, sol_p):
-      return T.Compose([
-          T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(0.5),
-          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-          T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=blur_p), T.RandomSolarize(128, p=sol_p),
-          T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
-    return make(1.0, 0.0), make(0.1, 0.2), 'torchvision'
-
-  mean = np.array(augment.IMAGENET_MEAN, np.float32)
-  std = np.array(augment.IMAGENET_STD, np.float32)
-
-  def crop(img):  # torchvision RandomResizedCrop.get_params, then PIL crop + bicubic resize
-    w, h = img.size
-    area = w * h
-    for _ in range(10):
-      target = area * random.uniform(0.08, 1.0)
-      ar = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
-      cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-      if 0 < cw <= w and 0 < ch <= h:
-        x, y = random.randint(0, w - cw), random.randint(0, h - ch)
-        break
-    else:
-      r = w / h
-      cw, ch = (w, int(round(w / (3 / 4)))) if r < 3 / 4 else ((int(round(h * 4 / 3)), h) if r > 4 / 3 else (w, h))
-      x, y = (w - cw) // 2, (h - ch) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
-
-  def hue(img, f):  # torchvision's PIL adjust_hue: shift H in HSV with uint8 wrap-around
-    h, s, v = img.convert('HSV').split()
-    h = Image.fromarray((np.asarray(h, np.uint8) + np.uint8(int(f * 255) % 256)).astype(np.uint8), 'L')
-    return Image.merge('HSV', (h, s, v)).convert('RGB')
-
-  def jitter(img):
-    ops = [lambda x: ImageEnhance.Brightness(x).enhance(random.uniform(0.6, 1.4)),
-           lambda x: ImageEnhance.Contrast(x).enhance(random.uniform(0.6, 1.4)),
-           lambda x: ImageEnhance.Color(x).enhance(random.uniform(0.8, 1.2)),
-           lambda x: hue(x, random.uniform(-0.1, 0.1))]
-    random.shuffle(ops)
-    for op in ops:
-      img = op(img)
-    return img
+    return None
 
   def make(blur_p, sol_p):
-    def view(img):
-      img = crop(img)
-      if random.random() < 0.5:
-        img = ImageOps.mirror(img)
-      if random.random() < 0.8:
-        img = jitter(img)
-      if random.random() < 0.2:
-        img = img.convert('L').convert('RGB')
-      if random.random() < blur_p:
-        img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-      if random.random() < sol_p:
-        img = ImageOps.solarize(img, 128)
-      return (np.asarray(img, np.float32) / 255.0 - mean) / std
-    return view
+    return T.Compose([
+        T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(0.5),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+        T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=blur_p), T.RandomSolarize(128, p=sol_p),
+        T.ToTensor(), T.Normalize(recipes.IMAGENET_MEAN, recipes.IMAGENET_STD)])
+  return make(1.0, 0.0), make(0.1, 0.2)
 
-  return make(1.0, 0.0), make(0.1, 0.2), 'PIL'
+
+def _pil_crop(img, size: int):
+  """torchvision's RandomResizedCrop.get_params (scale 0.08-1, ratio 3/4-4/3), then PIL crop + bicubic resize."""
+  from PIL import Image
+  w, h = img.size
+  area = w * h
+  for _ in range(10):
+    target = area * random.uniform(0.08, 1.0)
+    ar = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+    if 0 < cw <= w and 0 < ch <= h:
+      x, y = random.randint(0, w - cw), random.randint(0, h - ch)
+      break
+  else:
+    r = w / h
+    cw, ch = (w, int(round(w / (3 / 4)))) if r < 3 / 4 else ((int(round(h * 4 / 3)), h) if r > 4 / 3 else (w, h))
+    x, y = (w - cw) // 2, (h - ch) // 2
+  return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+
+
+def _pil_hue(img, f: float):
+  """torchvision's PIL adjust_hue: shift H in HSV with uint8 wrap-around."""
+  from PIL import Image
+  h, s, v = img.convert('HSV').split()
+  h = Image.fromarray((np.asarray(h, np.uint8) + np.uint8(int(f * 255) % 256)).astype(np.uint8), 'L')
+  return Image.merge('HSV', (h, s, v)).convert('RGB')
+
+
+def _pil_jitter(img):
+  """Colour jitter (0.4, 0.4, 0.2, 0.1) in a random order, as torchvision's ColorJitter."""
+  from PIL import ImageEnhance
+  ops = [lambda x: ImageEnhance.Brightness(x).enhance(random.uniform(0.6, 1.4)),
+         lambda x: ImageEnhance.Contrast(x).enhance(random.uniform(0.6, 1.4)),
+         lambda x: ImageEnhance.Color(x).enhance(random.uniform(0.8, 1.2)),
+         lambda x: _pil_hue(x, random.uniform(-0.1, 0.1))]
+  random.shuffle(ops)
+  for op in ops:
+    img = op(img)
+  return img
+
+
+def _pil_view(size: int, blur_p: float, sol_p: float):
+  """One view function of the official recipe with PIL: image -> float32 array [size, size, 3], normalised."""
+  from PIL import ImageFilter, ImageOps
+  mean = np.array(recipes.IMAGENET_MEAN, np.float32)
+  std = np.array(recipes.IMAGENET_STD, np.float32)
+
+  def view(img):
+    img = _pil_crop(img, size)
+    if random.random() < 0.5:
+      img = ImageOps.mirror(img)
+    if random.random() < 0.8:
+      img = _pil_jitter(img)
+    if random.random() < 0.2:
+      img = img.convert('L').convert('RGB')
+    if random.random() < blur_p:
+      img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+    if random.random() < sol_p:
+      img = ImageOps.solarize(img, 128)
+    return (np.asarray(img, np.float32) / 255.0 - mean) / std
+  return view
+
+
+def _pil_views(size: int):
+  """Two view functions (PIL image -> float32 array [size, size, 3], normalised) of the official recipe, with
+  torchvision where installed, else with PIL; and which."""
+  if (views := _torchvision_views(size)) is not None:
+    return (*views, 'torchvision')
+  return _pil_view(size, 1.0, 0.0), _pil_view(size, 0.1, 0.2), 'PIL'
 
 
 def reference_rate(paths: list[str], epochs: int, size: int) -> tuple[float, str]:

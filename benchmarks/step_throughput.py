@@ -99,10 +99,42 @@ def _config(args):
   return c
 
 
+def _state_and_batch(args, config, tx, mesh):
+  """A replicated initial train state and a random global batch of the benchmark's shape."""
+  import jax
+  import numpy as np
+  from vicreg_jax import parallel, step as step_lib
+  init = jax.jit(lambda key: step_lib.init_state(config, step_lib.build_model(config, None), tx, key),
+                 out_shardings=parallel.replicated(mesh))
+  shape = (args.batch, args.image_size, args.image_size, 3)
+  rng = np.random.default_rng(0)
+  sharding = parallel.data_sharding(mesh)
+  batch = {'view1': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
+           'view2': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
+           'label': jax.device_put(np.zeros(args.batch, np.int32), sharding)}
+  return init(jax.random.key(0)), batch
+
+
+def _seconds_per_step(compiled, state, batch, args):
+  """The compiled step's mean time over ``args.steps`` steps after ``args.warmup``; the final state."""
+  import jax
+  import numpy as np
+  for _ in range(args.warmup):
+    state, metrics, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - t0) / args.steps
+  if not bool(np.isfinite(jax.device_get(metrics['loss']))):
+    raise SystemExit('the JAX step gave a non-finite loss')
+  return seconds, state
+
+
 def jax_step(args) -> dict:
   """Times the package's train step; returns figures."""
   import jax
-  import numpy as np
   from vicreg_jax import methods, parallel, step as step_lib
 
   config = _config(args)
@@ -110,15 +142,7 @@ def jax_step(args) -> dict:
   parallel.check_batch_size(config.batch_size, mesh)
   tx, schedule = methods.make_optimizer(config, 1000, 10)
   model = step_lib.build_model(config)
-  init = jax.jit(lambda key: step_lib.init_state(config, step_lib.build_model(config, None), tx, key),
-                 out_shardings=parallel.replicated(mesh))
-  state = init(jax.random.key(0))
-  shape = (args.batch, args.image_size, args.image_size, 3)
-  rng = np.random.default_rng(0)
-  sharding = parallel.data_sharding(mesh)
-  batch = {'view1': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
-           'view2': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
-           'label': jax.device_put(np.zeros(args.batch, np.int32), sharding)}
+  state, batch = _state_and_batch(args, config, tx, mesh)
 
   train_step = step_lib.make_train_step(config, model, tx, schedule, mesh, total_steps=1000)
   t0 = time.perf_counter()
@@ -136,16 +160,7 @@ def jax_step(args) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_device = float(cost.get('flops', 0.0))
 
-  for _ in range(args.warmup):
-    state, metrics, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  seconds = (time.perf_counter() - t0) / args.steps
-  if not bool(np.isfinite(jax.device_get(metrics['loss']))):
-    raise SystemExit('the JAX step gave a non-finite loss')
+  seconds, state = _seconds_per_step(compiled, state, batch, args)
   breakdown = _breakdown(config, state, batch['view1'], args) if args.breakdown else {}
 
   devices = jax.devices()

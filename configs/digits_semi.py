@@ -20,7 +20,6 @@ def get_config():
   c.poll_seconds = 2.0
   c.timeout_seconds = 1800.0
   c.batch_size = 48
-  c.epochs = 100
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
   c.classifier.update(backbone_lr=0.03, head_lr=0.08, weight_decay=0.0, report='last')

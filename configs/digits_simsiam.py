@@ -12,6 +12,6 @@ from vicreg_jax.config import digits_config
 def get_config():
   c = digits_config()
   c.method = 'simsiam'
-  c.model.update(projector='512-512-512', projector_output_bn=True)  # official: BN (no affine) on the output
-  c.simsiam.update(predictor='128', fixed_predictor_lr=True)  # bottleneck 1/4, as 512 of 2048
+  c.model.projector_output_bn = True  # official: BN (no affine) on the output
+  c.simsiam.predictor = '128'  # bottleneck 1/4, as 512 of 2048
   return c

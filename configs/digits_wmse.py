@@ -13,5 +13,5 @@ def get_config():
   c = digits_config()
   c.method = 'wmse'
   # The official head, Linear-BN-ReLU-Linear, to a 64-d embedding (the whitening needs D < w_size).
-  c.wmse.update(projector='512-64', w_size=128, w_iter=1)  # two whitening sub-batches of the global batch of 256
+  c.wmse.projector = '512-64'  # w_size 128: two whitening sub-batches of the global batch of 256
   return c

@@ -17,6 +17,5 @@ def get_config():
   c.method = 'byol'
   c.batch_size = 4096
   c.model.projector = '4096-256'
-  c.byol.update(predictor='4096', tau_base=0.996)
-  c.optim.update(base_lr=0.2, weight_decay=1.5e-6, end_lr_factor=0.0)
+  c.optim.update(weight_decay=1.5e-6, end_lr_factor=0.0)
   return c

@@ -17,6 +17,5 @@ def get_config():
   c.method = 'simclr'
   c.batch_size = 4096
   c.model.projector = '2048-2048-128'
-  c.simclr.temperature = 0.1
-  c.optim.update(base_lr=0.3, weight_decay=1e-6, end_lr_factor=0.0)
+  c.optim.update(base_lr=0.3, end_lr_factor=0.0)
   return c

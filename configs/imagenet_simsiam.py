@@ -19,6 +19,5 @@ def get_config():
   c.epochs = 100
   # Projector: Linear(no bias)-BN-ReLU twice, Linear, BatchNorm without affine; predictor 512 then 2048.
   c.model.update(projector='2048-2048-2048', projector_hidden_bias=False, projector_output_bn=True)
-  c.simsiam.update(predictor='512', fixed_predictor_lr=True)
-  c.optim.update(name='sgd', base_lr=0.05, weight_decay=1e-4, momentum=0.9, warmup_epochs=0, end_lr_factor=0.0)
+  c.optim.update(name='sgd', base_lr=0.05, weight_decay=1e-4, warmup_epochs=0, end_lr_factor=0.0)
   return c

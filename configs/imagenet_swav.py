@@ -18,6 +18,5 @@ def get_config():
   c.batch_size = 4096
   c.epochs = 800
   c.model.projector = '2048-128'
-  c.swav.update(num_prototypes=3000, temperature=0.1, epsilon=0.05, freeze_prototypes_steps=313, queue_length=0)
-  c.optim.update(base_lr=0.3, weight_decay=1e-6, end_lr_factor=0.001)
+  c.optim.base_lr = 0.3
   return c

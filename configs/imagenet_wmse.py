@@ -18,6 +18,6 @@ def get_config():
   c.epochs = 240
   # The authors' ImageNet-100 recipe (no ImageNet-1k one was published): head 1024-128, sub-batches of 256,
   # Adam lr 2e-3 at batch 512 (base_lr × batch/256), weight decay 1e-6.
-  c.wmse.update(projector='1024-128', w_size=256, w_iter=1)
-  c.optim.update(name='adamw', base_lr=1e-3, weight_decay=1e-6, end_lr_factor=0.0)
+  c.wmse.update(projector='1024-128', w_size=256)
+  c.optim.update(name='adamw', base_lr=1e-3, end_lr_factor=0.0)
   return c

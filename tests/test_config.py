@@ -3,12 +3,15 @@ divides or counts, beyond its range, of the wrong type, an unknown name) ends in
 1, no traceback; every config in configs/ passes, and every numeric or enumerated key in them has a rule."""
 
 import glob
+import importlib.util
 import json
 import math
+import pathlib
 import re
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from conftest import REPO, job_env, load_config
@@ -177,3 +180,45 @@ def test_no_config_key_is_read_with_a_fallback():
         if m.group(3) in keys:
           found.append(f'{path.relative_to(REPO)}:{n}: {line.strip()}')
   assert not found, '\n'.join(found)
+
+
+def _restatements(paths, monkeypatch) -> list:
+  """The assignments made in the config files ``paths`` (in a folder named configs), recorded while each one's
+  get_config() runs, that set a key to the value it already holds."""
+  restated = []
+
+  def same(old, new):
+    old, new = (x.to_dict() if hasattr(x, 'to_dict') else x for x in (old, new))
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+      old, new = list(old), list(new)
+    return old == new and type(old) is type(new)
+
+  def record(node, items):
+    frame = sys._getframe(2)
+    if '/configs/' in frame.f_code.co_filename.replace('\\', '/'):
+      restated.extend(f'{frame.f_code.co_filename.rsplit("/", 1)[-1]}:{frame.f_lineno} {k}={v!r}'
+                      for k, v in items if not k.startswith('_') and k in node and same(node[k], v))
+
+  setattr_, update = ml_collections.ConfigDict.__setattr__, ml_collections.ConfigDict.update
+  with monkeypatch.context() as m:
+    m.setattr(ml_collections.ConfigDict, '__setattr__', lambda self, k, v: (record(self, [(k, v)]),
+                                                                         setattr_(self, k, v))[1])
+    m.setattr(ml_collections.ConfigDict, 'update', lambda self, *a, **kw: (record(self, dict(*a, **kw).items()),
+                                                                         update(self, *a, **kw))[1])
+    for path in paths:
+      spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      module.get_config()
+  return restated
+
+
+def test_no_config_file_restates_a_default(tmp_path, monkeypatch):
+  """A config file sets only what differs from its preset (a restated default hides which values are the
+  recipe's own, and goes stale when the default moves)."""
+  assert _restatements(sorted(glob.glob(str(REPO / 'configs' / '*.py'))), monkeypatch) == []
+  planted = tmp_path / 'configs' / 'restating.py'
+  planted.parent.mkdir()
+  planted.write_text('from vicreg_jax.config import digits_config\n\n\ndef get_config():\n  c = digits_config()\n'
+                     '  c.batch_size = 256\n  c.optim.update(base_lr=1e-3, weight_decay=1e-4)\n  return c\n')
+  assert _restatements([planted], monkeypatch) == ['restating.py:6 batch_size=256', 'restating.py:7 weight_decay=0.0001']

@@ -37,7 +37,18 @@ class StepOutput:
   def derived(self):
     if self._derived is None:
       self._derived = self.derive(self.aux)
+      if serial_programs():
+        jax.block_until_ready(self._derived)
     return self._derived
+
+
+def serial_programs() -> bool:
+  """Whether each program with collectives must finish before the next starts: several processes on CPU.
+  XLA:CPU runs dispatched programs concurrently, and two programs whose cross-process (gloo) collectives are in
+  flight at once can pair one process's collective with another's on the peer (seen as
+  ``gloo::EnforceNotMet … op.preamble.length <= op.nbytes`` at the end of a two-process run); accelerators order
+  a device's programs, so there the loop keeps its two steps in flight."""
+  return jax.process_count() > 1 and jax.default_backend() == 'cpu'
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -222,13 +233,15 @@ def run(step_fn: Callable, state, batches, actions: list, start_step: int, stop_
   a checkpoint of the step reached, when ``preemption`` says so. The actions with a ``flush(step)`` are flushed
   where the loop stops; the checkpoint in flight is awaited even when a step raises. Returns the state and
   whether the loop was preempted."""
-  metrics, preempted = None, False
+  metrics, preempted, serial = None, False, serial_programs()
   try:
     for step in range(start_step + 1, stop_step + 1):
       if profile is not None:
         profile.before(step)
       previous = metrics
       state, metrics, aux = step_fn(state, next(batches))
+      if serial:
+        jax.block_until_ready((state, metrics, aux))
       # At most two steps in flight: the host prepares the next batch while the devices run, without an
       # unbounded dispatch queue (which can also starve XLA:CPU's collective threads on small machines).
       jax.block_until_ready(previous)

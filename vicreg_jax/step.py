@@ -4,6 +4,7 @@ that have none."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax
@@ -137,7 +138,7 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False):
   return tuple(hs), tuple(zs), tuple(extras), batch_stats
 
 
-def _views(z, out, target, key, extra, params) -> methods.Views:
+def _views(z, out, params, *, target, key, extra) -> methods.Views:
   """What the method's objective sees: embeddings, the heads' outputs of both views, the EMA target's."""
   return methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
                        scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
@@ -156,6 +157,21 @@ def _gradients(objective, model, params, batch_stats, batch, make_views, remat: 
   return jax.grad(loss_fn, has_aux=True)(params)
 
 
+def _micro_slice(tree, i, micro: int):
+  """Rows ``i, i + micro, i + 2·micro, …`` of every array of ``tree`` (micro-batch ``i``)."""
+  def rows(x):
+    return jax.lax.dynamic_index_in_dim(x.reshape((x.shape[0] // micro, micro) + x.shape[1:]), i, axis=1,
+                                        keepdims=False)
+  return jax.tree.map(rows, tree)
+
+
+def _micro_outputs(model, views, remat: bool, micro: int, params, stats, i):
+  """``((z, heads' outputs), (h1, batch_stats))`` of the online network on micro-batch ``i`` of ``views``: the
+  first pair differentiable."""
+  (h1, _), z, out, stats = _online_views(model, params, stats, _micro_slice(views, i, micro), remat)
+  return (z, out), (h1, stats)
+
+
 def _accumulated_gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, micro: int):
   """The same as :func:`_gradients` with the backbone run on ``micro`` micro-batches at a time (memory: the
   activations of one micro-batch), the loss still on the whole global batch. Micro-batch k holds the rows
@@ -172,16 +188,8 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
   n = batch['view1'].shape[0]
   if n % micro:
     raise errors.ConfigError(f'grad_accum_steps {micro} must divide the per-device batch {n}')
-  size = n // micro
   views_only = {k: batch[k] for k in ('view1', 'view2')}
-
-  def slice_of(i, tree):  # rows i, i + micro, ... of each array
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x.reshape((size, micro) + x.shape[1:]), i, axis=1,
-                                                               keepdims=False), tree)
-
-  def outputs(params, stats, i):  # the differentiable outputs of micro-batch i
-    (h1, _), z, out, stats = _online_views(model, params, stats, slice_of(i, views_only), remat)
-    return (z, out), (h1, stats)
+  outputs = functools.partial(_micro_outputs, model, views_only, remat, micro)
 
   def first_pass(stats, i):
     outs, (h1, stats) = outputs(params, stats, i)
@@ -200,7 +208,7 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
 
   def second_pass(grads, i):
     _, pullback = jax.vjp(lambda p: outputs(p, batch_stats, i)[0], params)
-    (g,) = pullback(slice_of(i, d_outs))
+    (g,) = pullback(_micro_slice(d_outs, i, micro))
     return jax.tree.map(jnp.add, grads, g), None
 
   grads, _ = jax.lax.scan(second_pass, jax.tree.map(jnp.zeros_like, params), jnp.arange(micro))
@@ -267,9 +275,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     def objective(views):
       return _poisoned(*method.objective(views, axis_name=axis, **kwargs), state.step + 1, nan_at_step)
 
-    def make_views(z, out, params):
-      return _views(z, out, target, key, extra, params)
-
+    make_views = functools.partial(_views, target=target, key=key, extra=extra)
     if micro > 1:
       grads, (metrics, batch_stats, h1, views) = _accumulated_gradients(
           objective, model, params, state.batch_stats, batch, make_views, remat, micro)
