@@ -43,7 +43,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 from vicreg_jax import defaults  # noqa: E402
-from vicreg_jax.data import augment, pipeline  # noqa: E402
+from vicreg_jax.data import augment, pipeline, recipes  # noqa: E402
 
 
 def make_images(root: str, n: int, seed: int = 0) -> list[str]:
@@ -158,11 +158,11 @@ def _pil_views(size: int):
           T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(0.5),
           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
           T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=blur_p), T.RandomSolarize(128, p=sol_p),
-          T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+          T.ToTensor(), T.Normalize(recipes.IMAGENET_MEAN, recipes.IMAGENET_STD)])
     return make(1.0, 0.0), make(0.1, 0.2), 'torchvision'
 
-  mean = np.array(augment.IMAGENET_MEAN, np.float32)
-  std = np.array(augment.IMAGENET_STD, np.float32)
+  mean = np.array(recipes.IMAGENET_MEAN, np.float32)
+  std = np.array(recipes.IMAGENET_STD, np.float32)
 
   def crop(img):  # torchvision RandomResizedCrop.get_params, then PIL crop + bicubic resize
     w, h = img.size

@@ -92,6 +92,7 @@ _SHARED = {  # keys of both jobs
     'data.val_fraction': Rule('float', 0, 1), 'data.channels': Rule('int', 1, 4), 'data.image_size': NONNEG_INT,
     'data.shuffle_buffer': NONNEG_INT, 'data.threadpool_size': NONNEG_INT, 'data.prefetch': NONNEG_INT,
     'data.cache': BOOL, 'data.data_dir': Rule('str', none=True),
+    'data.path': TEXT,
 }
 _PRETRAIN = {
     'epochs': NONNEG_INT, 'num_steps': NONNEG_INT, 'max_steps_per_run': NONNEG_INT, 'keep_checkpoints': COUNT,

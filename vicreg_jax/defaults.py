@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
       source='tfds', name='imagenet2012', train_split='train', data_dir=ml_collections.FieldReference(
           None, field_type=str), val_fraction=0.0, image_size=224, channels=3, shuffle_buffer=10_000,
       threadpool_size=0, prefetch=2,
+      path='',  # source 'arrays': the .npz of images and labels; '{split}' in it is replaced by the split's name
       cache=False))  # TFDS: keep this host's share in memory after one pass (as read: encoded or decoded)
   view1, view2 = imagenet_views()
   # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
@@ -193,6 +194,7 @@ def eval_job_config() -> ml_collections.ConfigDict:
       source='tfds', name='imagenet2012', train_split='train', test_split='validation',
       data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, labels_per_class=0, channels=3,
       image_size=0,           # in-memory (digits) images: 0 takes the pretraining run's
+      path='',                # source 'arrays': the .npz file ('{split}' in it: the split's name), as pretraining
       shuffle_buffer=10_000, threadpool_size=0, prefetch=2, cache=False))
   c.transforms = ml_collections.ConfigDict(dict(
       # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) (bilinear) + CenterCrop(224).
