@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import load_config
 from vicreg_jax.data import augment, pipeline, recipes, streams
-from vicreg_jax.data.sources import folder, tfds
+from vicreg_jax.data.sources import folder as image_folder, tfds
 
 SIZE = 8
 # Cheap views that keep a flat image flat (a crop, resized; a flip), so a view's colour names its file.
@@ -184,7 +184,7 @@ def test_evaluation_masks_out_unreadable_files(folder):
   root, expected, bad = folder
   data = ml_collections.ConfigDict(dict(source='folder', name='imagenet2012', train_split='train',
                                         data_dir=str(root), val_fraction=0.0, channels=3, threadpool_size=0))
-  paths = folder.folder_split(str(root), 'train').paths.tolist()
+  paths = image_folder.folder_split(str(root), 'train').paths.tolist()
   rows = []
   for p in range(2):  # shares of 8 files, in batches of 6: 2 batches each, the second padded
     ev = list(pipeline.eval_dataset(data, 'train', 12, crop=4, resize=4, process_index=p, process_count=2)
@@ -216,7 +216,7 @@ def test_tfds_records_that_fail_to_decode_are_dropped_and_counted(folder):
   """A TFDS stream (here of encoded images, 4 of 16 unreadable) drops the records it cannot decode: the batches
   stay full, and each row counts the records dropped just before it."""
   root, expected, bad = folder
-  files = folder.folder_split(str(root), 'train')
+  files = image_folder.folder_split(str(root), 'train')
   records = tf.data.Dataset.from_tensor_slices((files.paths, files.labels)).map(
       lambda p, y: {'image': tf.io.read_file(p), 'label': y})
   config = _config(root)
