@@ -78,9 +78,9 @@ def raw_pixels(size: int) -> dict:
   """The end-of-run probes on the pixels themselves."""
   sys.path.insert(0, REPO)
   os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-  from vicreg_jax.data import sources
+  from vicreg_jax.data.sources import digits
   from vicreg_jax.evaluate import knn, probe
-  tr, te = sources.digits('train', size), sources.digits('test', size)
+  tr, te = digits.load('train', size), digits.load('test', size)
   h_tr, h_te = tr.images.reshape(len(tr.labels), -1), te.images.reshape(len(te.labels), -1)
   return {'linear_top1': probe.linear_probe(h_tr, tr.labels, h_te, te.labels),
           'linear_top1_5_per_class': probe.few_label_probe(h_tr, tr.labels, h_te, te.labels, 5, 5, 0),

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from vicreg_jax import config as schema
-from vicreg_jax.data import augment
+from vicreg_jax.data import augment, recipes
 
 SIZE = 32
 VIEW1, VIEW2 = schema.imagenet_views(SIZE)
@@ -18,8 +18,8 @@ IMAGE = tf.random.stateless_uniform((40, 48, 3), seed=[1, 2])
 JPEG = tf.io.encode_jpeg(tf.image.convert_image_dtype(IMAGE, tf.uint8))
 PNG = tf.io.encode_png(tf.image.convert_image_dtype(IMAGE, tf.uint8))
 UNIT = (0.0, 1.0)
-NORMALISED = ((0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD),
-              (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD))
+NORMALISED = ((0 - max(recipes.IMAGENET_MEAN)) / min(recipes.IMAGENET_STD),
+              (1 - min(recipes.IMAGENET_MEAN)) / min(recipes.IMAGENET_STD))
 
 # name: (fn(image, seed), input, output shape, value range)
 OPS = {
@@ -34,7 +34,7 @@ OPS = {
     'solarize': (lambda x, s: augment.solarize(x), IMAGE, (40, 48, 3), UNIT),
     'translate': (lambda x, s: augment.random_translate(x, s, 4), IMAGE, (40, 48, 3), UNIT),
     'affine': (lambda x, s: augment.random_affine(x, s, 30.0, (0.8, 1.2), 10.0), IMAGE, (40, 48, 3), UNIT),
-    'normalize': (lambda x, s: augment.normalize(x, augment.IMAGENET_MEAN, augment.IMAGENET_STD), IMAGE,
+    'normalize': (lambda x, s: augment.normalize(x, recipes.IMAGENET_MEAN, recipes.IMAGENET_STD), IMAGE,
                   (40, 48, 3), NORMALISED),
     'view1': (lambda x, s: augment.augment_view(x, s, VIEW1), IMAGE, (SIZE, SIZE, 3), NORMALISED),
     'view2': (lambda x, s: augment.augment_view(x, s, VIEW2), IMAGE, (SIZE, SIZE, 3), NORMALISED),

@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import tiny_digits
 from vicreg_jax import config as schema, methods, parallel
 from vicreg_jax import step as step_lib
-from vicreg_jax.data import augment, pipeline
+from vicreg_jax.data import augment, pipeline, recipes
 from vicreg_jax.data import device_augment as da
 
 SIZE = 32
@@ -22,8 +22,8 @@ VIEW1, VIEW2 = schema.imagenet_views(SIZE)
 IMAGE = tf.random.stateless_uniform((SIZE, SIZE, 3), seed=[1, 2]).numpy()
 IMAGE[0, :4] = 0.5                             # grays (hue and saturation 0)
 IMAGE[1, :6] = np.eye(3).tolist() + [[1, 1, 0], [0, 1, 1], [1, 0, 1]]  # primaries and secondaries
-NORMALISED = ((0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD),
-              (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD))
+NORMALISED = ((0 - max(recipes.IMAGENET_MEAN)) / min(recipes.IMAGENET_STD),
+              (1 - min(recipes.IMAGENET_MEAN)) / min(recipes.IMAGENET_STD))
 N = 2000
 
 
@@ -109,8 +109,8 @@ def test_grayscale_solarize_normalize_equal_tf():
   np.testing.assert_allclose(da.solarize(x), augment.solarize(tf.constant(IMAGE)).numpy(), atol=1e-7)
   np.testing.assert_allclose(da.solarize(x), np.where(IMAGE >= 0.5, 1 - IMAGE, IMAGE), atol=1e-7)
   np.testing.assert_allclose(
-      da.normalize(x, augment.IMAGENET_MEAN, augment.IMAGENET_STD),
-      augment.normalize(tf.constant(IMAGE), augment.IMAGENET_MEAN, augment.IMAGENET_STD).numpy(), atol=1e-5)
+      da.normalize(x, recipes.IMAGENET_MEAN, recipes.IMAGENET_STD),
+      augment.normalize(tf.constant(IMAGE), recipes.IMAGENET_MEAN, recipes.IMAGENET_STD).numpy(), atol=1e-5)
   one = IMAGE[..., :1]
   np.testing.assert_array_equal(da.grayscale(jnp.asarray(one)), one)
 
@@ -165,7 +165,7 @@ def test_decisions_are_the_ops_that_fire():
   """apply_colour_ops grays, solarizes and blurs exactly the examples its decisions say."""
   images = jnp.asarray(np.stack([np.roll(IMAGE, i, 1) for i in range(64)]))
   key = jax.random.key(4)
-  base = dict(augment.RECIPE_DEFAULTS)
+  base = dict(recipes.RECIPE_DEFAULTS)
   for op, recipe in (('gray', dict(base, gray_p=0.5)), ('solarize', dict(base, solarize_p=0.5)),
                      ('blur', dict(base, blur_p=0.5, blur_sigma=(1.0, 2.0))), ('jitter', dict(base, jitter_p=0.5))):
     d = np.asarray(da.decisions(key, 64, recipe)[op])

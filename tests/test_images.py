@@ -14,12 +14,13 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import load_config
-from vicreg_jax.data import augment, pipeline, sources
+from vicreg_jax.data import augment, pipeline, recipes, streams
+from vicreg_jax.data.sources import folder as image_folder, tfds
 
 SIZE = 8
 # Cheap views that keep a flat image flat (a crop, resized; a flip), so a view's colour names its file.
-VIEW1 = dict(augment.RECIPE_DEFAULTS, crop_size=SIZE)
-VIEW2 = dict(augment.RECIPE_DEFAULTS, crop_size=SIZE, crop_scale=(0.5, 1.0), flip_p=0.5)
+VIEW1 = dict(recipes.RECIPE_DEFAULTS, crop_size=SIZE)
+VIEW2 = dict(recipes.RECIPE_DEFAULTS, crop_size=SIZE, crop_scale=(0.5, 1.0), flip_p=0.5)
 
 
 def _save(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -128,8 +129,8 @@ def test_pretraining_batches_are_full_and_replace_each_unreadable_file_once_per_
   batches = fresh[:2]
   for b in batches:
     assert b['view1'].shape == (8, SIZE, SIZE, 3) and b['view2'].shape == (8, SIZE, SIZE, 3)
-  unreadable = np.concatenate([b[pipeline.UNREADABLE] for b in batches])
-  paths = [p.decode() for b in batches for p in b[pipeline.UNREADABLE_PATH]]
+  unreadable = np.concatenate([b[streams.UNREADABLE] for b in batches])
+  paths = [p.decode() for b in batches for p in b[streams.UNREADABLE_PATH]]
   names = _names(np.concatenate([b['view1'] for b in batches]), expected)
   assert _names(np.concatenate([b['view2'] for b in batches]), expected) == names  # both views of one file
   assert (unreadable > 0).sum() == len(bad)
@@ -145,8 +146,8 @@ def test_global_batches_strip_the_counts_and_log_them():
   """global_batches drops the count fields (device arrays of the rest) and logs the running count with the first
   path; tuple batches pass as they are."""
   rows = {'x': np.arange(12.0).reshape(3, 4),
-          pipeline.UNREADABLE: np.array([[0, 0, 0, 0], [0, 2, 0, 1], [1, 0, 0, 0]]),
-          pipeline.UNREADABLE_PATH: np.array([[b''] * 4, [b'', b'/d/bad.jpg', b'', b'/d/worse.jpg'],
+          streams.UNREADABLE: np.array([[0, 0, 0, 0], [0, 2, 0, 1], [1, 0, 0, 0]]),
+          streams.UNREADABLE_PATH: np.array([[b''] * 4, [b'', b'/d/bad.jpg', b'', b'/d/worse.jpg'],
                                               [b'/d/x.png'] + [b''] * 3])}
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with mock.patch.object(pipeline.logging, 'warning') as warning:
@@ -164,7 +165,7 @@ def test_unreadable_replacements_are_the_same_on_resume_and_on_two_processes(fol
   the same files (hence labels and replacements) at the same positions, in its own view."""
   config = _config(folder[0])
   later = fresh[1:]
-  assert sum(b[pipeline.UNREADABLE][:4].sum() for b in later) > 0  # the compared rows hold replacements
+  assert sum(b[streams.UNREADABLE][:4].sum() for b in later) > 0  # the compared rows hold replacements
   half = _take(pipeline.pretrain_dataset(config, 1, process_index=0, process_count=2), 2)
   for step in range(2):
     for k in later[0]:
@@ -173,7 +174,7 @@ def test_unreadable_replacements_are_the_same_on_resume_and_on_two_processes(fol
   for a, b in zip(later, labelled):
     assert b['image'].shape == (8, SIZE, SIZE, 3)
     assert _names(b['image'], folder[1]) == _names(a['view1'], folder[1])
-    for k in ('label', pipeline.UNREADABLE, pipeline.UNREADABLE_PATH):
+    for k in ('label', streams.UNREADABLE, streams.UNREADABLE_PATH):
       np.testing.assert_array_equal(b[k], a[k])
 
 
@@ -183,7 +184,7 @@ def test_evaluation_masks_out_unreadable_files(folder):
   root, expected, bad = folder
   data = ml_collections.ConfigDict(dict(source='folder', name='imagenet2012', train_split='train',
                                         data_dir=str(root), val_fraction=0.0, channels=3, threadpool_size=0))
-  paths = sources.folder_split(str(root), 'train').paths.tolist()
+  paths = image_folder.folder_split(str(root), 'train').paths.tolist()
   rows = []
   for p in range(2):  # shares of 8 files, in batches of 6: 2 batches each, the second padded
     ev = list(pipeline.eval_dataset(data, 'train', 12, crop=4, resize=4, process_index=p, process_count=2)
@@ -195,11 +196,11 @@ def test_evaluation_masks_out_unreadable_files(folder):
   for r in real:
     path = paths[r['index']]
     if path in bad:
-      assert r['mask'] == 0 and r[pipeline.UNREADABLE] == 1 and r[pipeline.UNREADABLE_PATH].decode() == path
+      assert r['mask'] == 0 and r[streams.UNREADABLE] == 1 and r[streams.UNREADABLE_PATH].decode() == path
     else:
-      assert r['mask'] == 1 and r[pipeline.UNREADABLE] == 0
+      assert r['mask'] == 1 and r[streams.UNREADABLE] == 0
       np.testing.assert_allclose(r['image'].reshape(-1, 3).mean(0), expected[path], atol=2 / 255)
-  assert sum(r[pipeline.UNREADABLE] for r in rows) == len(bad)
+  assert sum(r[streams.UNREADABLE] for r in rows) == len(bad)
   assert sum(r['mask'] for r in rows) == len(expected)
 
 
@@ -215,13 +216,13 @@ def test_tfds_records_that_fail_to_decode_are_dropped_and_counted(folder):
   """A TFDS stream (here of encoded images, 4 of 16 unreadable) drops the records it cannot decode: the batches
   stay full, and each row counts the records dropped just before it."""
   root, expected, bad = folder
-  files = sources.folder_split(str(root), 'train')
+  files = image_folder.folder_split(str(root), 'train')
   records = tf.data.Dataset.from_tensor_slices((files.paths, files.labels)).map(
       lambda p, y: {'image': tf.io.read_file(p), 'label': y})
   config = _config(root)
   config.data.update(source='tfds', shuffle_buffer=1)  # no shuffle: the records in file order
-  with mock.patch.object(sources, 'tfds_split', lambda *a, **k: records), \
-       mock.patch.object(sources, 'num_examples', lambda *a, **k: 16):
+  with mock.patch.object(tfds, 'tfds_split', lambda *a, **k: records), \
+       mock.patch.object(tfds, 'num_examples', lambda *a, **k: 16):
     batches = _take(pipeline.pretrain_dataset(config), 3)  # 24 rows from 32 records: 2 epochs, 8 dropped
   assert all(b['view1'].shape == (8, SIZE, SIZE, 3) for b in batches)
   names = _names(np.concatenate([b['view1'] for b in batches]), expected)
@@ -234,4 +235,4 @@ def test_tfds_records_that_fail_to_decode_are_dropped_and_counted(folder):
     else:
       dropped, gap = dropped + [gap], 0
   assert sum(dropped[:24]) >= len(bad)
-  assert np.concatenate([b[pipeline.UNREADABLE] for b in batches]).tolist() == dropped[:24]
+  assert np.concatenate([b[streams.UNREADABLE] for b in batches]).tolist() == dropped[:24]

@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import load_config, write_folder
-from vicreg_jax.data import augment, pipeline, sources
+from vicreg_jax.data import augment, pipeline, recipes
+from vicreg_jax.data.sources import digits
 
 
 def batches(config, start_step, count, **kw):
@@ -14,11 +15,11 @@ def batches(config, start_step, count, **kw):
 
 
 def test_digits_split_is_stratified_70_30():
-  tr, te = sources.digits('train'), sources.digits('test')
+  tr, te = digits.load('train'), digits.load('test')
   assert (tr.num_examples, te.num_examples) == (1257, 540)
   assert tr.images.shape[1:] == (8, 8, 1) and 0 <= tr.images.min() and tr.images.max() <= 1
   np.testing.assert_allclose(np.bincount(tr.labels) / 1257, np.bincount(te.labels) / 540, atol=0.01)
-  up = sources.digits('train', 16)
+  up = digits.load('train', 16)
   assert up.images.shape == (1257, 16, 16, 1) and (up.labels == tr.labels).all()
   assert np.abs(up.images.reshape(-1, 8, 2, 8, 2).mean((2, 4)) - tr.images[..., 0]).mean() < 0.1  # same digits (another: 0.23)
 
@@ -56,8 +57,8 @@ def test_two_processes_build_the_halves_of_the_one_process_batches():
       assert halves[0][step][k].shape[0] == 64
       np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]), one[step][k])
   # Within an epoch no example repeats across the processes' rows (1257 examples, 9 batches of 128).
-  config.augment.view1 = dict(augment.RECIPE_DEFAULTS)  # identity views: recover the raw images
-  train = sources.digits('train', 16).images.reshape(1257, -1)
+  config.augment.view1 = dict(recipes.RECIPE_DEFAULTS)  # identity views: recover the raw images
+  train = digits.load('train', 16).images.reshape(1257, -1)
   seen = []
   for p in range(2):
     for b in batches(config, 0, 9, process_index=p, process_count=2):
@@ -89,7 +90,7 @@ def test_solarize_and_blur_properties():
 
 def test_grayscale_rate_is_about_its_probability():
   image = tf.random.stateless_uniform((8, 8, 3), seed=[1, 1])
-  recipe = dict(augment.RECIPE_DEFAULTS, gray_p=0.2)
+  recipe = dict(recipes.RECIPE_DEFAULTS, gray_p=0.2)
   fn = tf.function(lambda s: augment.augment_view(image, s, recipe))
   gray = [np.allclose(v[..., 0], v[..., 1]) and np.allclose(v[..., 1], v[..., 2])
           for v in (fn(tf.constant([7, i], tf.int64)).numpy() for i in range(1000))]
@@ -97,7 +98,7 @@ def test_grayscale_rate_is_about_its_probability():
 
 
 def test_random_affine_identity_and_rotation():
-  x = tf.constant(sources.digits('train').images[3])
+  x = tf.constant(digits.load('train').images[3])
   same = augment.random_affine(x, tf.constant([0, 1]), 0.0, (1.0, 1.0), 0.0)
   np.testing.assert_allclose(same.numpy(), x.numpy(), atol=1e-6)
   # Rotations by U[-180, 180] degrees move one bright pixel around a circle about the centre.
@@ -124,7 +125,7 @@ def eval_rows(data, split, batch_size, **kw):
 
 def test_eval_dataset_shares_are_contiguous_padded_equally_and_honour_max_examples():
   data = load_config('digits').data
-  test = sources.digits('test', 16)
+  test = digits.load('test', 16)
   whole, _ = eval_rows(data, 'test', 64, crop=8)
   assert whole['index'].tolist() == list(range(540))
   np.testing.assert_array_equal(whole['image'], test.images)

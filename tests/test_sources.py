@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import load_config, write_folder
-from vicreg_jax.data import augment, pipeline, sources
+from vicreg_jax import errors
+from vicreg_jax.data import augment, pipeline, recipes, sources
+from vicreg_jax.data.sources import folder, tfds
 
 
 
@@ -28,7 +30,7 @@ def folder_data(root, **kw):
 
 def test_labels_come_from_sorted_class_names(tmp_path):
   write_folder(tmp_path, {'zebra': 2, 'ant': 3, 'moth': 1})
-  files = sources.folder_split(str(tmp_path), 'train')
+  files = folder.folder_split(str(tmp_path), 'train')
   assert files.classes == ['ant', 'moth', 'zebra']
   for path, label in zip(files.paths, files.labels):
     assert path.split('/')[-2] == files.classes[label]
@@ -38,40 +40,40 @@ def test_labels_come_from_sorted_class_names(tmp_path):
 
 def test_validation_fraction_split_is_disjoint_covering_and_fixed(tmp_path):
   write_folder(tmp_path, {'a': 10, 'b': 20})
-  train = sources.folder_split(str(tmp_path), 'train', 0.2)
-  val = sources.folder_split(str(tmp_path), 'validation', 0.2)
+  train = folder.folder_split(str(tmp_path), 'train', 0.2)
+  val = folder.folder_split(str(tmp_path), 'validation', 0.2)
   assert not set(train.paths) & set(val.paths)
   assert len(set(train.paths) | set(val.paths)) == 30
   assert np.bincount(val.labels).tolist() == [2, 4]  # 20% of every class
-  again = sources.folder_split(str(tmp_path), 'validation', 0.2)
+  again = folder.folder_split(str(tmp_path), 'validation', 0.2)
   assert val.paths.tolist() == again.paths.tolist()
   data = folder_data(tmp_path, val_fraction=0.2)
   assert sources.get(data).num_examples(data, 'train') == 24 and sources.get(data).num_examples(data, 'validation') == 6
   with pytest.raises(ValueError, match='val_fraction'):
-    sources.folder_split(str(tmp_path), 'validation', 0.0)
+    folder.folder_split(str(tmp_path), 'validation', 0.0)
 
 
 def test_train_and_val_subfolders_are_the_splits(tmp_path):
   write_folder(tmp_path / 'train', {'a': 3, 'b': 2})
   write_folder(tmp_path / 'val', {'b': 2})  # a class may be missing from validation
-  assert sources.folder_split(str(tmp_path), 'train').num_examples == 5
-  val = sources.folder_split(str(tmp_path), 'validation')
+  assert folder.folder_split(str(tmp_path), 'train').num_examples == 5
+  val = folder.folder_split(str(tmp_path), 'validation')
   assert val.classes == ['a', 'b'] and val.labels.tolist() == [1, 1]
   # num_examples (the trainer's call) counts a folder given as data_dir when TFDS has no such dataset there.
-  assert sources.num_examples('imagenet2012', 'train', str(tmp_path)) == 5
+  assert tfds.num_examples('imagenet2012', 'train', str(tmp_path)) == 5
 
 
 def test_val_fraction_holds_out_part_of_a_train_only_folder(tmp_path):
   write_folder(tmp_path / 'train', {'a': 10, 'b': 10})
-  with pytest.raises(sources.DataNotFoundError, match='val_fraction'):
-    sources.folder_split(str(tmp_path), 'validation')
-  assert sources.folder_split(str(tmp_path), 'train').num_examples == 20  # no fraction: all of train/
-  train, val = (sources.folder_split(str(tmp_path), s, val_fraction=0.2) for s in ('train', 'validation'))
+  with pytest.raises(errors.DataNotFoundError, match='val_fraction'):
+    folder.folder_split(str(tmp_path), 'validation')
+  assert folder.folder_split(str(tmp_path), 'train').num_examples == 20  # no fraction: all of train/
+  train, val = (folder.folder_split(str(tmp_path), s, val_fraction=0.2) for s in ('train', 'validation'))
   assert (train.num_examples, val.num_examples) == (16, 4)
   assert not set(train.paths) & set(val.paths) and sorted(val.labels.tolist()) == [0, 0, 1, 1]
   write_folder(tmp_path / 'val', {'b': 2})  # a val/ folder wins over the fraction
-  assert sources.folder_split(str(tmp_path), 'validation', val_fraction=0.2).num_examples == 2
-  assert sources.folder_split(str(tmp_path), 'train', val_fraction=0.2).num_examples == 20
+  assert folder.folder_split(str(tmp_path), 'validation', val_fraction=0.2).num_examples == 2
+  assert folder.folder_split(str(tmp_path), 'train', val_fraction=0.2).num_examples == 20
 
 
 @pytest.mark.parametrize('make', ['missing', 'empty', 'unset'])
@@ -79,15 +81,15 @@ def test_missing_or_empty_folder_is_one_line(tmp_path, make):
   root = tmp_path / 'data'
   if make == 'empty':
     (root / 'cls').mkdir(parents=True)
-  with pytest.raises(sources.DataNotFoundError) as e:
-    sources.folder_split(None if make == 'unset' else str(root), 'train')
+  with pytest.raises(errors.DataNotFoundError) as e:
+    folder.folder_split(None if make == 'unset' else str(root), 'train')
   message = str(e.value)
   assert '\n' not in message and 'data_dir' in message and 'CLASS/*.jpg' in message
 
 
 def test_two_processes_read_disjoint_shares_that_cover_the_split(tmp_path):
   write_folder(tmp_path, {'a': 7, 'b': 5})
-  identity = dict(augment.RECIPE_DEFAULTS)
+  identity = dict(recipes.RECIPE_DEFAULTS)
   seen = []
   for p in range(2):
     # The first global batch of 12 is one epoch; process p holds its rows 6p .. 6p + 5.
@@ -111,7 +113,7 @@ def test_eval_dataset_of_a_folder_validation_split(tmp_path):
   write_folder(tmp_path, {'a': 4, 'b': 4}, shape=(10, 14))
   config = ml_collections.ConfigDict(dict(
       data=folder_data(tmp_path, val_fraction=0.25, image_size=8),
-      augment=dict(view1=dict(augment.RECIPE_DEFAULTS))))
+      augment=dict(view1=dict(recipes.RECIPE_DEFAULTS))))
   ds = pipeline.eval_dataset(config.data, 'validation', 4, crop=8)
   (b,) = list(ds.as_numpy_iterator())
   assert b['image'].shape == (4, 8, 8, 3) and b['mask'].tolist() == [1, 1, 0, 0]
@@ -120,10 +122,10 @@ def test_eval_dataset_of_a_folder_validation_split(tmp_path):
 
 def test_tfds_images_stay_encoded_when_every_view_crops(tmp_path, mock_tfds):
   data = folder_data(tmp_path, source='tfds', data_dir=str(tmp_path / 'tfds'))
-  assert pipeline._encoded(data, [dict(crop_size=32), dict(crop_size=32)])
-  assert not pipeline._encoded(data, [dict(crop_size=32), dict(crop_size=0)])
+  assert pipeline._encoded(sources.get(data), [dict(crop_size=32), dict(crop_size=32)])
+  assert not pipeline._encoded(sources.get(data), [dict(crop_size=32), dict(crop_size=0)])
   with mock_tfds('imagenet2012', tmp_path / 'tfds', {'train': 100}, 4):
-    ex = next(iter(sources.tfds_split('imagenet2012', 'train', data_dir=data.data_dir, decode=False)))
+    ex = next(iter(tfds.tfds_split('imagenet2012', 'train', data_dir=data.data_dir, decode=False)))
     assert ex['image'].dtype == tf.string and ex['image'].shape == ()
     assert augment.augment_view(ex['image'], tf.constant([0, 0]), dict(crop_size=16)).shape == (16, 16, 3)
 

@@ -111,6 +111,7 @@ _SHARED = {  # keys of every job
     'data.test_split': TEXT, 'data.val_fraction': Rule('float', 0, 1), 'data.channels': Rule('int', 1, 4),
     'data.image_size': NONNEG_INT, 'data.shuffle_buffer': NONNEG_INT, 'data.threadpool_size': NONNEG_INT,
     'data.prefetch': NONNEG_INT, 'data.cache': BOOL, 'data.data_dir': Rule('str', none=True),
+    'data.path': TEXT,
 }
 _PRETRAIN = {
     'epochs': NONNEG_INT, 'num_steps': NONNEG_INT, 'max_steps_per_run': NONNEG_INT, 'keep_checkpoints': COUNT,
@@ -242,15 +243,16 @@ def _shared(job: str) -> ml_collections.ConfigDict:
   # 'ordered' (in device order: bitwise the same on any split of the devices into processes; tests, debugging,
   # slower) or 'reversed' (the reverse order: against 'ordered', what rounding alone changes in a run).
   c.reductions = 'native'
-  # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', or 'folder' (``data_dir`` holds
-  # CLASS/*.jpg|jpeg|png, or train/CLASS/... and val/CLASS/...; without val/, ``val_fraction`` of every class is
-  # held out as 'validation'). test_split: the split the end-of-run probe and the evaluation jobs test on.
+  # source: 'tfds' (``name`` prepared under ``data_dir``), 'digits', 'arrays' (``path``: an .npz of images and
+  # labels, '{split}' in it replaced by the split's name) or 'folder' (``data_dir`` holds CLASS/*.jpg|jpeg|png,
+  # or train/CLASS/... and val/CLASS/...; without val/, ``val_fraction`` of every class is held out as
+  # 'validation'). test_split: the split the end-of-run probe and the evaluation jobs test on.
   # image_size: in-memory images (digits) are resized to it (evaluation jobs: 0 takes the pretraining run's).
   # tf.data: ``threadpool_size`` is the private thread pool per pipeline (0: TF's shared pool),
   # ``shuffle_buffer`` examples (TFDS; encoded bytes when the views crop), ``prefetch`` batches; ``cache``
   # (TFDS): keep this host's share in memory after one pass (as read: encoded or decoded).
   c.data = ml_collections.ConfigDict(dict(
-      source='tfds', name='imagenet2012', train_split='train', test_split='validation',
+      source='tfds', name='imagenet2012', path='', train_split='train', test_split='validation',
       data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, image_size=224, channels=3,
       shuffle_buffer=10_000, threadpool_size=0, prefetch=2, cache=False))
   return c

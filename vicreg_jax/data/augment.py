@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from vicreg_jax import errors
 
-from vicreg_jax.data.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS, full_recipe  # noqa: F401
+from vicreg_jax.data.recipes import full_recipe
 
 
 def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
@@ -168,25 +168,29 @@ def color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=
   """
   seeds = tf.random.experimental.stateless_split(seed, 5)
   rgb = image.shape[-1] == 3
-
-  def f_brightness(x):
-    return tf.clip_by_value(x * _uniform(seeds[0], 1 - brightness, 1 + brightness), 0.0, 1.0)
-
-  def f_contrast(x):
-    mean = tf.reduce_mean(_grayscale(x))
-    return _blend(x, mean, _uniform(seeds[1], 1 - contrast, 1 + contrast))
-
-  def f_saturation(x):
-    return _blend(x, _grayscale(x), _uniform(seeds[2], 1 - saturation, 1 + saturation)) if rgb else x
-
-  def f_hue(x):
-    return tf.clip_by_value(tf.image.adjust_hue(x, _uniform(seeds[3], -hue, hue)), 0.0, 1.0) if rgb else x
-
-  ops = [f_brightness, f_contrast, f_saturation, f_hue]
+  ops = [lambda x: _jitter_brightness(x, seeds[0], brightness), lambda x: _jitter_contrast(x, seeds[1], contrast),
+         lambda x: _jitter_saturation(x, seeds[2], saturation, rgb), lambda x: _jitter_hue(x, seeds[3], hue, rgb)]
   order = tf.argsort(_uniform(seeds[4], shape=(4,)))
   for i in range(4):
     image = tf.switch_case(order[i], [lambda f=f: f(image) for f in ops])
   return image
+
+
+def _jitter_brightness(x, seed, brightness):
+  return tf.clip_by_value(x * _uniform(seed, 1 - brightness, 1 + brightness), 0.0, 1.0)
+
+
+def _jitter_contrast(x, seed, contrast):
+  mean = tf.reduce_mean(_grayscale(x))
+  return _blend(x, mean, _uniform(seed, 1 - contrast, 1 + contrast))
+
+
+def _jitter_saturation(x, seed, saturation, rgb: bool):
+  return _blend(x, _grayscale(x), _uniform(seed, 1 - saturation, 1 + saturation)) if rgb else x
+
+
+def _jitter_hue(x, seed, hue, rgb: bool):
+  return tf.clip_by_value(tf.image.adjust_hue(x, _uniform(seed, -hue, hue)), 0.0, 1.0) if rgb else x
 
 
 def gaussian_blur(image, seed, sigma=(0.1, 2.0), kernel_fraction: float = 0.1):
@@ -286,7 +290,7 @@ def view_decisions(seed, recipe: Mapping[str, Any]) -> dict:
 
 
 def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
-  """One augmented view of ``image`` following ``recipe`` (keys of :data:`RECIPE_DEFAULTS`), in the official
+  """One augmented view of ``image`` following ``recipe`` (keys of :data:`recipes.RECIPE_DEFAULTS`), in the official
   order: crop, flip, colour jitter, grayscale, blur, solarize, normalise. Small-image recipes may add a random
   affine map and a pixel shift after the crop.
 

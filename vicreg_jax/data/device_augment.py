@@ -208,7 +208,7 @@ def apply_colour_ops_per_example(images, keys, recipe: Mapping[str, Any]):
 
 
 def apply_colour_ops(images, key, recipe: Mapping[str, Any]):
-  """The colour part of ``recipe`` (keys of :data:`augment.RECIPE_DEFAULTS`) on a batch ``images`` [B, H, W, C]
+  """The colour part of ``recipe`` (keys of :data:`recipes.RECIPE_DEFAULTS`) on a batch ``images`` [B, H, W, C]
   (float in [0, 1], or uint8 0–255) with per-example randomness from ``jax.random.split(key, B)``: colour jitter
   (p ``jitter_p``, random op order), grayscale (``gray_p``), Gaussian blur (``blur_p``), solarize
   (``solarize_p``), normalisation (``mean``/``std``). Returns float32 [B, H, W, C]."""
