@@ -15,7 +15,7 @@ import tensorflow as tf
 from conftest import REPO, job_env, load_config
 from vicreg_jax import errors
 from vicreg_jax.data import pipeline, recipes, sources
-from vicreg_jax.data.sources import arrays, digits
+from vicreg_jax.data.sources import digits
 
 
 def arrays_data(path, **kw):
@@ -162,7 +162,7 @@ def test_both_jobs_on_an_npz_from_the_command_line(tmp_path):
   source = ['--config.data.source=arrays', f'--config.data.path={path}']
   env = job_env(2)
   run = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', '--config=configs/digits.py', *source,
-                        '--config.num_steps=4', '--config.eval.final_probe=False', f'--workdir={pre}'],
+                        '--config.num_steps=4', '--config.final_probe.enabled=False', f'--workdir={pre}'],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   run = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', '--config=configs/digits_linear.py', *source,

@@ -222,3 +222,18 @@ def test_no_config_file_restates_a_default(tmp_path, monkeypatch):
   planted.write_text('from vicreg_jax.config import digits_config\n\n\ndef get_config():\n  c = digits_config()\n'
                      '  c.batch_size = 256\n  c.optim.update(base_lr=1e-3, weight_decay=1e-4)\n  return c\n')
   assert _restatements([planted], monkeypatch) == ['restating.py:6 batch_size=256', 'restating.py:7 weight_decay=0.0001']
+
+
+def test_the_config_json_of_a_run_before_the_one_schema_is_read_as_it_was_run():
+  """tests/data/config_json_8788030_digits.json: the config.json that ``configs/digits.py`` wrote at commit
+  8788030 (two schemas, ``eval.*``; started with ``--config.compilation_cache=``). Read through the schema it is today's digits config, value for value: the
+  renamed keys under their new names, the keys it lacks (data.path) at their defaults."""
+  saved = json.loads((REPO / 'tests' / 'data' / 'config_json_8788030_digits.json').read_text())
+  assert 'eval' in saved and 'final_probe' not in saved and 'path' not in saved['data']
+  config = config_checks.from_saved(saved)
+  config_checks.validate(config)
+  now = config_checks.digits_config()
+  now.compilation_cache = ''  # that run was started with --config.compilation_cache=
+  now, read = config_checks.leaves(now), config_checks.leaves(config)
+  as_lists = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # noqa: E731  (JSON)
+  assert as_lists(read) == as_lists(now)

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import load_config, write_folder
+from vicreg_jax import config as schema
 from vicreg_jax.data import augment, pipeline, recipes
 from vicreg_jax.data.sources import digits
 
@@ -68,7 +69,7 @@ def test_two_processes_build_the_halves_of_the_one_process_batches():
 
 def test_ops_agree_eagerly_and_in_tf_function():
   image = tf.random.stateless_uniform((32, 32, 3), seed=[1, 2])
-  view1, view2 = (dict(v) for v in __import__('vicreg_jax.defaults', fromlist=['x']).imagenet_views(24))
+  view1, view2 = (dict(v) for v in schema.imagenet_views(24))
   seed = tf.constant([3, 4], tf.int64)
   eager = augment.augment_view(image, seed, view2)
   graph = tf.function(lambda x, s: augment.augment_view(x, s, view2))(image, seed)

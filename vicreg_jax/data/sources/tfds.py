@@ -116,7 +116,7 @@ class Tfds(sources.Source):
     row after a gap counts the records dropped since the previous row."""
     if indices is not None:
       raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
-                       "'imagenet2012_subset/1pct'), not by data.labels_per_class.")
+                       "'imagenet2012_subset/1pct'), not by classifier.labels_per_class.")
     start = start_step * local_b
     base = tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
                       process_count=process_count, decode=not encoded)
