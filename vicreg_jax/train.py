@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vicreg_jax import checkpoints, loop, methods, parallel, runs
+from vicreg_jax import checkpoints, compilation, distributed, loop, methods, parallel, runs
 from vicreg_jax import config as config_checks
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import classifier, diagnostics, knn, probe
@@ -113,18 +113,6 @@ def _initial_state(config, tx, online, mesh, mngr, workdir: str) -> TrainState:
   return state if restored is None else restored
 
 
-def _compilation_cache(config, workdir: str) -> None:
-  """Turns on JAX's persistent compilation cache where ``config.compilation_cache`` says: 'workdir' is
-  WORKDIR/compilation_cache unless JAX already has a cache directory (``JAX_COMPILATION_CACHE_DIR``), which
-  it then keeps; another value is the directory itself; '' leaves JAX's setting alone."""
-  where = config.get('compilation_cache', '')
-  if not where or (where == 'workdir' and jax.config.jax_compilation_cache_dir):
-    return
-  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
-  parallel.enable_compilation_cache(path, config.get('compilation_cache_min_seconds', 1.0))
-  logging.info('Compilation cache: %s.', path)
-
-
 def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, online_probe: bool,
                        input_wait: loop.InputWait) -> list:
   """The loop's reporting actions, in the order they run after a step: steps/s, the online probe's epoch top-1,
@@ -149,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   config_checks.validate(config)  # a wrong value fails in one line before anything is written
   workdir = runs.make_workdir(workdir)
-  _compilation_cache(config, workdir)
+  compilation.configure_cache(config, workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   runs.check_splits(config.data, [config.data.train_split] + ([config.eval.test_split] if config.eval.final_probe
@@ -186,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption.close()
     writer.flush()
   if jax.config.jax_compilation_cache_dir:
-    logging.info('%d program(s) loaded from the compilation cache.', parallel.compilation_cache_hits())
+    logging.info('%d program(s) loaded from the compilation cache.', compilation.cache_hits())
   if preempted or stop_step < total_steps:
     step = int(state.step)
     why = 'preempted (SIGTERM)' if preempted else 'max_steps_per_run'
@@ -224,7 +212,7 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   (scikit-learn probes, spectra) runs on process 0, which hands the figures to the others."""
   model = build_model(config, axis_name=None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  apply = parallel.jit(functools.partial(model.apply, train=False))
+  apply = compilation.jit(functools.partial(model.apply, train=False))
   recipe = dict(config.augment.view1)
   n_dev = mesh.devices.size
   batch = max(n_dev, config.eval.batch_size // n_dev * n_dev)
@@ -258,4 +246,4 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
     }
     return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
 
-  return parallel.share_from_process_0(host_side)
+  return distributed.share_from_process_0(host_side)
