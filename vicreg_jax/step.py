@@ -4,6 +4,7 @@ that have none."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax
@@ -150,6 +151,18 @@ def _gradients(objective, model, params, batch_stats, batch, make_views, remat: 
   return jax.grad(loss_fn, has_aux=True)(params)
 
 
+def _micro_slice(i, tree, micro: int):
+  """Micro-batch ``i`` of ``micro``: the rows ``i, i + micro, ...`` of each array of ``tree``."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x.reshape((x.shape[0] // micro, micro) + x.shape[1:]),
+                                                             i, axis=1, keepdims=False), tree)
+
+
+def _micro_outputs(model, remat: bool, views, micro: int, params, stats, i):
+  """The differentiable outputs ``(z, heads' outputs)`` of micro-batch ``i`` of ``views``, and ``(h1, stats)``."""
+  (h1, _), z, out, stats = _online_views(model, params, stats, _micro_slice(i, views, micro), remat)
+  return (z, out), (h1, stats)
+
+
 def _accumulated_gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, micro: int):
   """The same as :func:`_gradients` with the backbone run on ``micro`` micro-batches at a time (memory: the
   activations of one micro-batch), the loss still on the whole global batch. Micro-batch k holds the rows
@@ -166,16 +179,8 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
   n = batch['view1'].shape[0]
   if n % micro:
     raise errors.ConfigError(f'grad_accum_steps {micro} must divide the per-device batch {n}')
-  size = n // micro
   views_only = {k: batch[k] for k in ('view1', 'view2')}
-
-  def slice_of(i, tree):  # rows i, i + micro, ... of each array
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x.reshape((size, micro) + x.shape[1:]), i, axis=1,
-                                                               keepdims=False), tree)
-
-  def outputs(params, stats, i):  # the differentiable outputs of micro-batch i
-    (h1, _), z, out, stats = _online_views(model, params, stats, slice_of(i, views_only), remat)
-    return (z, out), (h1, stats)
+  outputs = functools.partial(_micro_outputs, model, remat, views_only, micro)
 
   def first_pass(stats, i):
     outs, (h1, stats) = outputs(params, stats, i)
@@ -194,7 +199,7 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
 
   def second_pass(grads, i):
     _, pullback = jax.vjp(lambda p: outputs(p, batch_stats, i)[0], params)
-    (g,) = pullback(slice_of(i, d_outs))
+    (g,) = pullback(_micro_slice(i, d_outs, micro))
     return jax.tree.map(jnp.add, grads, g), None
 
   grads, _ = jax.lax.scan(second_pass, jax.tree.map(jnp.zeros_like, params), jnp.arange(micro))
@@ -215,6 +220,11 @@ def _poisoned(loss, metrics, step, nan_at_step: int):
     return loss, metrics
   loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
   return loss, dict(metrics, loss=loss)
+
+
+def _objective(method, axis: str, kwargs: dict, step, nan_at_step: int, views):
+  """The method's ``(loss, metrics)`` on ``views`` at step ``step`` (the state's; :func:`_poisoned` for tests)."""
+  return _poisoned(*method.objective(views, axis_name=axis, **kwargs), step + 1, nan_at_step)
 
 
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None), total_steps: Optional[int] = None):
@@ -259,8 +269,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       target, target_stats = _target_embeddings(model, state.extra['target'], batch)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
 
-    def objective(views):
-      return _poisoned(*method.objective(views, axis_name=axis, **kwargs), state.step + 1, nan_at_step)
+    objective = functools.partial(_objective, method, axis, kwargs, state.step, nan_at_step)
 
     def make_views(z, out, params):
       return _views(z, out, target, key, extra, params)
