@@ -1,5 +1,5 @@
 """GFLOP/s of one convolution, forward and with each gradient, three ways in the same run: the package's XLA
-options (on CPU: XLA's own convolutions, :data:`vicreg_jax.parallel.CPU_COMPILER_OPTIONS`), JAX's defaults (on
+options (on CPU: XLA's own convolutions, :data:`vicreg_jax.compilation.CPU_COMPILER_OPTIONS`), JAX's defaults (on
 CPU: YNNPACK), and PyTorch (channels_last, if torch is installed).
 
   python benchmarks/conv_speed.py [--batch=128 --size=32 --channels=64 --kernel=3 --stride=1]
@@ -40,7 +40,7 @@ def jax_figures(args, flops: float) -> dict:
   """{'ours': {...}, 'jax default': {...}}: GFLOP/s of forward, + input grad, + weight grad."""
   import jax
   import numpy as np
-  from vicreg_jax import parallel
+  from vicreg_jax import compilation
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((args.batch, args.size, args.size, args.channels)).astype(np.float32)
@@ -55,7 +55,7 @@ def jax_figures(args, flops: float) -> dict:
     return (conv(x, w) ** 2).sum()
 
   out = {}
-  for name, jit in (('ours', parallel.jit), ('jax default', jax.jit)):
+  for name, jit in (('ours', compilation.jit), ('jax default', jax.jit)):
     fns = {'forward': jit(conv), '+ input grad': jit(jax.grad(loss, 0)), '+ weight grad': jit(jax.grad(loss, 1))}
     out[name] = {k: (1 if k == 'forward' else 2) * flops / best_seconds(
         lambda f=f: jax.block_until_ready(f(x, w)), args.repeats) / 1e9 for k, f in fns.items()}

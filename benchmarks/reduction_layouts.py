@@ -50,7 +50,7 @@ def worker(out_path: str, overrides: list[str]) -> None:
   from jax.sharding import PartitionSpec as P
   from ml_collections import config_flags
 
-  from vicreg_jax import collectives, methods, parallel, runs, step
+  from vicreg_jax import collectives, compilation, methods, parallel, runs, step
   from vicreg_jax.data import pipeline
 
   cfg = config_flags.DEFINE_config_file('config', os.path.join(REPO, 'configs', 'digits.py'))
@@ -85,7 +85,7 @@ def worker(out_path: str, overrides: list[str]) -> None:
         return jax.tree.map(lambda g: g[None], grads)
 
     f = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P(axis), check_vma=False)
-    return parallel.jit(f)(state, batch)
+    return compilation.jit(f)(state, batch)
 
   results = {'batch': dict(batch)}
   for name in ('native', 'ordered'):
@@ -169,9 +169,9 @@ if __name__ == '__main__':
     split = rest.index('--')
     dist, overrides = rest[:split], rest[split + 1:]
     if dist:
-      from vicreg_jax import parallel
+      from vicreg_jax import distributed
       kv = dict(a[2:].split('=', 1) for a in dist)
-      parallel.initialize(kv['coordinator_address'], int(kv['num_processes']), int(kv['process_id']))
+      distributed.initialize(kv['coordinator_address'], int(kv['num_processes']), int(kv['process_id']))
     worker(out, overrides)
   else:
     main(sys.argv[1:])

@@ -135,7 +135,7 @@ def _seconds_per_step(compiled, state, batch, args):
 def jax_step(args) -> dict:
   """Times the package's train step; returns figures."""
   import jax
-  from vicreg_jax import methods, parallel, step as step_lib
+  from vicreg_jax import compilation, methods, parallel, step as step_lib
 
   config = _config(args)
   mesh = parallel.make_mesh()
@@ -180,7 +180,7 @@ def jax_step(args) -> dict:
       'num_devices': n_dev,
       'jax_version': jax.__version__,
       'dtype': args.dtype,
-      'compiler_options': parallel.compiler_options(),  # the package's XLA options (on CPU: no YNNPACK convs)
+      'compiler_options': compilation.compiler_options(),  # the package's XLA options (on CPU: no YNNPACK convs)
       **breakdown,
   }
   sheet = DATASHEET.get(kind, {}).get(args.dtype)
@@ -195,7 +195,7 @@ def _breakdown(config, state, view, args) -> dict:
   + backward, with the step's XLA options: the step runs this twice, plus the loss and LARS."""
   import jax
   import jax.numpy as jnp
-  from vicreg_jax import parallel, step as step_lib
+  from vicreg_jax import compilation, parallel, step as step_lib
   model = step_lib.build_model(config)
 
   def forward(params, x):
@@ -207,7 +207,7 @@ def _breakdown(config, state, view, args) -> dict:
   spec = (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS))
   out = {}
   for name, fn in (('view_forward_seconds', forward), ('view_forward_backward_seconds', jax.grad(forward))):
-    run = parallel.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec[0], check_vma=False))
+    run = compilation.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec[0], check_vma=False))
     jax.block_until_ready(run(state.params, view))
     times = []
     for _ in range(args.steps):
@@ -261,8 +261,8 @@ def main(argv=None) -> None:
             f'{result["second_start_compile_seconds"]:.1f} s')
     return
   if args.compilation_cache:
-    from vicreg_jax import parallel
-    parallel.enable_compilation_cache(args.compilation_cache)
+    from vicreg_jax import compilation
+    compilation.enable_cache(args.compilation_cache)
   result = jax_step(args)
   if args.reference:
     result.update(torch_step(args))

@@ -287,13 +287,13 @@ def test_a_killed_process_ends_the_other_with_one_line_within_the_heartbeat_time
 # gloo's limit for a peer: left out to save CI time; the killed-peer test covers a peer lost to a collective.)
 FAILING_JOB = """
 import time
-from vicreg_jax import main, parallel, train
+from vicreg_jax import distributed, main, train
 
 def fail():
   raise RuntimeError('an unexpected error on purpose')
 
 def job(config, workdir):
-  parallel.share_from_process_0(fail)
+  distributed.share_from_process_0(fail)
   time.sleep(600)
 
 train.train_and_evaluate = job

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import Job, tiny_digits
-from vicreg_jax import collapse, errors, loop, methods, parallel, step as step_lib
+from vicreg_jax import collapse, compilation, errors, loop, methods, parallel, step as step_lib
 from vicreg_jax.data import pipeline
 
 
@@ -184,20 +184,20 @@ def test_cpu_programs_keep_convolutions_out_of_ynnpack(monkeypatch):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return y.reshape(4, -1) @ m, y.sum(axis=(1, 2))
 
-  assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
-  ours = _library_fusions(parallel.jit(f).lower(x, w, m).compile().as_text())
+  assert compilation.compiler_options() == compilation.CPU_COMPILER_OPTIONS
+  ours = _library_fusions(compilation.jit(f).lower(x, w, m).compile().as_text())
   assert not [n for n in ours if 'conv' in n], ours
   assert [n for n in ours if 'dot_general' in n] and [n for n in ours if 'reduce_sum' in n], ours
-  for a, b in zip(parallel.jit(f)(x, w, m), jax.jit(f)(x, w, m)):
+  for a, b in zip(compilation.jit(f)(x, w, m), jax.jit(f)(x, w, m)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   flags = os.environ.get('XLA_FLAGS', '')
-  monkeypatch.setattr(parallel, '_compiler_options', {})
+  monkeypatch.setattr(compilation, '_compiler_options', {})
   monkeypatch.setenv('XLA_FLAGS', flags + ' --xla_cpu_experimental_ynn_fusion_type=-REDUCE')
-  assert parallel.compiler_options() is None
-  monkeypatch.setattr(parallel, '_compiler_options', {})
-  monkeypatch.setattr(parallel, 'CPU_COMPILER_OPTIONS', {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH_TYPE'})
+  assert compilation.compiler_options() is None
+  monkeypatch.setattr(compilation, '_compiler_options', {})
+  monkeypatch.setattr(compilation, 'CPU_COMPILER_OPTIONS', {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH_TYPE'})
   monkeypatch.setenv('XLA_FLAGS', flags)
-  assert parallel.compiler_options() is None  # an XLA that does not know the value: its defaults
+  assert compilation.compiler_options() is None  # an XLA that does not know the value: its defaults
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
 
-from vicreg_jax import errors, parallel
+from vicreg_jax import distributed, errors, parallel
 
 ITEM = 'default'  # the folder of a step that holds the state (orbax's single-item layout)
 
@@ -239,7 +239,7 @@ def read_agreed(read: Callable[[], Any], directory: str, step: int, retry_second
       return DAMAGED, reason if verdict == _DAMAGED else 'damaged as another process found'
     if (verdicts == _GONE).any():
       return GONE, None
-    waited = parallel.share_from_process_0(lambda: time.monotonic() - started)
+    waited = distributed.share_from_process_0(lambda: time.monotonic() - started)
     cause = f'{type(error).__name__}: {str(error)[:300]}' if error is not None else 'another process could not'
     judged = (f'inspecting its files failed too ({reason[:200]})' if verdict == _UNKNOWN else
               'its files show no damage')
@@ -263,7 +263,7 @@ def set_aside(mngr: ocp.CheckpointManager, step: int, workdir: str, prefix: str 
     tf.io.gfile.makedirs(os.path.dirname(where))
     tf.io.gfile.rename(os.path.join(str(mngr.directory), str(step)), where)
     return where
-  where = parallel.share_from_process_0(move)
+  where = distributed.share_from_process_0(move)
   mngr.reload()
   return where
 

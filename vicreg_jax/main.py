@@ -39,8 +39,8 @@ def fail(msg: str, status: int = 1):
   logging.flush()
   print(f'error: {msg}', file=sys.stderr, flush=True)
   if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
-    from vicreg_jax import parallel
-    parallel.exit_at_once(status)
+    from vicreg_jax import distributed
+    distributed.exit_at_once(status)
   sys.exit(status)
 
 
@@ -57,7 +57,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   import jax
   from vicreg_jax import config as config_checks
-  from vicreg_jax import errors, parallel, train
+  from vicreg_jax import distributed, errors, train
   from vicreg_jax.evaluate import finetune, linear
 
   try:  # every value checked before waiting for peers or doing any work
@@ -65,9 +65,9 @@ def main(argv):
   except errors.UserError as e:
     fail(str(e))
   try:
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
-                        _HEARTBEAT_TIMEOUT.value)
-  except parallel.DistributedStartError as e:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
+                           _HEARTBEAT_TIMEOUT.value)
+  except distributed.DistributedStartError as e:
     fail(str(e))
   jobs = {'pretrain': train.train_and_evaluate, 'linear': linear.run, 'finetune': finetune.run}
   try:
@@ -77,7 +77,7 @@ def main(argv):
   except errors.UserError as e:  # a user's mistake: one line; anything else is a bug and keeps its traceback
     fail(str(e))
   except Exception as e:
-    if (reason := parallel.lost_peer(e)) is not None:  # a collective lost its peer (CPU collectives raise)
+    if (reason := distributed.lost_peer(e)) is not None:  # a collective lost its peer (CPU collectives raise)
       fail(reason)
     if jax.process_count() > 1:  # a bug or I/O error on this process: the others wait in a collective for it
       traceback.print_exc()

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import collapse, collectives, errors, losses, methods, parallel
+from vicreg_jax import collapse, collectives, compilation, errors, losses, methods, parallel
 from vicreg_jax.data import device_augment
 from vicreg_jax.metrics import all_finite, keep_if_finite
 from vicreg_jax.models import backbones, heads, resnet
@@ -302,7 +302,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
                           check_vma=False)
-  return parallel.jit(sharded, donate_argnums=0)
+  return compilation.jit(sharded, donate_argnums=0)
 
 
 def collapse_metrics(h, z) -> tuple[dict, tuple]:
@@ -330,4 +330,5 @@ def make_diagnostics(mesh, max_rows: int):
                                                                             shapes), h, z)
     return jax.lax.psum(out, axis)
 
-  return parallel.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(), check_vma=False))
+  return compilation.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(),
+                                       check_vma=False))

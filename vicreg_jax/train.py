@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vicreg_jax import checkpoints, loop, methods, parallel, runs
+from vicreg_jax import checkpoints, compilation, loop, methods, parallel, runs
 from vicreg_jax import config as schema
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import diagnostics
@@ -102,18 +102,6 @@ def _initial_state(config, tx, online, mesh, mngr, workdir: str) -> TrainState:
   return state if restored is None else restored
 
 
-def _compilation_cache(config, workdir: str) -> None:
-  """Turns on JAX's persistent compilation cache where ``config.compilation_cache`` says: 'workdir' is
-  WORKDIR/compilation_cache unless JAX already has a cache directory (``JAX_COMPILATION_CACHE_DIR``), which
-  it then keeps; another value is the directory itself; '' leaves JAX's setting alone."""
-  where = config.get('compilation_cache', '')
-  if not where or (where == 'workdir' and jax.config.jax_compilation_cache_dir):
-    return
-  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
-  parallel.enable_compilation_cache(path, config.get('compilation_cache_min_seconds', 1.0))
-  logging.info('Compilation cache: %s.', path)
-
-
 def _reporting_actions(config, writer, total_steps: int, epoch_steps: int, online_probe: bool,
                        input_wait: loop.InputWait) -> list:
   """The loop's reporting actions, in the order they run after a step: steps/s, the online probe's epoch top-1,
@@ -138,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   schema.validate(config)  # a wrong value fails in one line before anything is written
   workdir = runs.make_workdir(workdir)
-  _compilation_cache(config, workdir)
+  compilation.configure_cache(config, workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   runs.check_splits(config.data, [config.data.train_split] + ([config.data.test_split] if config.final_probe.enabled
@@ -175,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption.close()
     writer.flush()
   if jax.config.jax_compilation_cache_dir:
-    logging.info('%d program(s) loaded from the compilation cache.', parallel.compilation_cache_hits())
+    logging.info('%d program(s) loaded from the compilation cache.', compilation.cache_hits())
   if preempted or stop_step < total_steps:
     step = int(state.step)
     why = 'preempted (SIGTERM)' if preempted else 'max_steps_per_run'

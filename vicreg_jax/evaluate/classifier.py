@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import checkpoints, collectives, errors, loop, parallel, runs
+from vicreg_jax import checkpoints, collectives, compilation, distributed, errors, loop, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
 from vicreg_jax.metrics import all_finite, keep_if_finite
@@ -119,7 +119,7 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()),
                           check_vma=False)
-  return parallel.jit(sharded, donate_argnums=0)
+  return compilation.jit(sharded, donate_argnums=0)
 
 
 def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
@@ -137,7 +137,7 @@ def make_eval_step(head: nn.Module, backbone: Optional[nn.Module], mesh):
     top1 = jnp.argmax(logits, -1) == batch['label']
     m = batch['mask']
     return jnp.sum(top1 * m), jnp.sum(top5 * m), jnp.sum(m)
-  return parallel.jit(step, out_shardings=parallel.replicated(mesh))
+  return compilation.jit(step, out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(eval_step, state, frozen, batches) -> dict:
@@ -197,7 +197,7 @@ def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetun
     shape = jax.ShapeDtypeStruct((1, size, size, pre_config.data.channels), jnp.float32)
     return None, None, jax.eval_shape(functools.partial(eval_backbone.apply, train=False), pretrained,
                                       shape).shape[-1]
-  apply = parallel.jit(functools.partial(eval_backbone.apply, train=False))
+  apply = compilation.jit(functools.partial(eval_backbone.apply, train=False))
   h_tr, y_tr = probe.extract(apply, pretrained, _eval_batches(config, config.data.train_split, mesh))
   h_te, y_te = probe.extract(apply, pretrained, _eval_batches(config, config.data.test_split, mesh))
   if config.features.standardize:  # BatchNorm without affine, statistics of the training features
@@ -370,7 +370,7 @@ class EpochTest:
     self.best = self._load_best() if self.report == 'best' else None
 
   def _load_best(self) -> dict:
-    found = parallel.share_from_process_0(
+    found = distributed.share_from_process_0(
         lambda: json.loads(tf.io.gfile.GFile(self.best_path).read()) if tf.io.gfile.exists(self.best_path) else {})
     return found or {'top1': -1.0, 'top5': -1.0, 'epoch': 0}
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
-from vicreg_jax import checkpoints, errors, loop, parallel, runs
+from vicreg_jax import checkpoints, distributed, errors, loop, parallel, runs
 from vicreg_jax import config as schema
 from vicreg_jax.evaluate import classifier
 
@@ -51,7 +51,7 @@ def _poll(what: str, find: Callable[[], Any], config, timeout: Optional[float]) 
   passed (0: after the first try; None: never)."""
   started = time.time()
   while True:
-    found = parallel.share_from_process_0(lambda: {'value': find(), 'waited': time.time() - started})
+    found = distributed.share_from_process_0(lambda: {'value': find(), 'waited': time.time() - started})
     if found['value'] is not None:
       return found['value']
     if timeout is not None and found['waited'] >= timeout:
@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   if not config.data.image_size and pre_config.data.image_size:
     config = _with_image_size(config, pre_config.data.image_size)
 
-  results = parallel.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
+  results = distributed.share_from_process_0(lambda: load_results(workdir))  # what is done, as process 0 sees it
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh, preemption, preempted = parallel.make_mesh(), loop.Preemption(), False
   try:

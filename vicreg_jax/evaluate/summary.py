@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vicreg_jax import collapse, parallel
+from vicreg_jax import collapse, compilation, distributed, parallel
 from vicreg_jax.data import pipeline
 from vicreg_jax.evaluate import knn, probe
 from vicreg_jax.step import TrainState, build_model
@@ -29,7 +29,7 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
   (scikit-learn probes, spectra) runs on process 0, which hands the figures to the others."""
   model = build_model(config, axis_name=None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  apply = parallel.jit(functools.partial(model.apply, train=False))
+  apply = compilation.jit(functools.partial(model.apply, train=False))
   recipe = dict(config.augment.view1)
   n_dev = mesh.devices.size
   batch = max(n_dev, config.final_probe.batch_size // n_dev * n_dev)
@@ -63,4 +63,4 @@ def final_probe(config, state: TrainState, mesh, workdir: str) -> dict:
     }
     return {k: float(f'{float(v):.4g}') for k, v in result.items()}  # 4 significant digits: a collapsed std stays visible
 
-  return parallel.share_from_process_0(host_side)
+  return distributed.share_from_process_0(host_side)
