@@ -77,11 +77,11 @@ def configure_cache(config, workdir: str) -> None:
   """Turns on JAX's persistent compilation cache where ``config.compilation_cache`` says: 'workdir' is
   WORKDIR/compilation_cache unless JAX already has a cache directory (``JAX_COMPILATION_CACHE_DIR``), which
   it then keeps; another value is the directory itself; '' leaves JAX's setting alone."""
-  where = config.get('compilation_cache', '')
+  where = config.compilation_cache
   if not where or (where == 'workdir' and jax.config.jax_compilation_cache_dir):
     return
   path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
-  enable_cache(path, config.get('compilation_cache_min_seconds', 1.0))
+  enable_cache(path, config.compilation_cache_min_seconds)
   logging.info('Compilation cache: %s.', path)
 
 
