@@ -237,3 +237,10 @@ def test_the_config_json_of_a_run_before_the_one_schema_is_read_as_it_was_run():
   now, read = config_checks.leaves(now), config_checks.leaves(config)
   as_lists = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # noqa: E731  (JSON)
   assert as_lists(read) == as_lists(now)
+
+
+def test_the_jobs_the_schema_knows_are_the_jobs_main_runs():
+  from vicreg_jax import main
+  assert set(main.JOBS) == set(config_checks.JOBS)
+  for module, function in main.JOBS.values():
+    assert callable(getattr(importlib.import_module(module), function)), (module, function)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Job, checkpoint_arrays, max_abs_difference, tiny_digits
 from vicreg_jax import checkpoints, errors, train
-from vicreg_jax.evaluate import linear
+from vicreg_jax.evaluate import watch
 
 # The long-run features on (issue 13): prefetch to the devices, uint8 transfer with the colour ops on the devices
 # (the digits views without their pixel noise, which uint8 would clip), remat and two micro-batches per step.
@@ -173,5 +173,5 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path)
   shutil.copytree(work / 'checkpoints' / '8', work / 'checkpoints' / '10.orbax-checkpoint-tmp-1234')
   mngr = checkpoints.reader(str(work / 'checkpoints'))
   eval_config = ml_collections.ConfigDict({'checkpoints': 'all'})
-  assert linear._next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6)}, eval_config, 10) == 8
-  assert linear._next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6, 8)}, eval_config, 10) is None
+  assert watch.next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6)}, eval_config, 10) == 8
+  assert watch.next_checkpoint(mngr, {str(s): {} for s in (2, 4, 6, 8)}, eval_config, 10) is None

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import load_config, write_folder
 from vicreg_jax import checkpoints, convert_weights, errors, parallel, runs
-from vicreg_jax.evaluate import linear
+from vicreg_jax.evaluate import linear, watch
 from vicreg_jax.models import backbones, resnet, torch_weights
 
 GOLDEN = pathlib.Path(__file__).parent / 'data' / 'torchvision_resnet50_golden.npz'
@@ -184,7 +184,7 @@ def test_converted_workdir_is_read_by_the_linear_job(tmp_path, capsys):
           pre_config.model.dtype) == ('resnet18', 1.0, 'imagenet', 'float32')
   final_step, _, _ = runs.schedule_steps(pre_config)
   mngr = checkpoints.reader(str(pre / 'checkpoints'))
-  assert final_step == 1 and linear._next_checkpoint(mngr, {}, cfg, final_step) == 1
+  assert final_step == 1 and watch.next_checkpoint(mngr, {}, cfg, final_step) == 1
   outcome, restored = checkpoints.read_backbone(str(pre / 'checkpoints'), 1, parallel.make_mesh(), 10.0)
   assert outcome == checkpoints.READ
   restored = jax.device_get(restored)

@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported anywhere
 
+import importlib  # noqa: E402
 import logging as pylogging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -32,6 +33,14 @@ _INIT_TIMEOUT = flags.DEFINE_integer('distributed_init_timeout', 300, 'Seconds t
                                      'coordinator and every process before giving up with one line.')
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer('distributed_heartbeat_timeout', 100, 'Seconds after which a '
                                           'process that stopped responding ends the run on every process.')
+
+
+# The jobs ``config.job`` names: module and function ``(config, workdir) -> result``, imported when chosen.
+JOBS = {
+    'pretrain': ('vicreg_jax.train', 'train_and_evaluate'),
+    'linear': ('vicreg_jax.evaluate.linear', 'run'),
+    'finetune': ('vicreg_jax.evaluate.finetune', 'run'),
+}
 
 
 def fail(msg: str, status: int = 1):
@@ -57,8 +66,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   import jax
   from vicreg_jax import config as config_checks
-  from vicreg_jax import distributed, errors, train
-  from vicreg_jax.evaluate import finetune, linear
+  from vicreg_jax import distributed, errors
 
   try:  # every value checked before waiting for peers or doing any work
     config_checks.validate(config)
@@ -69,11 +77,9 @@ def main(argv):
                            _HEARTBEAT_TIMEOUT.value)
   except distributed.DistributedStartError as e:
     fail(str(e))
-  jobs = {'pretrain': train.train_and_evaluate, 'linear': linear.run, 'finetune': finetune.run}
+  module, function = JOBS[config.job]  # validate() checked the name
   try:
-    if config.job not in jobs:
-      raise errors.ConfigError(f'unknown job {config.job!r}; choose one of {sorted(jobs)}')
-    jobs[config.job](config, _WORKDIR.value)
+    getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
   except errors.UserError as e:  # a user's mistake: one line; anything else is a bug and keeps its traceback
     fail(str(e))
   except Exception as e:
