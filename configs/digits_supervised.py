@@ -9,7 +9,7 @@ Only the run's config.json is read (its architecture); no checkpoint. ±2-pixel 
 augmentation, SGD lr 0.1, weight decay 5e-4, 200 epochs, SyncBN. With --config.job=linear instead, the same
 fresh backbone stays frozen under a linear head: the random-encoder baseline.
 
-Measured on the digits run's ConvNet (README, seeds 0–2): top-1 0.988 ± 0.002, 174–220 s each on 2 CPU cores.
+Measured on the digits run's ConvNet (docs/results.md, seeds 0–2): top-1 0.988 ± 0.002, 174–220 s each on 2 CPU cores.
 """
 
 from vicreg_jax.config import eval_job_config

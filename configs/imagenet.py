@@ -7,7 +7,7 @@ ResNet-50, projector 8192-8192-8192, global batch 2048, LARS (base_lr 0.2 → pe
 momentum 0.9; biases and BatchNorm excluded), 10 warmup epochs then cosine to 0.001·peak, 1000 epochs,
 loss coefficients 25/25/1, the official two-view augmentations (vicreg_jax.config.imagenet_views).
 Expected: 73.2% top-1 with the linear-evaluation job (paper, Table 1); 54.8% / 69.5% with 1% / 10% labels.
-ImageNet must be prepared for TFDS beforehand (manual download): see README. Or train on a folder of images,
+ImageNet must be prepared for TFDS beforehand (manual download): see docs/methods.md. Or train on a folder of images,
 one subfolder per class (``ROOT/CLASS/*.jpg``, or ``ROOT/train/CLASS/...`` and ``ROOT/val/CLASS/...``):
 
   python -m vicreg_jax.main --config=configs/imagenet.py --workdir=runs/mine \

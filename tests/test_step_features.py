@@ -173,7 +173,7 @@ def _library_fusions(compiled_text: str) -> list:
 
 def test_cpu_programs_keep_convolutions_out_of_ynnpack(monkeypatch):
   """On CPU the package's programs compile convolutions with XLA's own emitter (faster here than YNNPACK:
-  README, "Speed"); matrix products and reductions stay with YNNPACK; the values are the same. XLA_FLAGS that
+  docs/performance.md); matrix products and reductions stay with YNNPACK; the values are the same. XLA_FLAGS that
   choose the YNNPACK fusion types themselves win."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)  # (with 8 channels XLA keeps the conv anyway)

@@ -1,7 +1,7 @@
 """Compilation: the XLA options of the package's programs and JAX's persistent compilation cache.
 
 :func:`jit` is ``jax.jit`` with :func:`compiler_options` (on CPU, XLA's own convolutions instead of YNNPACK's:
-1.7x the ResNet step, README "Speed"; nothing on accelerators). :func:`configure_cache` turns on the persistent
+1.7x the ResNet step, docs/performance.md; nothing on accelerators). :func:`configure_cache` turns on the persistent
 compilation cache where the config says (:func:`enable_cache` for a given directory), so a restart loads the
 compiled programs instead of compiling them again; :func:`cache_hits` counts the loads.
 """
@@ -18,7 +18,7 @@ from absl import logging
 # --- XLA options ----------------------------------------------------------------------------------------------
 
 # XLA:CPU (jaxlib 0.10) hands convolutions, matrix products and reductions to YNNPACK. Its own (Eigen)
-# convolutions ran this package's ResNet-18 step 1.7x as fast on an x86 CPU (README, "Speed"), so on CPU the
+# convolutions ran this package's ResNet-18 step 1.7x as fast on an x86 CPU (docs/performance.md), so on CPU the
 # package's programs keep YNNPACK for matrix products and reductions only.
 CPU_COMPILER_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
