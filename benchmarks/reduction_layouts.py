@@ -74,7 +74,7 @@ def worker(out_path: str, overrides: list[str]) -> None:
         if colour_ops is not None:
           batch = colour_ops(batch, state.step)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
-        make_views = lambda z, out, params: step._views(z, out, None, key, {}, params)  # noqa: E731
+        make_views = lambda z, out, params: step._views(z, out, params, target=None, key=key, extra={})  # noqa: E731
         objective = lambda views: method.objective(views, axis_name=axis, **kwargs)  # noqa: E731
         if config.grad_accum_steps > 1:
           grads, _ = step._accumulated_gradients(objective, model, state.params, state.batch_stats, batch,
