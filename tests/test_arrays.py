@@ -171,3 +171,13 @@ def test_both_jobs_on_an_npz_from_the_command_line(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((lin / 'results.json').read_text())
   assert list(results) == ['4'] and 0 <= results['4']['top1'] <= 1
+
+
+def test_a_channel_count_that_does_not_match_the_arrays_is_one_line():
+  """digits (1 channel) with --config.data.channels=3: refused before any work, naming the fix (was a Flax shape
+  error from the step)."""
+  data = ml_collections.ConfigDict(dict(source='digits', name='digits', train_split='train', data_dir=None,
+                                        val_fraction=0.0, channels=3, image_size=16, path=''))
+  with pytest.raises(errors.ConfigError, match=r'^the digits images have 1 channels but data.channels is 3: pass '
+                                               r'--config.data.channels=1$'):
+    sources.get(data).num_examples(data, 'train')

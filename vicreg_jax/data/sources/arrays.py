@@ -43,16 +43,24 @@ class Arrays(sources.Source):
   def __init__(self, load: Callable[..., ArraySplit], classes: Optional[Callable[..., int]] = None):
     self.load, self.classes = load, classes
 
+  def split(self, data, split: str) -> ArraySplit:
+    """``load(data, split)``, its channels checked against ``data.channels`` (one line naming the fix)."""
+    arrays = self.load(data, split)
+    if arrays.images.shape[-1] != data.channels:
+      raise errors.ConfigError(f'the {data.source} images have {arrays.images.shape[-1]} channels but data.channels '
+                               f'is {data.channels}: pass --config.data.channels={arrays.images.shape[-1]}')
+    return arrays
+
   def num_examples(self, data, split: str) -> int:
-    return self.load(data, split).num_examples
+    return self.split(data, split).num_examples
 
   def num_classes(self, data) -> int:
     if self.classes is not None:
       return self.classes(data)
-    return int(self.load(data, data.train_split).labels.max()) + 1
+    return int(self.split(data, data.train_split).labels.max()) + 1
 
   def in_memory(self, data, split: str) -> tuple:
-    arrays = self.load(data, split)
+    arrays = self.split(data, split)
     return arrays.images, arrays.labels
 
   def train_stream(self, data, split, seed, start_step, local_b, process_index, process_count, fn, indices=None,
@@ -63,7 +71,7 @@ class Arrays(sources.Source):
     return streams.array_stream(images, labels, seed, start_step, local_b, process_index, process_count, fn)
 
   def eval_batches(self, data, split, local_b, prepare, image_shape, process_index, process_count, max_examples):
-    arrays = self.load(data, split)
+    arrays = self.split(data, split)
     total = min(max_examples or arrays.num_examples, arrays.num_examples)
     a, b = streams.share_bounds(total, process_index, process_count)
     ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((arrays.images[a:b], arrays.labels[a:b])),
