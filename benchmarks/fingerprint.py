@@ -109,12 +109,12 @@ def lowered_steps(folder: pathlib.Path) -> dict:
 
 
 def make_probe(config, classes):
-  try:
-    from vicreg_jax import train
-    return train.make_probe(config, classes)
-  except (ImportError, AttributeError):
-    from vicreg_jax import step
+  """The online probe: ``step.make_probe``, or ``train.make_probe`` in checkouts that keep it there."""
+  from vicreg_jax import step
+  if hasattr(step, 'make_probe'):
     return step.make_probe(config, classes)
+  from vicreg_jax import train
+  return train.make_probe(config, classes)
 
 
 def main(argv):

@@ -373,25 +373,21 @@ def eval_job_config() -> ml_collections.ConfigDict:
 
 
 def _set(config: ml_collections.ConfigDict, key: str, value, origin: str) -> None:
-  """``config[key] = value`` for a dotted ``key`` the schema defines; a ConfigError naming it otherwise."""
+  """``config[key] = value`` for a dotted leaf ``key`` the schema defines; a ConfigError naming it otherwise."""
   *path, last = key.split('.')
   node = config
   for part in path:
     if part not in node or not hasattr(node[part], 'items'):
       raise errors.ConfigError(f'{origin}: unknown config key {key}')
     node = node[part]
-  if last not in node:
-    if path and path[-1] in ('view1', 'view2', 'train', 'eval') and isinstance(node, ml_collections.ConfigDict):
-      node.unlock()  # a view recipe or transform: its keys are the recipe's (augment.py checks them)
-      node[last] = value
-      node.lock()
-      return
+  if last not in node or hasattr(node[last], 'items'):
     raise errors.ConfigError(f'{origin}: unknown config key {key}')
-  if isinstance(node[last], ml_collections.ConfigDict) or hasattr(value, 'items'):
-    node[last] = ml_collections.ConfigDict(value) if hasattr(value, 'items') else value
-  else:
-    with node.ignore_type():
-      node[last] = value
+  with node.ignore_type():  # JSON has no tuples, and writes 2.0 as 2.0 but 2 as 2
+    node[last] = value
+
+
+# Sections whose keys are a view recipe's (data/recipes.py checks them), not the schema's: read whole.
+_RECIPES = (('augment', 'view1'), ('augment', 'view2'), ('transforms', 'train'), ('transforms', 'eval'))
 
 
 def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.ConfigDict:
@@ -399,17 +395,14 @@ def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.Conf
   saved value set; keys it lacks keep the schema's defaults, renamed keys (:data:`RENAMED`) are mapped to their
   new names, and an unknown key is a :class:`errors.ConfigError` naming it and ``origin``."""
   job = values.get('job', 'pretrain')
-  config = base_config() if job == 'pretrain' else eval_job_config()
   if job not in JOBS:
     raise errors.ConfigError(f'{origin}: unknown job {job!r}')
-  flat = leaves(values)
-  for key in [k for k in flat if any(k.startswith(f'{v}.') for v in ('augment.view1', 'augment.view2',
-                                                                     'transforms.train', 'transforms.eval'))]:
-    del flat[key]  # the recipes are set whole below (a recipe's keys are the recipe module's, not the schema's)
-  for section, recipe in (('augment', 'view1'), ('augment', 'view2'), ('transforms', 'train'),
-                          ('transforms', 'eval')):
+  config = base_config() if job == 'pretrain' else eval_job_config()
+  for section, recipe in _RECIPES:
     if isinstance(values.get(section), dict) and recipe in values[section]:
       config[section][recipe] = values[section][recipe]
-  for key, value in flat.items():
-    _set(config, RENAMED.get(key, key), value, origin)
+  recipes = tuple(f'{section}.{recipe}.' for section, recipe in _RECIPES)
+  for key, value in leaves(values).items():
+    if not key.startswith(recipes):
+      _set(config, RENAMED.get(key, key), value, origin)
   return config

@@ -38,6 +38,11 @@ class Source:
     images [N, H, W, C] in [0, 1]; folder: file paths), else None (TFDS: each process reads its own files)."""
     return None
 
+  def examples(self, data, split: str, indices: Optional[np.ndarray] = None) -> tuple:
+    """:meth:`in_memory`'s ``(items, labels)``, restricted to ``indices`` when given."""
+    items, labels = self.in_memory(data, split)
+    return (items, labels) if indices is None else (items[indices], labels[indices])
+
   def train_stream(self, data, split: str, seed: int, start_step: int, local_b: int, process_index: int,
                    process_count: int, fn: Callable, indices: Optional[np.ndarray] = None,
                    encoded: bool = False) -> tf.data.Dataset:

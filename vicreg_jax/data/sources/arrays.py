@@ -65,9 +65,7 @@ class Arrays(sources.Source):
 
   def train_stream(self, data, split, seed, start_step, local_b, process_index, process_count, fn, indices=None,
                    encoded=False):
-    images, labels = self.in_memory(data, split)
-    if indices is not None:
-      images, labels = images[indices], labels[indices]
+    images, labels = self.examples(data, split, indices)
     return streams.array_stream(images, labels, seed, start_step, local_b, process_index, process_count, fn)
 
   def eval_batches(self, data, split, local_b, prepare, image_shape, process_index, process_count, max_examples):
@@ -138,30 +136,27 @@ def _read(path: str) -> dict:
     raise errors.DataNotFoundError(f'{path} is not a readable .npz ({type(e).__name__}: {e}): {_HOW}.') from None
 
 
-def read_split(path: str, channels: int) -> ArraySplit:
-  """The :class:`ArraySplit` of the .npz ``path``, checked against ``channels``; read once per version of the
-  file (cached, read-only)."""
+def read_split(path: str) -> ArraySplit:
+  """The :class:`ArraySplit` of the .npz ``path``; read once per version of the file (cached, read-only). Its
+  channels are checked against ``data.channels`` by :meth:`Arrays.split`."""
   if not tf.io.gfile.exists(path):
     raise errors.DataNotFoundError(f'data.path {path} does not exist: {_HOW}.')
   stat = tf.io.gfile.stat(path)
-  return _read_split(path, channels, stat.mtime_nsec, stat.length)
+  return _read_split(path, stat.mtime_nsec, stat.length)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_split(path: str, channels: int, mtime_nsec: int, length: int) -> ArraySplit:
+def _read_split(path: str, mtime_nsec: int, length: int) -> ArraySplit:
   del mtime_nsec, length  # the cache's key: a rewritten file is read again
   arrays = _read(path)
   images = _images(arrays['images'], path)
   labels = _labels(arrays['labels'], len(images), path)
-  if images.shape[-1] != channels:
-    raise errors.ConfigError(f'{path}: images have {images.shape[-1]} channels but data.channels is {channels}: '
-                             f'pass --config.data.channels={images.shape[-1]}.')
   images.flags.writeable = labels.flags.writeable = False
   return ArraySplit(images, labels)
 
 
 def _load(data, split: str) -> ArraySplit:
-  return read_split(split_path(data, split), data.channels)
+  return read_split(split_path(data, split))
 
 
 SOURCE = Arrays(_load)

@@ -140,9 +140,7 @@ class Folder(sources.Source):
 
   def train_stream(self, data, split, seed, start_step, local_b, process_index, process_count, fn, indices=None,
                    encoded=False):
-    paths, labels = self.in_memory(data, split)
-    if indices is not None:
-      paths, labels = paths[indices], labels[indices]
+    paths, labels = self.examples(data, split, indices)
     return streams.file_stream(paths, labels, data, seed, start_step, local_b, process_index, process_count, fn,
                                decode=not encoded)
 
