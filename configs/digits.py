@@ -8,8 +8,8 @@ representation), projector 512-512-512, AdamW (lr 2e-3, weight decay 1e-4, batch
 then cosine). Views: a ±2-pixel shift, brightness ×U[0.6, 1.4], Gaussian pixel noise σ 0.1 and, half the time, a
 3×3 cutout. No flips (they change a digit's identity), no crops (at this size a crop cuts strokes away).
 
-Measured (docs/results.md, seeds 0–2, mean ± std, 2 CPU cores): linear_top1 0.988 ± 0.001, linear_top1_5_per_class
-0.898 ± 0.005, knn_top1_20 0.969 ± 0.004, RankMe 22.2 (embeddings 91.7), embedding_std 0.639; raw pixels 0.972 /
+Measured (docs/results.md, seeds 0–2, mean ± std, 2 CPU cores): linear_top1 0.988 ± 0.002, linear_top1_5_per_class
+0.898 ± 0.002, knn_top1_20 0.967 ± 0.005, RankMe 22.2 (embeddings 92.1), embedding_std 0.640; raw pixels 0.972 /
 0.816 / 0.980. With --config.vicreg.std_coeff=0 --config.vicreg.cov_coeff=0 it collapses: embedding_std 0.0031,
 5-per-class 0.699. Evaluate its checkpoints with
 configs/digits_linear.py and configs/digits_semi.py; the supervised reference is configs/digits_supervised.py.
