@@ -19,4 +19,20 @@ def get_config():
   c.epochs = 800
   c.model.projector = '2048-128'
   c.optim.base_lr = 0.3
+  # Multi-crop (facebookresearch/swav@06b1b7c:scripts/swav_800ep_pretrain.sh:L28-L31): 2×224 at scale 0.14-1
+  # plus 6×96 at 0.05-0.14 (augment.small_view's default size and scale), the backbone once per resolution and
+  # the heads over all crops (main_swav.py's model(inputs), src/resnet50.py:L308-L323).
+  c.augment.small_crops = 6
+  c.model.views_together = True
+  for view in (c.augment.view1, c.augment.view2):
+    view.crop_scale = (0.14, 1.0)
+  # Every crop takes the same colour recipe (src/multicropdataset.py:L37-L52): the small view copies the large
+  # views' colour keys where they differ from its default. Keep this line after the views' colour lines.
+  c.augment.small_view.update({k: v for k, v in c.augment.view1.items()
+                               if k not in ('crop_size', 'crop_scale') and v != c.augment.small_view[k]})
+  # Memory (v5e-16, 16 GiB per chip, global batch 4096 = 256 images per chip): the crops hold
+  # 2·224² + 6·96² = 155,648 pixels per image against VICReg's 2·224² = 100,352 at 128 images per chip (its
+  # batch 2048), 3.1× VICReg's activations, whose step peaks near 11 GiB of 16 with the parameters and
+  # optimiser state of its 8192³ projector. Remat keeps only each residual block's output.
+  c.model.remat = True
   return c

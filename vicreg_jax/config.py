@@ -123,6 +123,7 @@ _PRETRAIN = {
     'model.stem': Rule('str', choices=('imagenet', 'small')), 'model.projector': TEXT,
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
     'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.remat': BOOL,
+    'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT,
     'method': Rule('str', choices=_methods),
     'optim.name': Rule('str', choices=('lars', 'sgd', 'adamw')), 'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
@@ -130,7 +131,7 @@ _PRETRAIN = {
     'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
     'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
     'final_probe.max_test_examples': NONNEG_INT,
-    **{f'augment.{v}.{k}': r for v in ('view1', 'view2') for k, r in _RECIPE.items()},
+    **{f'augment.{v}.{k}': r for v in ('view1', 'view2', 'small_view') for k, r in _RECIPE.items()},
 }
 _EVAL = {
     'epochs': COUNT, 'pretrain_workdir': TEXT, 'checkpoints': Rule('str', choices=('all', 'latest', 'final')),
@@ -190,6 +191,23 @@ def validate(config) -> None:
       raise errors.ConfigError(f'config.{key} {problem}')
   if job == 'pretrain' and not (values['num_steps'] or values['epochs']):
     raise errors.ConfigError('config.epochs and config.num_steps are both 0: set one of them to train for any steps')
+  if job == 'pretrain':
+    _check_crops(values)
+
+
+def _check_crops(values: dict) -> None:
+  """Multi-crop (``augment.small_crops`` > 0) only with a method that uses the small crops and with
+  ``model.views_together`` (the backbone per resolution group, the heads over every crop: the official
+  multi-crop forward pass)."""
+  if not values['augment.small_crops']:
+    return
+  if not _methods()[values['method']].multi_crop:
+    users = sorted(name for name, m in _methods().items() if m.multi_crop)
+    raise errors.ConfigError(f"config.augment.small_crops: {values['method']} has no multi-crop loss (only "
+                             f"{', '.join(users)}): set --config.augment.small_crops=0")
+  if not values['model.views_together']:
+    raise errors.ConfigError('config.augment.small_crops > 0 needs --config.model.views_together=True (the '
+                             'backbone once per crop resolution, the heads once over all crops)')
 
 
 def renamed_message(key: str) -> Optional[str]:
@@ -286,7 +304,11 @@ def base_config() -> ml_collections.ConfigDict:
       projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
       projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
       projector_output_bn=False,    # a BatchNorm without affine after the projector's last layer (SimSiam)
-      remat=False))                 # recompute each residual block's activations in the backward pass (memory)
+      remat=False,                  # recompute each residual block's activations in the backward pass (memory)
+      # True: the backbone runs once per resolution group over the crops concatenated (the two views, then the
+      # small crops), so its BatchNorm statistics cover every crop of the group, and projector and heads run
+      # once over all crops (official SwAV and SimCLR); False: one pass per view (official VICReg)
+      views_together=False))
   # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
   # keyword arguments and optimiser keys (each method's record holds their defaults and what they mean).
   c.method = 'vicreg'
@@ -300,7 +322,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
   # normalisation) runs in the jit step on the accelerator, same distribution (data/device_augment.py). False:
   # all on the host, float32 sent (needed for recipes with pixel noise, which uint8 would clip).
-  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=True))
+  # small_crops: that many extra small crops per example (multi-crop, SwAV's 6×96), each by the recipe
+  # small_view; they need model.views_together, and only methods that use them accept them (SwAV).
+  small_view = dict(view1, crop_size=96, crop_scale=(0.05, 0.14))
+  c.augment = ml_collections.ConfigDict(dict(view1=view1, view2=view2, on_device=True, small_crops=0,
+                                             small_view=small_view))
   # The end-of-run probe (vicreg_jax/evaluate/summary.py) on data.train_split / data.test_split: linear probes
   # with all labels and with labels_per_class per class (over ``draws`` draws), k-NN, RankMe, embedding std.
   c.final_probe = ml_collections.ConfigDict(dict(
@@ -334,7 +360,10 @@ def digits_config() -> ml_collections.ConfigDict:
   c.data.update(source='digits', name='digits', test_split='test', image_size=16, channels=1)
   view = view_recipe(translate=2, jitter_p=1.0, jitter=(0.4, 0.0, 0.0, 0.0), noise_std=0.1, cutout_p=0.5,
                      cutout_size=3)
-  c.augment.update(view1=view, view2=dict(view), on_device=False)  # pixel noise: the host does it all
+  # The small crops of multi-crop, if asked for (the digits configs keep two views): 8 px of the 16.
+  small_view = dict(view, crop_size=8, crop_scale=(0.2, 0.5), translate=1, cutout_p=0.0)
+  c.augment.update(view1=view, view2=dict(view), on_device=False,  # pixel noise: the host does it all
+                   small_view=small_view)
   c.final_probe.update(enabled=True, batch_size=512)
   return c
 
@@ -387,7 +416,8 @@ def _set(config: ml_collections.ConfigDict, key: str, value, origin: str) -> Non
 
 
 # Sections whose keys are a view recipe's (data/recipes.py checks them), not the schema's: read whole.
-_RECIPES = (('augment', 'view1'), ('augment', 'view2'), ('transforms', 'train'), ('transforms', 'eval'))
+_RECIPES = (('augment', 'view1'), ('augment', 'view2'), ('augment', 'small_view'), ('transforms', 'train'),
+            ('transforms', 'eval'))
 
 
 def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.ConfigDict:

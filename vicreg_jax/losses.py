@@ -15,7 +15,9 @@ Every sum over replicas (the all-gather's backward pass, the covariance blocks' 
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Optional
 
 import jax
@@ -376,30 +378,42 @@ def sinkhorn(scores: jax.Array, *, epsilon: float = 0.05, iterations: int = 3) -
   return (jnp.exp(log_q) * b).T
 
 
-def swav_loss(scores_a: jax.Array, scores_b: jax.Array, *, temperature: float = 0.1, epsilon: float = 0.05,
-              sinkhorn_iterations: int = 3, queue_scores: Optional[jax.Array] = None,
-              axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
-  """SwAV's swapped prediction (Caron et al., 2020; facebookresearch/swav) for two crops.
+# SwAV's crops whose codes are computed (official ``--crops_for_assign 0 1``: the two large crops).
+CROPS_FOR_ASSIGN = (0, 1)
 
-  ``scores_v`` [n, K] are this replica's prototype scores of crop v. For each crop the codes ``q`` are the
-  Sinkhorn-Knopp assignment (:func:`sinkhorn`) of the global batch's scores, with ``queue_scores`` [2, Q, K]
-  (the queued embeddings of that crop against the current prototypes) prepended when given and dropped after;
-  the other crop predicts them: ``loss = -(mean_i Σ_k q_a log softmax(s_b / T) + mean_i Σ_k q_b log
-  softmax(s_a / T)) / 2``. ``metrics``: ``loss`` and ``entropy`` (mean entropy of the codes; low = confident).
+
+def swav_loss(*scores: jax.Array, temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
+              queue_scores: Optional[jax.Array] = None, axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """SwAV's swapped prediction (Caron et al., 2020; facebookresearch/swav) for two or more crops.
+
+  ``scores[v]`` [n, K] are this replica's prototype scores of crop v: the two large crops first, then any small
+  crops (multi-crop). For each crop i of :data:`CROPS_FOR_ASSIGN` the codes ``q_i`` are the Sinkhorn-Knopp
+  assignment (:func:`sinkhorn`) of the global batch's scores of that crop, with ``queue_scores[i]`` [Q, K] (the
+  queued embeddings of that crop against the current prototypes) prepended when given and dropped after; every
+  other crop v predicts them, and the loss averages as the official training loop does
+  (facebookresearch/swav@06b1b7c:main_swav.py:L289-L315):
+  ``loss = mean_{i ∈ crops_for_assign} [ Σ_{v ≠ i} -mean_rows Σ_k q_i log softmax(s_v / T) / (V - 1) ]``,
+  V the number of crops; with two crops ``-(mean q_0 log p_1 + mean q_1 log p_0) / 2``. ``metrics``: ``loss`` and
+  ``entropy`` (mean entropy of crop 0's codes; low = confident).
   """
-  s_a = gather_batch(scores_a.astype(jnp.float32), axis_name)
-  s_b = gather_batch(scores_b.astype(jnp.float32), axis_name)
-  n = s_a.shape[0]
+  if len(scores) < 2:
+    raise ValueError(f'swav_loss needs at least two crops, got {len(scores)}')
+  s = [gather_batch(x.astype(jnp.float32), axis_name) for x in scores]
+  n = s[0].shape[0]
 
-  def codes(s, crop):
+  def codes(s, i):
     if queue_scores is not None:
-      s = jnp.concatenate([queue_scores[crop], s], axis=0)
+      s = jnp.concatenate([queue_scores[i], s], axis=0)
     return sinkhorn(s, epsilon=epsilon, iterations=sinkhorn_iterations)[-n:]
 
-  q_a, q_b = codes(s_a, 0), codes(s_b, 1)
+  q = [codes(s[crop], i) for i, crop in enumerate(CROPS_FOR_ASSIGN)]
   ce = lambda q, s: -jnp.mean(jnp.sum(q * jax.nn.log_softmax(s / temperature, axis=1), axis=1))
-  loss = (ce(q_a, s_b) + ce(q_b, s_a)) / 2
-  entropy = -jnp.mean(jnp.sum(q_a * jnp.log(q_a + 1e-12), axis=1))
+  subloss = []
+  for i, crop in enumerate(CROPS_FOR_ASSIGN):
+    sub = functools.reduce(operator.add, [ce(q[i], s[v]) for v in range(len(s)) if v != crop])
+    subloss.append(sub / (len(s) - 1) if len(s) > 2 else sub)  # the official / (crops - 1); two crops: / 1
+  loss = functools.reduce(operator.add, subloss) / len(CROPS_FOR_ASSIGN)
+  entropy = -jnp.mean(jnp.sum(q[0] * jnp.log(q[0] + 1e-12), axis=1))
   return loss, {'loss': loss, 'entropy': entropy}
 
 

@@ -29,12 +29,15 @@ from vicreg_jax.models import heads
 
 
 class Views(NamedTuple):
-  """What an objective sees of one step: this replica's rows of both views (each a pair, view 1 then view 2).
+  """What an objective sees of one step: this replica's rows of every crop, each field a tuple with one entry per
+  crop: view 1, view 2, then the ``augment.small_crops`` small crops (multi-crop; only methods with
+  ``multi_crop`` get any, so the others always see pairs).
 
   z: the online projector's embeddings; p: the predictor's outputs (None without a predictor); scores: the
-  prototype scores (None without prototypes); target: the EMA target network's embeddings (None without one);
-  key: a random key of this step, the same on every replica; extra: the method's state (SwAV's queue);
-  params: the online parameters (stop-gradient), for objectives that score the queue against the prototypes.
+  prototype scores (None without prototypes); target: the EMA target network's embeddings of the two views
+  (None without one); key: a random key of this step, the same on every replica; extra: the method's state
+  (SwAV's queue); params: the online parameters (stop-gradient), for objectives that score the queue against the
+  prototypes.
   """
   z: tuple
   p: Optional[tuple] = None
@@ -74,6 +77,7 @@ class Method:
   init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
     step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
   prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).
+  multi_crop: the objective takes any number of crops (``augment.small_crops`` > 0 is refused otherwise).
   defaults: the method's config section (``config.NAME``), key by key, with its default values.
   rules: a :class:`vicreg_jax.config.Rule` for every key of ``defaults`` (checked at start).
   """
@@ -85,6 +89,7 @@ class Method:
   init_extra: Callable = _no_extra
   update_extra: Callable = _keep_extra
   prepare_params: Callable = lambda params: params
+  multi_crop: bool = False
   defaults: dict = dataclasses.field(default_factory=dict)
   rules: dict = dataclasses.field(default_factory=dict)
 
@@ -175,11 +180,13 @@ def _swav_queue(config) -> dict:
 
 
 def _swav_enqueue(extra, v: Views, step, *, axis_name, queue_start_step=0, **section):
-  """The global batch's unit embeddings of each crop pushed to the front of its queue (from ``queue_start_step``;
-  the oldest drop off the end), as the official code does per GPU."""
+  """The global batch's unit embeddings of each crop of ``crops_for_assign`` (the two views; small crops are
+  never queued) pushed to the front of its queue (from ``queue_start_step``; the oldest drop off the end), as
+  the official code does per GPU (facebookresearch/swav@06b1b7c:main_swav.py:L303-L304)."""
   if 'queue' not in extra:
     return extra
-  new = jnp.stack([heads.l2_normalize(losses.gather_batch(z.astype(jnp.float32), axis_name)) for z in v.z])
+  new = jnp.stack([heads.l2_normalize(losses.gather_batch(z.astype(jnp.float32), axis_name))
+                   for z in v.z[:len(losses.CROPS_FOR_ASSIGN)]])
   new = jax.lax.stop_gradient(new)
   pushed = jnp.concatenate([new, extra['queue'][:, :-new.shape[1]]], axis=1)
   start = step >= queue_start_step
@@ -233,7 +240,7 @@ METHODS: dict[str, Method] = {
         _swav, ('entropy',), trainer_keys=('num_prototypes', 'freeze_prototypes_steps', 'queue_length',
                                            'queue_start_step'),
         heads=_prototypes, init_extra=_swav_queue, update_extra=_swav_enqueue,
-        prepare_params=heads.normalize_prototypes,
+        prepare_params=heads.normalize_prototypes, multi_crop=True,
         defaults=dict(num_prototypes=3000, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
                       freeze_prototypes_steps=313, queue_length=0, queue_start_step=0),
         rules=dict(num_prototypes=COUNT, temperature=POSITIVE, epsilon=POSITIVE, sinkhorn_iterations=COUNT,

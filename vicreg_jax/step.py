@@ -79,21 +79,62 @@ def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
 
 def _colour_ops(config):
   """``(batch, step) -> batch`` applying the colour part of the view recipes on the device (``augment.on_device``),
-  with keys per example from (seed, step, view, the example's row ``device·local_b + i`` in the global batch)."""
+  with keys per example from (seed, step, crop, the example's row ``device·local_b + i`` in the global batch):
+  crop 0 and 1 the two views, crop 2 + j the small crop j of ``batch['small']`` (``augment.small_view``'s
+  recipe). The same keys for any number of devices."""
   recipes = (dict(config.augment.view1), dict(config.augment.view2))
+  small_recipe = dict(config.augment.small_view)
 
   def apply(batch, step):
     local_b = batch['view1'].shape[0]
     rows = jax.lax.axis_index(parallel.AXIS) * local_b + jnp.arange(local_b)
     step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x636f6c), step)
+
+    def colour(images, crop: int, recipe):
+      view_key = jax.random.fold_in(step_key, crop)
+      keys = jax.vmap(lambda i, k=view_key: jax.random.fold_in(k, i))(rows)
+      return device_augment.apply_colour_ops_per_example(images, keys, recipe)
+
     out = dict(batch)
     for v, (name, recipe) in enumerate(zip(('view1', 'view2'), recipes)):
-      view_key = jax.random.fold_in(step_key, v)
-      keys = jax.vmap(lambda i, k=view_key: jax.random.fold_in(k, i))(rows)
-      out[name] = device_augment.apply_colour_ops_per_example(batch[name], keys, recipe)
+      out[name] = colour(batch[name], v, recipe)
+    if 'small' in batch:
+      out['small'] = jnp.stack([colour(batch['small'][:, j], 2 + j, small_recipe)
+                                for j in range(batch['small'].shape[1])], axis=1)
     return out
 
   return apply
+
+
+# The crops of a batch: the two views [n, H, W, C] and, with multi-crop, the small crops [n, crops, h, w, C].
+CROP_KEYS = ('view1', 'view2', 'small')
+
+
+def batch_crops(batch) -> list:
+  """The crops of ``batch`` in order: view 1, view 2, then each small crop of ``batch['small']`` (if any)."""
+  crops = [batch['view1'], batch['view2']]
+  if 'small' in batch:
+    crops += [batch['small'][:, j] for j in range(batch['small'].shape[1])]
+  return crops
+
+
+def resolution_groups(crops) -> tuple:
+  """``crops`` (each [n, H, W, C]) as groups of consecutive crops of the same shape, each group's crops
+  concatenated along the batch (crop by crop): the official SwAV's ``torch.unique_consecutive`` of the crop
+  sizes and ``torch.cat`` of each group (facebookresearch/swav@06b1b7c:src/resnet50.py:L311-L317)."""
+  groups = [[crops[0]]]
+  for crop in crops[1:]:
+    if crop.shape == groups[-1][-1].shape:
+      groups[-1].append(crop)
+    else:
+      groups.append([crop])
+  return tuple(jnp.concatenate(g, axis=0) for g in groups)
+
+
+def _per_crop(tree, crops: int) -> tuple:
+  """``tree``'s arrays (rows crop by crop, ``crops`` equal blocks) as one tree per crop."""
+  n = jax.tree.leaves(tree)[0].shape[0] // crops
+  return tuple(jax.tree.map(lambda x, i=i: x[i * n:(i + 1) * n], tree) for i in range(crops))
 
 
 def _probe_update(head, probe_tx, params, opt_state, h, labels):
@@ -107,10 +148,16 @@ def _probe_update(head, probe_tx, params, opt_state, h, labels):
   return optax.apply_updates(params, upd), opt_state, collectives.pmean(top1, parallel.AXIS)
 
 
-def _target_embeddings(model, target, batch):
+def _target_embeddings(model, target, batch, together: bool = False):
   """The EMA target network's embeddings of both views (training-mode BatchNorm with its own statistics, as the
-  official BYOL) and its updated statistics; no gradient."""
+  official BYOL; with ``together`` over both views at once, as the online network) and its updated statistics;
+  no gradient."""
   stats = target['batch_stats']
+  if together:
+    (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats},
+                              resolution_groups([batch['view1'], batch['view2']]), train=True,
+                              mutable=['batch_stats'])
+    return _per_crop(jax.lax.stop_gradient(z), 2), upd['batch_stats']
   out = []
   for name in ('view1', 'view2'):
     (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
@@ -120,10 +167,12 @@ def _target_embeddings(model, target, batch):
   return tuple(out), stats
 
 
-def _online_views(model, params, batch_stats, batch, remat: bool = False):
-  """The online network on both views: ``((h1, h2), (z1, z2), (heads1, heads2), batch_stats)``. With ``remat``
-  the backward pass keeps only the backbone's block outputs (:data:`resnet.REMAT_NAME`) and recomputes the
-  rest, one block at a time."""
+def _online_views(model, params, batch_stats, batch, remat: bool = False, together: bool = False):
+  """The online network on every crop: ``((h1, h2, …), (z1, z2, …), (heads1, heads2, …), batch_stats)``, one
+  entry per crop of :func:`batch_crops`. Without ``together`` one pass per view (BatchNorm statistics per view;
+  no small crops); with it one pass over every crop (:func:`resolution_groups`: the backbone once per
+  resolution, the projector and heads once over all crops). With ``remat`` the backward pass keeps only the
+  backbone's block outputs (:data:`resnet.REMAT_NAME`) and recomputes the rest, one block at a time."""
   def apply(params, batch_stats, x):
     (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True, heads=True,
                                      mutable=['batch_stats'])
@@ -131,6 +180,10 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False):
 
   if remat:
     apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.save_only_these_names(resnet.REMAT_NAME))
+  if together:
+    crops = batch_crops(batch)
+    h, z, extra, batch_stats = apply(params, batch_stats, resolution_groups(crops))
+    return _per_crop(h, len(crops)), _per_crop(z, len(crops)), _per_crop(extra, len(crops)), batch_stats
   hs, zs, extras = [], [], []
   for name in ('view1', 'view2'):
     h, z, extra, batch_stats = apply(params, batch_stats, batch[name])
@@ -139,17 +192,18 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False):
 
 
 def _views(z, out, params, *, target, key, extra) -> methods.Views:
-  """What the method's objective sees: embeddings, the heads' outputs of both views, the EMA target's."""
-  return methods.Views(z=z, p=(out[0]['p'], out[1]['p']) if 'p' in out[0] else None,
-                       scores=(out[0]['scores'], out[1]['scores']) if 'scores' in out[0] else None,
+  """What the method's objective sees: embeddings and the heads' outputs of every crop, the EMA target's."""
+  return methods.Views(z=z, p=tuple(o['p'] for o in out) if 'p' in out[0] else None,
+                       scores=tuple(o['scores'] for o in out) if 'scores' in out[0] else None,
                        target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
 
 
-def _gradients(objective, model, params, batch_stats, batch, make_views, remat: bool):
+def _gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, together: bool = False):
   """``(grads, (metrics, batch_stats, h1, views))`` of ``objective(views) -> (loss, metrics)`` on the whole local
-  batch in one pass."""
+  batch in one pass; ``h1``: view 1's representations."""
   def loss_fn(params):
-    (h1, _), z, out, new_stats = _online_views(model, params, batch_stats, batch, remat)
+    h, z, out, new_stats = _online_views(model, params, batch_stats, batch, remat, together)
+    h1 = h[0]
     views = make_views(z, out, params)
     loss, metrics = objective(views)
     return loss, (metrics, new_stats, h1, views)
@@ -165,14 +219,15 @@ def _micro_slice(tree, i, micro: int):
   return jax.tree.map(rows, tree)
 
 
-def _micro_outputs(model, views, remat: bool, micro: int, params, stats, i):
-  """``((z, heads' outputs), (h1, batch_stats))`` of the online network on micro-batch ``i`` of ``views``: the
-  first pair differentiable."""
-  (h1, _), z, out, stats = _online_views(model, params, stats, _micro_slice(views, i, micro), remat)
-  return (z, out), (h1, stats)
+def _micro_outputs(model, views, remat: bool, micro: int, together: bool, params, stats, i):
+  """``((z, heads' outputs), (h1, batch_stats))`` of the online network on micro-batch ``i`` of ``views`` (every
+  crop; ``h1`` view 1's representations): the first pair differentiable."""
+  h, z, out, stats = _online_views(model, params, stats, _micro_slice(views, i, micro), remat, together)
+  return (z, out), (h[0], stats)
 
 
-def _accumulated_gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, micro: int):
+def _accumulated_gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, micro: int,
+                           together: bool = False):
   """The same as :func:`_gradients` with the backbone run on ``micro`` micro-batches at a time (memory: the
   activations of one micro-batch), the loss still on the whole global batch. Micro-batch k holds the rows
   ``k, k + micro, k + 2·micro, …`` of every device's shard, i.e. the global rows ≡ k (mod ``micro``): the same
@@ -184,12 +239,14 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
   those of the full batch, exactly); the second pass recomputes each micro-batch and back-propagates its share
   of that gradient into the parameters, summed. What differs from one pass over the batch: BatchNorm normalises
   each micro-batch by its own statistics (over every device's share of that micro-batch: global batch / micro
-  examples), and its running averages take ``micro`` updates per step. Costs one extra forward pass."""
+  examples), and its running averages take ``micro`` updates per step. Costs one extra forward pass. Multi-crop:
+  a micro-batch holds the same rows of every crop (``batch['small']`` is sliced along its examples too), and
+  SwAV's Sinkhorn codes are still computed on the whole global batch."""
   n = batch['view1'].shape[0]
   if n % micro:
     raise errors.ConfigError(f'grad_accum_steps {micro} must divide the per-device batch {n}')
-  views_only = {k: batch[k] for k in ('view1', 'view2')}
-  outputs = functools.partial(_micro_outputs, model, views_only, remat, micro)
+  views_only = {k: batch[k] for k in CROP_KEYS if k in batch}
+  outputs = functools.partial(_micro_outputs, model, views_only, remat, micro, together)
 
   def first_pass(stats, i):
     outs, (h1, stats) = outputs(params, stats, i)
@@ -235,13 +292,17 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
 
-  Each device runs the model (and heads) on its shard of both views (SyncBN), and the EMA target where the
-  method has one; the objective (``config.method``) gathers what it needs from all devices; gradients are
-  averaged; the state stays replicated. Then the method's state moves on (EMA target, SwAV's queue) and the
-  online probe (if any) trains on view 1's stop-gradient representations. A non-finite loss or gradient moves
-  only the step counter (``metrics['finite']``). View 1's representations and embeddings come back sharded,
-  for the collapse diagnostics. With ``config.augment.on_device`` the views are the host's geometric part only
-  (uint8) and each device applies the colour part first (:func:`_colour_ops`; the same for any device count).
+  Each device runs the model (and heads) on its shard of every crop (SyncBN): the two views, and with multi-crop
+  (``augment.small_crops``) the small crops of ``batch['small']`` [n, crops, h, w, C]; one pass per view, or
+  with ``model.views_together`` the backbone once per resolution group and the heads once over all crops
+  (:func:`_online_views`). The EMA target runs where the method has one; the objective (``config.method``)
+  gathers what it needs from all devices; gradients are averaged; the state stays replicated. Then the method's
+  state moves on (EMA target, SwAV's queue of the two views) and the online probe (if any) trains on view 1's
+  stop-gradient representations. A non-finite loss or gradient moves only the step counter
+  (``metrics['finite']``). View 1's representations and embeddings come back sharded, for the collapse
+  diagnostics (and ``embedding_std`` is view 1's): the small crops enter only the loss. With
+  ``config.augment.on_device`` the crops are the host's geometric part only (uint8) and each device applies
+  the colour part first (:func:`_colour_ops`; the same for any device count).
   ``config.reductions`` says how sums over devices add them (:mod:`vicreg_jax.collectives`); with 'ordered' the
   parameters are the same, bit for bit, on any split of the devices into processes.
   """
@@ -253,7 +314,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   colour_ops = _colour_ops(config) if config.augment.on_device else None
   nan_at_step = config.debug_nan_at_step
   reductions = collectives.check(config.reductions)
-  remat, micro = config.model.remat, config.grad_accum_steps
+  remat, micro, together = config.model.remat, config.grad_accum_steps, config.model.views_together
   if micro > 1 and method.ema_target:
     raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
                              'runs on the whole batch); use model.remat to save memory instead')
@@ -269,7 +330,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     extra = {k: v for k, v in state.extra.items() if k != 'target'}
     target, target_stats = None, None
     if method.ema_target:
-      target, target_stats = _target_embeddings(model, state.extra['target'], batch)
+      target, target_stats = _target_embeddings(model, state.extra['target'], batch, together)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
 
     def objective(views):
@@ -278,10 +339,10 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     make_views = functools.partial(_views, target=target, key=key, extra=extra)
     if micro > 1:
       grads, (metrics, batch_stats, h1, views) = _accumulated_gradients(
-          objective, model, params, state.batch_stats, batch, make_views, remat, micro)
+          objective, model, params, state.batch_stats, batch, make_views, remat, micro, together)
     else:
       grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
-                                                            make_views, remat)
+                                                            make_views, remat, together)
     grads = collectives.pmean(grads, axis)
     finite = all_finite(metrics['loss'], grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)

@@ -1,6 +1,7 @@
 """tf.data pipelines, one per process, feeding global ``jax.Array`` batches.
 
-- :func:`pretrain_dataset`: two augmented views (and the label, for the online probe) per example.
+- :func:`pretrain_dataset`: two augmented views (and the label, for the online probe) per example, plus the
+  small crops of multi-crop (``augment.small_crops``).
 - :func:`labelled_dataset`: one augmented view and its label, for linear evaluation and fine-tuning.
 - :func:`eval_dataset`: un-augmented, centre-cropped images with labels and their index in the split, one pass
   over this process's contiguous share.
@@ -70,34 +71,65 @@ def _finish(ds, data):
   return ds.prefetch(data.prefetch).with_options(_options(data))
 
 
+# Folded into an example's seed to seed its small crops (the views keep the seeds they have without multi-crop).
+SMALL_CROPS_SEED = 0x736d616c
+
+
+def _crop_seeds(example_seed, small_crops: int) -> list:
+  """The seeds of an example's crops: the two views' from ``stateless_split(example_seed, 2)`` (as without
+  multi-crop, so two-view runs see the same views), then ``small_crops`` from the example seed folded with
+  :data:`SMALL_CROPS_SEED` and split."""
+  s = tf.random.experimental.stateless_split(example_seed, 2)
+  seeds = [s[0], s[1]]
+  if small_crops:
+    small = tf.random.experimental.stateless_fold_in(example_seed, SMALL_CROPS_SEED)
+    seeds += list(tf.unstack(tf.random.experimental.stateless_split(small, small_crops)))
+  return seeds
+
+
+def _pretrain_recipes(augment) -> tuple[list, bool]:
+  """The recipe of every crop (view 1, view 2, then ``augment.small_crops`` times ``augment.small_view``), only
+  their geometric part with ``augment.on_device``; and whether the crops are sent as uint8."""
+  recipes = [dict(augment.view1), dict(augment.view2)] + [dict(augment.small_view)] * augment.small_crops
+  on_device = bool(augment.on_device)
+  if on_device:
+    recipes = [device_augment.host_recipe(r) for r in recipes]
+  return recipes, on_device
+
+
 def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, process_index: int = 0,
                      process_count: int = 1) -> tf.data.Dataset:
-  """This process's infinite stream of batches ``{'view1', 'view2', 'label'}`` starting at ``start_step``.
+  """This process's infinite stream of batches ``{'view1', 'view2', 'label'}`` starting at ``start_step``, and
+  with multi-crop (``augment.small_crops`` = k > 0) ``'small'`` [B, k, s, s, C]: k crops of ``augment.small_view``.
 
   Each batch holds ``config.batch_size / process_count`` examples: this process's rows of the global batch.
-  The label only feeds the online probe; the self-supervised loss never sees it.
-  With ``config.augment.on_device`` the views get only the geometric part of their recipe here
+  The label only feeds the online probe; the self-supervised loss never sees it. Every crop of an example is
+  computed in the same tf.data graph from its own stateless seed (:func:`_crop_seeds`); encoded JPEGs are
+  decoded once, the union of all the crops' windows (:func:`augment.augment_views`), as the official SwAV's
+  dataset loads each image once for all its crops (facebookresearch/swav@06b1b7c:src/multicropdataset.py:L55-L58).
+  With ``config.augment.on_device`` the crops get only the geometric part of their recipe here
   (:func:`device_augment.host_recipe`: the same crops and flips) and come as uint8 (×255, rounded); the train
   step applies the colour part on the accelerator. Batches of image folders and TFDS also hold the
   :data:`streams.UNREADABLE` counts (:func:`global_batches` removes them).
   """
   local_b = local_batch_size(config.batch_size, process_count)
-  view1, view2 = dict(config.augment.view1), dict(config.augment.view2)
-  on_device = bool(config.augment.on_device)
-  if on_device:
-    view1, view2 = device_augment.host_recipe(view1), device_augment.host_recipe(view2)
+  small_crops = config.augment.small_crops
+  recipes, on_device = _pretrain_recipes(config.augment)
   cast = device_augment.to_uint8 if on_device else (lambda x: x)
   source = sources.get(config.data)
-  encoded = _encoded(source, (view1, view2))
+  encoded = _encoded(source, recipes)
   channels = config.data.channels
 
   def views(example_seed, image, label):
-    s = tf.random.experimental.stateless_split(example_seed, 2)
-    if encoded:  # one JPEG decode (the union of the two crop windows) for both views
-      v1, v2 = augment.augment_views(image, (s[0], s[1]), (view1, view2), channels)
+    seeds = _crop_seeds(example_seed, small_crops)
+    if encoded:  # one JPEG decode (the union of the crop windows) for every crop
+      crops = augment.augment_views(image, seeds, recipes, channels)
     else:
-      v1, v2 = augment.augment_view(image, s[0], view1, channels), augment.augment_view(image, s[1], view2, channels)
-    return {'view1': cast(v1), 'view2': cast(v2), 'label': tf.cast(label, tf.int32)}
+      crops = [augment.augment_view(image, seed, r, channels) for seed, r in zip(seeds, recipes)]
+    out = {'view1': cast(crops[0]), 'view2': cast(crops[1]), 'label': tf.cast(label, tf.int32)}
+    if small_crops:
+      out['small'] = cast(tf.stack(crops[2:]))
+    return out
 
   ds = source.train_stream(config.data, config.data.train_split, config.seed, start_step, local_b, process_index,
                            process_count, views, encoded=encoded)

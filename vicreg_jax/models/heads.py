@@ -95,6 +95,11 @@ class SSLModel(nn.Module):
 
   ``model(x)`` returns ``(representation h, embedding z)``; ``model(x, heads=True)`` returns ``(h, z, extra)``
   with ``extra['p']`` the prediction and ``extra['scores']`` the prototype scores, where the model has them.
+
+  ``x`` may also be a tuple of image batches of different sizes (multi-crop's resolution groups): the backbone
+  runs once per group (its BatchNorm statistics over that group's rows), the representations are concatenated
+  in order, and projector and heads run once over all of them (their BatchNorm over every row), as the official
+  SwAV's ``forward`` (facebookresearch/swav@06b1b7c:src/resnet50.py:L308-L323).
   """
   backbone: nn.Module
   projector: nn.Module
@@ -102,7 +107,10 @@ class SSLModel(nn.Module):
   prototypes: Optional[nn.Module] = None
 
   def __call__(self, x, train: bool = True, heads: bool = False):
-    h = self.backbone(x, train=train)
+    if isinstance(x, (tuple, list)):
+      h = jnp.concatenate([self.backbone(group, train=train) for group in x], axis=0)
+    else:
+      h = self.backbone(x, train=train)
     z = self.projector(h, train=train)
     if not heads:
       return h, z
