@@ -360,10 +360,7 @@ def digits_config() -> ml_collections.ConfigDict:
   c.data.update(source='digits', name='digits', test_split='test', image_size=16, channels=1)
   view = view_recipe(translate=2, jitter_p=1.0, jitter=(0.4, 0.0, 0.0, 0.0), noise_std=0.1, cutout_p=0.5,
                      cutout_size=3)
-  # The small crops of multi-crop, if asked for (the digits configs keep two views): 8 px of the 16.
-  small_view = dict(view, crop_size=8, crop_scale=(0.2, 0.5), translate=1, cutout_p=0.0)
-  c.augment.update(view1=view, view2=dict(view), on_device=False,  # pixel noise: the host does it all
-                   small_view=small_view)
+  c.augment.update(view1=view, view2=dict(view), on_device=False)  # pixel noise: the host does it all
   c.final_probe.update(enabled=True, batch_size=512)
   return c
 
