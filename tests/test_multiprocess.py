@@ -332,3 +332,27 @@ def test_an_unexpected_error_on_one_process_ends_both_soon(tmp_path):
                                                     'error on purpose')
   assert procs[other].returncode != 0
   assert errs[other].strip().splitlines()[-1].startswith('error: distributed run stopped: '), errs[other][-2000:]
+
+
+def test_swav_multicrop_on_two_processes_matches_one_process(tmp_path):
+  """Multi-crop: SwAV with 2 small crops of 8 px beside the two 16-px views (the backbone once per resolution,
+  the heads over every crop, each crop's colour ops on the devices, two micro-batches, remat, the queue of the
+  two views), on two processes and on one: the same bits."""
+  swav = ['--config=configs/digits_swav.py', *PRETRAIN, '--config.model.projector=32-32', '--config.num_steps=6',
+          '--config.swav.num_prototypes=12', '--config.swav.freeze_prototypes_steps=2', '--config.swav.queue_length=64',
+          '--config.checkpoint_every_steps=6', '--config.final_probe.enabled=False', '--config.augment.small_crops=2',
+          '--config.model.views_together=True', '--config.augment.small_view.crop_size=8',
+          '--config.augment.small_view.crop_scale=(0.2,0.5)', '--config.augment.small_view.mean=(0.5,)',
+          '--config.augment.small_view.std=(0.25,)']  # one channel
+  two, one = tmp_path / 'two', tmp_path / 'one'
+  job([*swav, f'--workdir={two}'], tmp_path / 'logs', 'multicrop_two', processes=2).check()
+  job([*swav, f'--workdir={one}'], tmp_path / 'logs', 'multicrop_one', devices=4).check()
+  a, b = (params(w, 6) for w in (two, one))
+  diff = max_abs_difference(a['params'], b['params'])
+  stats_diff = max_abs_difference(a['batch_stats'], b['batch_stats'])
+  queue_diff = max_abs_difference(a['extra'], b['extra'])
+  print(f'SwAV multi-crop, two processes against one: max difference {diff:.3e} in the parameters, {stats_diff:.3e} '
+        f'in the BatchNorm statistics, {queue_diff:.3e} in the queue')
+  assert diff == 0.0 and stats_diff == 0.0 and queue_diff == 0.0
+  assert a['extra']['queue'].shape == (2, 64, 32) and 'prototypes' in a['params']
+  assert float(abs(a['extra']['queue']).min(axis=-1).max()) > 0  # the queue holds embeddings (compared above)
