@@ -11,11 +11,12 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from conftest import load_config, tiny_digits
+from conftest import checkpoint_arrays, load_config, max_abs_difference, tiny_digits
 from vicreg_jax import config as schema
-from vicreg_jax import errors, losses, methods, parallel
+from vicreg_jax import errors, losses, methods, parallel, train
 from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
+from vicreg_jax.evaluate import linear
 
 CROPS = 8  # 2 large + 6 small, as the official 75.3% recipe
 
@@ -249,3 +250,32 @@ def test_multicrop_is_refused_in_one_line_where_it_cannot_run():
   config.method, config.model.views_together = 'swav', False
   with pytest.raises(errors.ConfigError, match='needs --config.model.views_together=True'):
     schema.validate(config)
+
+
+@pytest.mark.slow
+def test_a_short_multicrop_run_on_a_folder_of_images_trains_and_is_linear_evaluated(tmp_path):
+  """configs/imagenet_swav.py shrunk (ResNet-18 ×1/16, 2×32 + 6×16 px crops, batch 16, 3 steps) on a folder of
+  JPEGs, then configs/imagenet_linear.py on its checkpoint."""
+  root = write_photos(tmp_path / 'images', n=24, shape=(48, 64))
+  config = load_config('imagenet_swav')
+  config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-32')
+  config.swav.update(num_prototypes=20, freeze_prototypes_steps=1)
+  config.update(batch_size=16, num_steps=3, log_every_steps=1, checkpoint_every_steps=3)
+  config.model.remat = False  # remat: tests/test_multicrop.py's micro-batch test (it only costs compile time here)
+  config.data.update(source='folder', data_dir=str(root), val_fraction=0.25, image_size=32)
+  for view, size in ((config.augment.view1, 32), (config.augment.view2, 32), (config.augment.small_view, 16)):
+    view['crop_size'] = size
+  pre = str(tmp_path / 'pre')
+  assert train.train_and_evaluate(config, pre)['steps'] == 3
+  trained = checkpoint_arrays(tmp_path / 'pre' / 'checkpoints' / '3' / 'default')
+  tx, _ = methods.make_optimizer(config, 3, 0)
+  initial = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(config.seed)).params
+  assert max_abs_difference(trained['params']['backbone'], initial['backbone']) > 1e-4
+  lin = load_config('imagenet_linear')
+  lin.update(pretrain_workdir=pre, batch_size=16, epochs=1, log_every_steps=1, poll_seconds=0.1,
+             timeout_seconds=60.0, checkpoint_every_steps=2)
+  lin.data.update(source='folder', data_dir=str(root), val_fraction=0.25)
+  lin.transforms.train['crop_size'] = 32
+  lin.transforms.eval.update(resize=36, crop=32)
+  results = linear.run(lin, str(tmp_path / 'lin'))
+  assert list(results) == ['3'] and 0.0 <= results['3']['top1'] <= 1.0
