@@ -1,12 +1,16 @@
-"""Images per second of the full VICReg train step on whatever devices JAX sees, its model-FLOPs utilisation,
-its compile time, and (``--reference``) the same step in PyTorch in the same run.
+"""Images per second of the full train step (VICReg, or any method) on whatever devices JAX sees, its model-FLOPs
+utilisation, its compile time, and (``--reference``, VICReg only) the same step in PyTorch in the same run.
 
   python benchmarks/step_throughput.py --model=resnet18 --stem=small --image_size=32 --batch=128 \
       --projector=2048-2048-2048 --dtype=float32 [--reference] [--json]
+  python benchmarks/step_throughput.py --method=swav --projector=2048-128 --small_crops=6 --small_size=16
 
 The step is the package's own (:func:`vicreg_jax.step.make_train_step`): two views through backbone and
-projector, the VICReg loss with its all-gathered statistics, LARS, SyncBN; the online probe and the collapse
-diagnostics off. Images per second count images (each giving two views), as ``batch / seconds per step``.
+projector, the method's loss (VICReg's with its all-gathered statistics by default), LARS, SyncBN, the colour
+ops on the device; the online probe and the collapse diagnostics off. ``--small_crops=N`` adds N small crops of
+``--small_size`` px per image (multi-crop, SwAV only; the backbone once per resolution and the heads over all
+crops, ``model.views_together``, which ``--views_together`` also sets for two views). Images per second count
+images (each giving two views and its small crops), as ``batch / seconds per step``.
 
 MFU = model FLOPs of one step / step time / peak FLOP/s. Model FLOPs: XLA's cost analysis of the step compiled
 without remat (so recomputation does not count), summed over devices. Peak: measured first, in this run, with
@@ -51,6 +55,12 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=128, help='global batch (images)')
   p.add_argument('--projector', default='2048-2048-2048')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--method', default='vicreg', help='config.method (its default section)')
+  p.add_argument('--small_crops', type=int, default=0, help='small crops per image (multi-crop; SwAV)')
+  p.add_argument('--small_size', type=int, default=0, help='side of the small crops (0: image_size·96/224)')
+  p.add_argument('--views_together', action='store_true',
+                 help='one backbone pass per resolution over all crops (implied by --small_crops)')
+  p.add_argument('--num_prototypes', type=int, default=3000, help="SwAV's prototypes")
   p.add_argument('--steps', type=int, default=5, help='timed steps (after --warmup untimed ones)')
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--remat', action='store_true', help='rematerialise the backbone blocks')
@@ -96,7 +106,17 @@ def _config(args):
   c.model.update(arch=args.model, stem=args.stem, projector=args.projector, dtype=args.dtype)
   c.model.remat = bool(args.remat)
   c.data.update(image_size=args.image_size, channels=3)
+  c.method = args.method
+  c.swav.num_prototypes = args.num_prototypes
+  c.model.views_together = bool(args.views_together or args.small_crops)
+  c.augment.small_crops = args.small_crops
+  c.augment.small_view['crop_size'] = small_size(args)
+  schema.validate(c)
   return c
+
+
+def small_size(args) -> int:
+  return args.small_size or max(1, round(args.image_size * 96 / 224))
 
 
 def _state_and_batch(args, config, tx, mesh):
@@ -112,6 +132,10 @@ def _state_and_batch(args, config, tx, mesh):
   batch = {'view1': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
            'view2': jax.device_put(rng.standard_normal(shape, np.float32), sharding),
            'label': jax.device_put(np.zeros(args.batch, np.int32), sharding)}
+  if args.small_crops:
+    side = small_size(args)
+    batch['small'] = jax.device_put(rng.standard_normal((args.batch, args.small_crops, side, side, 3), np.float32),
+                                    sharding)
   return init(jax.random.key(0)), batch
 
 
@@ -180,6 +204,9 @@ def jax_step(args) -> dict:
       'num_devices': n_dev,
       'jax_version': jax.__version__,
       'dtype': args.dtype,
+      'method': args.method,
+      'small_crops': args.small_crops,
+      'views_together': config.model.views_together,
       'compiler_options': compilation.compiler_options(),  # the package's XLA options (on CPU: no YNNPACK convs)
       **breakdown,
   }
@@ -263,6 +290,8 @@ def main(argv=None) -> None:
   if args.compilation_cache:
     from vicreg_jax import compilation
     compilation.enable_cache(args.compilation_cache)
+  if args.reference and (args.method != 'vicreg' or args.small_crops):
+    raise SystemExit('--reference times the VICReg two-view step only')
   result = jax_step(args)
   if args.reference:
     result.update(torch_step(args))
@@ -270,9 +299,12 @@ def main(argv=None) -> None:
   if args.json:
     print(json.dumps(result))
     return
-  what = (f'{args.model} ({args.stem} stem), {args.image_size} px, global batch {args.batch}, projector '
-          f'{args.projector}, {args.dtype}{", remat" if args.remat else ""}')
-  print(f'VICReg step, {what}, on {result["num_devices"]} × {result["device_kind"]} (jax {result["jax_version"]})')
+  crops = f' + {args.small_crops}×{small_size(args)} px' if args.small_crops else ''
+  together = ', views together' if args.views_together or args.small_crops else ''
+  what = (f'{args.model} ({args.stem} stem), 2×{args.image_size} px{crops}{together}, global batch {args.batch}, '
+          f'projector {args.projector}, {args.dtype}{", remat" if args.remat else ""}')
+  print(f'{args.method} step, {what}, on {result["num_devices"]} × {result["device_kind"]} '
+        f'(jax {result["jax_version"]})')
   if result['compiler_options']:
     print(f'  XLA options of the step: {result["compiler_options"]}')
   print(f'  JAX:     {result["images_per_second"]:8.1f} images/s  ({result["seconds_per_step"] * 1e3:.1f} ms/step; '
