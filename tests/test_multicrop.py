@@ -242,6 +242,19 @@ def test_multicrop_micro_batches_and_remat_give_the_one_pass_step():
   assert_trees_close(s4.params, s1.params, atol=1e-6)
 
 
+@pytest.mark.parametrize('method, heads', [('simclr', {}), ('byol', {'byol.predictor': '32'})])
+def test_views_together_runs_two_views_of_any_method(method, heads):
+  """``model.views_together`` without small crops (SimCLR's official BatchNorm over both views): a method without
+  heads and one with a predictor and an EMA target take a finite step, which is not the step of one pass per
+  view (the BatchNorm statistics cover both views)."""
+  config = tiny_digits(method=method, **heads)
+  batch = next(pipeline.pretrain_dataset(config).as_numpy_iterator())
+  _, apart = train_steps(config, [batch], jax.devices()[:1])
+  config.model.views_together = True
+  _, together = train_steps(config, [batch], jax.devices()[:1])
+  assert np.isfinite(together['loss']) and abs(float(together['loss']) - float(apart['loss'])) > 1e-4
+
+
 def test_multicrop_is_refused_in_one_line_where_it_cannot_run():
   config = tiny_multicrop()
   config.method = 'vicreg'

@@ -131,9 +131,8 @@ def resolution_groups(crops) -> tuple:
   return tuple(jnp.concatenate(g, axis=0) for g in groups)
 
 
-def _per_crop(tree, crops: int) -> tuple:
-  """``tree``'s arrays (rows crop by crop, ``crops`` equal blocks) as one tree per crop."""
-  n = jax.tree.leaves(tree)[0].shape[0] // crops
+def _per_crop(tree, crops: int, n: int) -> tuple:
+  """``tree``'s arrays (rows crop by crop, ``crops`` blocks of ``n``) as one tree per crop."""
   return tuple(jax.tree.map(lambda x, i=i: x[i * n:(i + 1) * n], tree) for i in range(crops))
 
 
@@ -157,7 +156,7 @@ def _target_embeddings(model, target, batch, together: bool = False):
     (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats},
                               resolution_groups([batch['view1'], batch['view2']]), train=True,
                               mutable=['batch_stats'])
-    return _per_crop(jax.lax.stop_gradient(z), 2), upd['batch_stats']
+    return _per_crop(jax.lax.stop_gradient(z), 2, batch['view1'].shape[0]), upd['batch_stats']
   out = []
   for name in ('view1', 'view2'):
     (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
@@ -183,7 +182,8 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False, togeth
   if together:
     crops = batch_crops(batch)
     h, z, extra, batch_stats = apply(params, batch_stats, resolution_groups(crops))
-    return _per_crop(h, len(crops)), _per_crop(z, len(crops)), _per_crop(extra, len(crops)), batch_stats
+    k, n = len(crops), batch['view1'].shape[0]
+    return _per_crop(h, k, n), _per_crop(z, k, n), _per_crop(extra, k, n), batch_stats
   hs, zs, extras = [], [], []
   for name in ('view1', 'view2'):
     h, z, extra, batch_stats = apply(params, batch_stats, batch[name])
