@@ -32,9 +32,10 @@ def get_config():
                                if k not in ('crop_size', 'crop_scale') and v != c.augment.small_view[k]})
   # Memory on a v5e-16 (16 GiB per chip) at batch 4096, 256 images per chip: 2·224² + 6·96² = 155,648 pixels
   # per image against VICReg's 100,352 at 128 per chip (batch 2048), 3.1× VICReg's activations; VICReg's step
-  # peaks at 10.6 GiB, about 7.3 of them activations. XLA's memory analysis of the step (ResNet-50, bf16, on
-  # CPU, 4 and 8 images per device) gives per image 0.28 GiB for 2×224, 0.43 for 2×224 + 6×96 and 0.17 for
-  # that with remat: 3.1 × 0.40 × 7.3 ≈ 9 GiB of activations with remat, about 23 without. Remat (each
+  # peaks at 10.6 GiB, about 7.3 of them activations (3.3: parameters, gradients and LARS state with its 8192³
+  # projector). XLA's memory analysis of the step (ResNet-50, bf16, on CPU, at 4 and 8 images per device) gives
+  # per image 0.28 GiB for 2×224, 0.43 for 2×224 + 6×96 and 0.17 for that with remat: 2 × 1.57 × 0.40 × 7.3
+  # ≈ 9 GiB of activations with remat (SwAV's state: 0.2 GiB), about 23 without. Remat (each
   # residual block's output kept, the rest recomputed: about a third more compute) keeps the batch's BatchNorm
   # statistics; grad_accum_steps=2 on top would halve the activations again if a chip still runs out.
   c.model.remat = True
