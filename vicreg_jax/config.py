@@ -33,8 +33,9 @@ from vicreg_jax.data.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """``kind`` 'int', 'float', 'str' or 'bool'; numbers within [lo, hi] (``lo_open``: lo excluded; None: no
-  bound); ``choices``: the allowed values (a callable returning them, for registries); ``none``: None allowed."""
+  """``kind`` 'int', 'float', 'str', 'bool' or 'ints' (a tuple of integers, each checked as 'int'); numbers within
+  [lo, hi] (``lo_open``: lo excluded; None: no bound); ``choices``: the allowed values (a callable returning them,
+  for registries); ``none``: None allowed."""
   kind: str
   lo: Optional[float] = None
   hi: Optional[float] = None
@@ -48,6 +49,11 @@ class Rule:
       return None if self.none else 'must be set'
     if self.kind == 'bool':
       return None if isinstance(value, bool) else f'must be True or False, not {value!r}'
+    if self.kind == 'ints':
+      if not isinstance(value, (tuple, list)):
+        return f'must be a tuple of integers, not {value!r}'
+      each = dataclasses.replace(self, kind='int')
+      return next((f'{problem} (in {value!r})' for v in value if (problem := each.problem(v))), None)
     if self.kind == 'str':
       if not isinstance(value, str):
         return f'must be a string, not {value!r}'
@@ -122,11 +128,14 @@ _PRETRAIN = {
     'model.arch': Rule('str', choices=_archs), 'model.width_multiplier': POSITIVE,
     'model.stem': Rule('str', choices=('imagenet', 'small')), 'model.projector': TEXT,
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
-    'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.remat': BOOL,
+    'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.projector_output_scale': BOOL,
+    'model.projector_output_bias': BOOL, 'model.zero_init_residual': BOOL, 'model.remat': BOOL,
     'method': Rule('str', choices=_methods),
-    'optim.name': Rule('str', choices=('lars', 'sgd', 'adamw')), 'optim.base_lr': POSITIVE,
+    'optim.name': Rule('str', choices=('lars', 'larc', 'sgd', 'adam', 'adamw')), 'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
-    'optim.end_lr_factor': FRACTION, 'augment.on_device': BOOL,
+    'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
+    'optim.schedule': Rule('str', choices=('cosine', 'step')), 'optim.end_lr_factor': FRACTION,
+    'optim.decay_epochs': Rule('ints', 0), 'optim.decay_factor': POSITIVE, 'augment.on_device': BOOL,
     'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
     'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
     'final_probe.max_test_examples': NONNEG_INT,
@@ -286,15 +295,27 @@ def base_config() -> ml_collections.ConfigDict:
       projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
       projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
       projector_output_bn=False,    # a BatchNorm without affine after the projector's last layer (SimSiam)
+      projector_output_scale=False,  # that BatchNorm with a learnt scale, no offset (SimCLR v1's head)
+      projector_output_bias=False,  # a bias on the projector's last Linear (SwAV's projector, W-MSE's head)
+      zero_init_residual=True,      # the last BatchNorm scale of every residual block starts at 0 (torchvision's
+                                    # zero_init_residual: VICReg, Barlow Twins, SimSiam; BYOL, SimCLR alike; not
+                                    # SwAV or W-MSE)
       remat=False))                 # recompute each residual block's activations in the backward pass (memory)
   # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
   # keyword arguments and optimiser keys (each method's record holds their defaults and what they mean).
   c.method = 'vicreg'
   for name, method in _methods().items():
     c[name] = ml_collections.ConfigDict(dict(method.defaults))
+  # name: 'lars' (VICReg, Barlow Twins, BYOL), 'larc' (apex LARC on every parameter, SwAV; eta is its trust
+  # coefficient), 'sgd' (SimSiam; eta unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter,
+  # W-MSE; momentum and eta unused) or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
+  # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
+  # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as
+  # SwAV); then schedule 'cosine' (to end_lr_factor·peak) or 'step' (×decay_factor from each of decay_epochs).
   c.optim = ml_collections.ConfigDict(dict(
-      name='lars',  # or 'sgd' (SimSiam; eta unused) or 'adamw' (small demos; momentum and eta unused)
-      base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
+      name='lars', base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, warmup_steps=0,
+      warmup_start_factor=0.0, warmup_linspace=False, schedule='cosine', end_lr_factor=0.001, decay_epochs=(),
+      decay_factor=0.1))
   view1, view2 = imagenet_views()
   # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
   # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
