@@ -36,11 +36,20 @@ def run_tx(tx, params, grads_seq):
   return out
 
 
-def assert_params_close(actual, expected, rtol=2e-5, atol=1e-7):
-  for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
-    assert set(a) == set(e)
-    for k in e:
-      np.testing.assert_allclose(a[k], e[k], rtol=rtol, atol=atol, err_msg=f'step {step}, {k}')
+def displacements(steps, params) -> list:
+  """Each step's parameters minus the initial ones."""
+  start = flat(params)
+  return [{k: v - start[k] for k, v in step.items()} for step in steps]
+
+
+def assert_same_steps(got, want, params, rtol=1e-5):
+  """Each step's displacement from ``params`` the same to ``rtol`` of its largest entry, plus a few float32 ulps
+  of the parameters' largest entry (the rounding of the stored parameters)."""
+  for step, (g, w, d) in enumerate(zip(got, want, displacements(want, params), strict=True)):
+    assert set(g) == set(w)
+    for k in w:
+      atol = rtol * np.abs(d[k]).max() + 8 * np.finfo(np.float32).eps * np.abs(w[k]).max()
+      np.testing.assert_allclose(g[k], w[k], rtol=0, atol=atol, err_msg=f'step {step}, {k}')
 
 
 # --------------------------------------------------------------------------------------- SwAV: LARC and schedule
@@ -124,7 +133,7 @@ def test_swav_larc_with_frozen_prototypes_is_apex_larc_over_steps():
   want = apex_larc_sgd(params, grads_seq, lrs, wd=0.05, trust=0.02,
                        frozen=lambda step, k: step < 2 and k.startswith('prototypes'))
   got = run_tx(tx, params, grads_seq)
-  assert_params_close(got, want)
+  assert_same_steps(got, want, params)
   assert np.all(got[1]['prototypes/dense/kernel'] == params['prototypes']['dense']['kernel'])
   assert np.abs(got[2]['prototypes/dense/kernel'] - params['prototypes']['dense']['kernel']).min() > 1e-4
   assert np.all(got[-1]['backbone/bn/scale'] != 0)  # moved by its raw gradient on step 0, then adapted
@@ -158,6 +167,43 @@ def test_larc_leaves_zero_norm_parameters_and_gradients_alone():
   np.testing.assert_allclose(after['w'], 3.0 - 0.1 * ratio * (np.array([0.0, 4.0]) + 0.5 * 3.0), rtol=1e-6)
   (still,) = run_tx(optim.larc(0.1, weight_decay=0.5), {'w': jnp.ones((3,))}, [{'w': jnp.zeros((3,))}])
   np.testing.assert_array_equal(still['w'], 1.0)
+
+
+# ---------------------------------------------------------------------------------- SimCLR: classic momentum
+
+def simclr_lars(params, grads_seq, lrs, wd, eeta, momentum=0.9):
+  """google-research/simclr (v1) ``LARSOptimizer(classic_momentum=True)`` with ``exclude_from_weight_decay=
+  ['batch_normalization', 'bias']`` (the ndim-1 parameters here), float64: the learning rate inside the buffer."""
+  p = flat(params)
+  v, out = {k: np.zeros_like(x) for k, x in p.items()}, []
+  for step, grads in enumerate(grads_seq):
+    for k, g in flat(grads).items():
+      trust = 1.0
+      if p[k].ndim > 1:
+        g = g + wd * p[k]
+        w_norm, g_norm = np.linalg.norm(p[k]), np.linalg.norm(g)
+        trust = eeta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+      v[k] = momentum * v[k] + lrs[step] * trust * g
+      p[k] = p[k] - v[k]
+    out.append({k: x.copy() for k, x in p.items()})
+  return out
+
+
+def test_simclr_lars_classic_momentum_is_simclrs_optimizer():
+  """optim.name='lars_classic' equals SimCLR's LARS over steps of a changing learning rate (the warmup), where
+  'lars' (the learning rate after the momentum) does not."""
+  c = schema.base_config()
+  c.method = 'simclr'
+  c.batch_size = 4096
+  c.optim.update(name='lars_classic', base_lr=0.3, weight_decay=0.05, eta=0.02, end_lr_factor=0.0)
+  tx, schedule = methods.make_optimizer(c, 20, 5)
+  params, grads_seq = swav_tree(seed=3)
+  lrs = [4.8 * k / 5 for k in range(5)] + [4.8]
+  want = simclr_lars(params, grads_seq, lrs, wd=0.05, eeta=0.02)
+  assert_same_steps(run_tx(tx, params, grads_seq), want, params)
+  c.optim.name = 'lars'
+  with pytest.raises(AssertionError):
+    assert_same_steps(run_tx(methods.make_optimizer(c, 20, 5)[0], params, grads_seq), want, params, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------ W-MSE: Adam and schedule
@@ -227,12 +273,6 @@ def torch_adam_l2(params, grads_seq, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):
   return out
 
 
-def displacements(steps, params) -> list:
-  """Each step's parameters minus the initial ones."""
-  start = flat(params)
-  return [{k: v - start[k] for k, v in step.items()} for step in steps]
-
-
 def test_wmse_adam_is_torch_adam_with_l2():
   """optim.name='adam': torch Adam with weight_decay (the decay added to the gradient, biases too), on W-MSE's
   warmup (peak 1.0 here, so that the steps are large against float32 rounding) with a decay large enough to
@@ -242,13 +282,12 @@ def test_wmse_adam_is_torch_adam_with_l2():
   tx, schedule = methods.make_optimizer(c, 2400, 0, steps_per_epoch=10)
   params, grads_seq = swav_tree(seed=2)
   params['backbone']['bn']['scale'] = np.ones((3,), np.float32)
-  got = displacements(run_tx(tx, params, grads_seq), params)
-  want = displacements(torch_adam_l2(params, grads_seq, wmse_lrs(1.0, 240, 10, (50, 25)), wd=0.5), params)
-  assert_params_close(got, want, rtol=1e-5, atol=1e-7)
+  want = torch_adam_l2(params, grads_seq, wmse_lrs(1.0, 240, 10, (50, 25)), wd=0.5)
+  assert_same_steps(run_tx(tx, params, grads_seq), want, params)
   c.optim.name = 'adamw'
-  other = displacements(run_tx(methods.make_optimizer(c, 2400, 0, steps_per_epoch=10)[0], params, grads_seq), params)
   with pytest.raises(AssertionError):
-    assert_params_close(other, want, rtol=1e-2)
+    assert_same_steps(run_tx(methods.make_optimizer(c, 2400, 0, steps_per_epoch=10)[0], params, grads_seq), want,
+                      params, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------ Barlow Twins' official gradient
@@ -303,15 +342,6 @@ def barlow_config(world_size=0, weight_decay=0.05, bias_lr_factor=0.024):
   c.optim.update(base_lr=4.0, weight_decay=weight_decay, eta=0.05)
   c.barlow_twins.update(official_gradient_world_size=world_size, bias_lr_factor=bias_lr_factor)
   return c
-
-
-def assert_same_steps(got, want, params, rtol=1e-5):
-  """Each step's displacement from ``params`` the same to ``rtol`` of its largest entry, plus a few float32 ulps
-  of the parameters' largest entry (the rounding of the stored parameters)."""
-  for step, (g, w, d) in enumerate(zip(got, want, displacements(want, params), strict=True)):
-    for k in w:
-      atol = rtol * np.abs(d[k]).max() + 8 * np.finfo(np.float32).eps * np.abs(w[k]).max()
-      np.testing.assert_allclose(g[k], w[k], rtol=0, atol=atol, err_msg=f'step {step}, {k}')
 
 
 def train(grad_fn, config, params, batches):

@@ -131,7 +131,8 @@ _PRETRAIN = {
     'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.projector_output_scale': BOOL,
     'model.projector_output_bias': BOOL, 'model.zero_init_residual': BOOL, 'model.remat': BOOL,
     'method': Rule('str', choices=_methods),
-    'optim.name': Rule('str', choices=('lars', 'larc', 'sgd', 'adam', 'adamw')), 'optim.base_lr': POSITIVE,
+    'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw')),
+    'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
     'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
     'optim.schedule': Rule('str', choices=('cosine', 'step')), 'optim.end_lr_factor': FRACTION,
@@ -306,8 +307,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'vicreg'
   for name, method in _methods().items():
     c[name] = ml_collections.ConfigDict(dict(method.defaults))
-  # name: 'lars' (VICReg, Barlow Twins, BYOL), 'larc' (apex LARC on every parameter, SwAV; eta is its trust
-  # coefficient), 'sgd' (SimSiam; eta unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter,
+  # name: 'lars' (VICReg, Barlow Twins, BYOL), 'lars_classic' (the learning rate inside the momentum buffer,
+  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter,
   # W-MSE; momentum and eta unused) or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
   # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
   # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as

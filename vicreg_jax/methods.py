@@ -285,6 +285,8 @@ def ema_decay(tau_base: float, step, total_steps: int):
 
 _OPTIMIZERS = {
     'lars': lambda o, lr: optim.lars(lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta),
+    'lars_classic': lambda o, lr: optim.lars(lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta,
+                                             lr_in_momentum=True),
     'larc': lambda o, lr: optim.larc(lr, weight_decay=o.weight_decay, momentum=o.momentum, trust=o.eta),
     'sgd': lambda o, lr: optim.sgd(lr, weight_decay=o.weight_decay, momentum=o.momentum),
     'adam': lambda o, lr: optim.adam(lr, weight_decay=o.weight_decay),
@@ -345,7 +347,7 @@ def _method_optimizer(config, sec: dict, schedule) -> optax.GradientTransformati
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                    steps_per_epoch: Optional[int] = None):
   """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL
-  optimiser; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on :func:`lr_schedule`, with the
+  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on :func:`lr_schedule`, with the
   method's treatment of its predictor and of biases and norm parameters (:func:`_method_optimizer`), of its
   prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay, momentum or update for that many first
   steps, as the official ``p.grad = None``; their schedule still follows the step count) and Barlow Twins'

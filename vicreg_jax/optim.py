@@ -87,20 +87,20 @@ def exclude_bias_and_norm(params) -> optax.Params:
 def lars(learning_rate: optax.ScalarOrSchedule,
          weight_decay: float = 1e-6,
          momentum: float = 0.9,
-         eta: float = 0.001) -> optax.GradientTransformation:
+         eta: float = 0.001,
+         lr_in_momentum: bool = False) -> optax.GradientTransformation:
   """LARS as the official VICReg code applies it, built from optax transforms.
 
   For every weight (ndim > 1): ``dp = g + wd·p``; ``dp *= eta·‖p‖/‖dp‖`` (1 where either norm is 0).
   Biases and norm parameters keep ``dp = g``. Then for all: ``mu = momentum·mu + dp``; ``p -= lr·mu``.
   Unlike ``optax.lars`` the learning rate multiplies the momentum buffer, not the gradient, which differs
-  whenever the schedule changes.
+  whenever the schedule changes. ``lr_in_momentum``: ``mu = momentum·mu + lr·dp``; ``p -= mu`` instead, the
+  official SimCLR's ``LARSOptimizer(classic_momentum=True)`` (and ``optax.lars``'s order).
   """
-  return optax.chain(
-      optax.masked(optax.add_decayed_weights(weight_decay), exclude_bias_and_norm),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0), exclude_bias_and_norm),
-      optax.trace(decay=momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  scaling = [optax.masked(optax.add_decayed_weights(weight_decay), exclude_bias_and_norm),
+             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0), exclude_bias_and_norm)]
+  steps = [optax.trace(decay=momentum, nesterov=False), optax.scale_by_learning_rate(learning_rate)]
+  return optax.chain(*scaling, *(steps[::-1] if lr_in_momentum else steps))
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> optax.GradientTransformation:
