@@ -206,6 +206,23 @@ def test_simclr_lars_classic_momentum_is_simclrs_optimizer():
     assert_same_steps(run_tx(methods.make_optimizer(c, 20, 5)[0], params, grads_seq), want, params, rtol=1e-2)
 
 
+# ----------------------------------------------------------------------------------- SimSiam: per-epoch cosine
+
+def test_simsiam_cosine_epochs_is_main_simsiams_per_epoch_cosine():
+  """'cosine_epochs' (no warmup, to 0): main_simsiam.py's ``adjust_learning_rate``, called at the start of every
+  epoch, ``init_lr·(1 + cos(π·epoch/epochs))/2`` with ``init_lr = lr·batch/256``, at every iteration."""
+  c = schema.base_config()
+  c.method = 'simsiam'
+  c.batch_size = 512
+  c.epochs = 5
+  c.optim.update(name='sgd', base_lr=0.05, warmup_epochs=0, end_lr_factor=0.0, schedule='cosine_epochs')
+  init_lr = 0.05 * 512 / 256
+  want = [init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / 5)) for epoch in range(5) for _ in range(3)]
+  for per_epoch in (3, None):  # given, or from the run's length in epochs
+    schedule = methods.lr_schedule(c, 15, 0, steps_per_epoch=per_epoch)
+    np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(15)), want, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------ W-MSE: Adam and schedule
 
 def wmse_lrs(lr, epochs, iters, drop, gamma=0.2):
@@ -248,12 +265,9 @@ def test_wmse_schedule_is_train_pys_over_every_iteration():
     np.testing.assert_allclose(got, want, rtol=2e-6)
     assert got[0] == pytest.approx(2e-3 / 500) and got[499] == pytest.approx(2e-3)
     assert got[190 * iters] == pytest.approx(4e-4) and got[215 * iters] == pytest.approx(8e-5)
-  # The step schedule from epochs needs the epoch length: given, or from epochs when num_steps is 0.
-  c = wmse_config()
-  np.testing.assert_allclose(methods.lr_schedule(c, 2400, 0)(1900), 4e-4, rtol=1e-6)
-  c.num_steps = 2400
-  with pytest.raises(ValueError, match='decay_epochs'):
-    methods.lr_schedule(c, 2400, 0)
+  # Without the epoch's length the schedule takes it from the run's length in epochs.
+  schedule = methods.lr_schedule(wmse_config(), 2400, 0)
+  assert float(schedule(1899)) == pytest.approx(2e-3) and float(schedule(1900)) == pytest.approx(4e-4)
 
 
 def torch_adam_l2(params, grads_seq, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):

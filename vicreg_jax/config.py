@@ -135,7 +135,7 @@ _PRETRAIN = {
     'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
     'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
-    'optim.schedule': Rule('str', choices=('cosine', 'step')), 'optim.end_lr_factor': FRACTION,
+    'optim.schedule': Rule('str', choices=('cosine', 'cosine_epochs', 'step')), 'optim.end_lr_factor': FRACTION,
     'optim.decay_epochs': Rule('ints', 0), 'optim.decay_factor': POSITIVE, 'augment.on_device': BOOL,
     'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
     'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
@@ -312,7 +312,8 @@ def base_config() -> ml_collections.ConfigDict:
   # W-MSE; momentum and eta unused) or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
   # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
   # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as
-  # SwAV); then schedule 'cosine' (to end_lr_factor·peak) or 'step' (×decay_factor from each of decay_epochs).
+  # SwAV); then schedule 'cosine' (to end_lr_factor·peak), 'cosine_epochs' (that cosine held through each epoch
+  # at its value on the epoch's first step, SimSiam) or 'step' (×decay_factor from each of decay_epochs).
   c.optim = ml_collections.ConfigDict(dict(
       name='lars', base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, warmup_steps=0,
       warmup_start_factor=0.0, warmup_linspace=False, schedule='cosine', end_lr_factor=0.001, decay_epochs=(),

@@ -310,19 +310,15 @@ def warmup_steps_of(config: ml_collections.ConfigDict, warmup_steps: int, total_
 def lr_schedule(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                 steps_per_epoch: Optional[int] = None) -> optax.Schedule:
   """The learning-rate schedule of ``config.optim`` (:func:`vicreg_jax.optim.lr_schedule`), ``decay_epochs``
-  turned into steps with ``steps_per_epoch`` (None: ``total_steps / epochs``, which needs ``num_steps`` 0)."""
+  and the epochs of 'cosine_epochs' in steps of ``steps_per_epoch`` (None: ``total_steps / epochs``, exact for a
+  run in epochs; a run of ``num_steps`` should pass its own, :func:`vicreg_jax.runs.schedule_steps`'s)."""
   o = config.optim
-  milestones = ()
-  if o.schedule == 'step' and o.decay_epochs:
-    if steps_per_epoch is None:
-      if config.num_steps or not config.epochs:
-        raise errors.ConfigError('optim.decay_epochs needs the run in epochs: set num_steps=0 and epochs')
-      steps_per_epoch = total_steps / config.epochs
-    milestones = tuple(int(round(e * steps_per_epoch)) for e in o.decay_epochs)
+  per_epoch = steps_per_epoch or total_steps / max(config.epochs, 1)
+  milestones = tuple(int(round(e * per_epoch)) for e in o.decay_epochs) if o.schedule == 'step' else ()
   warmup = warmup_steps_of(config, warmup_steps, total_steps)
   return optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup, o.end_lr_factor, kind=o.schedule,
                            start_factor=o.warmup_start_factor, warmup_linspace=o.warmup_linspace,
-                           milestones=milestones, decay_factor=o.decay_factor)
+                           milestones=milestones, decay_factor=o.decay_factor, steps_per_epoch=per_epoch)
 
 
 def _group(params, name: str, inside: str, outside: str) -> dict:

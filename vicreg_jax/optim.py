@@ -20,7 +20,7 @@ from vicreg_jax import errors
 def lr_schedule(base_lr: float, global_batch: int, total_steps: int, warmup_steps: int,
                 end_factor: float = 0.001, *, kind: str = 'cosine', start_factor: float = 0.0,
                 warmup_linspace: bool = False, milestones: Sequence[int] = (),
-                decay_factor: float = 0.1) -> optax.Schedule:
+                decay_factor: float = 0.1, steps_per_epoch: int = 1) -> optax.Schedule:
   """The learning rate at each step: a linear warmup to ``peak = base_lr·global_batch/256``, then ``kind``.
 
   Warmup (steps k < warmup_steps = W), from ``start = start_factor·peak``: ``start + (peak - start)·k/W`` (the
@@ -30,19 +30,24 @@ def lr_schedule(base_lr: float, global_batch: int, total_steps: int, warmup_step
   After it, ``kind`` 'cosine': ``peak·q + end·(1 - q)`` with ``q = (1 + cos(π·t/(total - W)))/2``,
   ``t = step - W``, ``end = end_factor·peak`` (the official VICReg's, and SwAV's ``final_lr + (base_lr -
   final_lr)·(1 + cos(π·t/T))/2`` over its ``T = total - W`` iterations, the same formula and indexing), held at
-  ``end`` past the last step; 'step': ``peak·decay_factor^n``, n the number of ``milestones`` (steps) at or
+  ``end`` past the last step; 'cosine_epochs': that cosine read at the first step of each epoch of
+  ``steps_per_epoch`` and held through the epoch (SimSiam's ``adjust_learning_rate``, called once per epoch:
+  ``init_lr·(1 + cos(π·epoch/epochs))/2``); 'step': ``peak·decay_factor^n``, n the number of ``milestones`` (steps) at or
   before the step (PyTorch's ``MultiStepLR`` stepped once per epoch, as W-MSE: an epoch starting at a milestone
   runs at the lower rate).
   """
   peak = base_lr * global_batch / 256
   warmup_steps = max(int(warmup_steps), 0)
   warm = _warmup(peak, start_factor, warmup_steps, warmup_linspace)
-  if kind == 'cosine':
+  if kind in ('cosine', 'cosine_epochs'):
     after = _cosine(peak, peak * end_factor, warmup_steps, total_steps)
+    if kind == 'cosine_epochs':
+      cosine, epoch = after, max(int(steps_per_epoch), 1)
+      after = lambda step: cosine(jnp.floor(step / epoch) * epoch)
   elif kind == 'step':
     after = _steps(peak, milestones, decay_factor)
   else:
-    raise errors.ConfigError(f"Unknown optim.schedule {kind!r}: use 'cosine' or 'step'.")
+    raise errors.ConfigError(f"Unknown optim.schedule {kind!r}: use 'cosine', 'cosine_epochs' or 'step'.")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
