@@ -42,7 +42,8 @@ linear top-1        | 73.2% (paper, Table 1; 32 V100s), 73.5% (released model, 1
   applies that equivalence; 16 reproduces the released 73.5% run with the same hyperparameters.
 ³ The accelerator's native half precision (TPU); parameters, optimiser state and the loss stay in float32.
 
-Expected: 73.2% linear top-1 (paper, Table 1; 73.5% for the released run, W = 16); 55.0% / 69.7% with 1% / 10% labels (Table 2).
+Expected: 73.2% linear top-1 (paper, Table 1; 73.5% for the released run, W = 16); 55.0% / 69.7% with 1% /
+10% labels (Table 2).
 """
 
 from vicreg_jax.config import imagenet_config
