@@ -53,7 +53,7 @@ def blur_radius(side: Optional[int], kernel_fraction: float, sigma_max: float) -
 
   ``kernel_fraction > 0``: r = max(1, round(fraction·side / 2)), the kernel about that fraction of the side
   (SimCLR's 10%; 1 when the side is not known). ``kernel_fraction == 0``: r = ceil(3·sigma_max) whatever the
-  side, the ±3σ support of PIL's ``GaussianBlur(radius=σ)`` (three box blurs of σ²/3 each; 13 taps for σ 2),
+  side, the ±3σ support of PIL's ``GaussianBlur(radius=σ)`` (three box blurs of variance σ²/3; 13 taps for σ 2),
   which SwAV and W-MSE blur with at σ ∈ [0.1, 2] pixels on every crop. A known side caps r at side - 1 (the
   reflect padding needs it).
   """
