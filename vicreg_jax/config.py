@@ -401,7 +401,8 @@ def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.Conf
   config = base_config() if job == 'pretrain' else eval_job_config()
   for section, recipe in _RECIPES:
     if isinstance(values.get(section), dict) and recipe in values[section]:
-      config[section][recipe] = values[section][recipe]
+      saved = values[section][recipe]  # a recipe saved before one of its keys existed reads it at its "off" value
+      config[section][recipe] = saved if (section, recipe) == ('transforms', 'eval') else full_recipe(saved)
   recipes = tuple(f'{section}.{recipe}.' for section, recipe in _RECIPES)
   for key, value in leaves(values).items():
     if not key.startswith(recipes):
