@@ -63,8 +63,9 @@ def get_config():
   c.epochs = 800
   c.model.projector = '2048-128'
   c.optim.base_lr = 0.3
-  # The two large crops, alike: scale 0.14-1, bilinear, jitter of strength 1, blur 0.5, never solarized.
+  # The two large crops, alike: scale 0.14-1, bilinear, jitter of strength 1, blur 0.5 with a kernel of ±3σ
+  # pixels (as at every crop size), never solarized.
   view = dict(c.augment.view1, crop_scale=(0.14, 1.0), crop_method='bilinear', jitter=(0.8, 0.8, 0.8, 0.2),
-              blur_p=0.5)
+              blur_p=0.5, blur_kernel_fraction=0.0)
   c.augment.update(view1=view, view2=dict(view))
   return c

@@ -52,6 +52,8 @@ linear top-1        | none on ImageNet-1k (ImageNet-100 only); the authors' prob
 ⁵ DataParallel's per-GPU statistics depend on the GPU count, which the recipe does not fix.
 ⁶ The accelerator's native half precision (TPU); parameters, optimiser state and the loss stay in float32.
 
+Input pipeline: with ``colour_first`` the host decodes each image whole and jitters and grays it before the crop
+(the device does the blur and the normalisation), more host work per image than the other configs.
 Expected: no published ImageNet-1k figure; evaluate with configs/imagenet_linear.py.
 """
 
@@ -66,7 +68,8 @@ def get_config():
   # The authors' ImageNet-100 recipe (no ImageNet-1k one was published): head 1024-128, sub-batches of 256,
   # Adam lr 2e-3 at batch 512 (base_lr × batch/256), weight decay 1e-6.
   c.wmse.update(projector='1024-128', w_size=256)
-  view = dict(c.augment.view1, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)  # both views alike, never solarized
+  # Both views alike: jitter and grayscale on the whole image, then the crop; blur 0.5, never solarized.
+  view = dict(c.augment.view1, colour_first=True, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
   c.augment.update(view1=view, view2=dict(view))
   c.optim.update(name='adamw', base_lr=1e-3, end_lr_factor=0.0)
   return c

@@ -185,9 +185,8 @@ def test_readme_and_results_quote_each_methods_implemented_figure():
 
 # --- the keys other branches add (enabled when merged) -----------------------------------------------------------
 
-@pytest.mark.skip(reason='needs branch views (colour_first, blur_kernel_fraction=0)')
 @pytest.mark.parametrize('method', sorted(CONFIGS))
-def test_colour_order_and_blur_kernel_keys_of_branch_views(method):
+def test_colour_order_and_blur_kernel_keys(method):
   """W-MSE jitters and grays the whole image before its crop (datasets/transforms.py:L6-17); SwAV's blur kernel
   covers ±3σ at every crop size (``blur_kernel_fraction`` 0); the others crop first with a kernel of 10%."""
   c = load_config(CONFIGS[method])
