@@ -24,7 +24,7 @@ multi-crop          | none: 2 views (cfg.py:L24-29; README.md:L72)              
 optimiser           | Adam (train.py:L39)                                            | same (optim.name 'adam')
 weight decay        | 1e-6 as L2 added to the gradient of every parameter            | same
                     | (cfg.py:L67; train.py:L39)                                     |
-learning rate       | 2e-3 at batch 512 (README.md:L72)                              | 1e-3 × batch/256 = 2e-3
+learning rate       | 2e-3 at batch 512 (README.md:L72)                              | 1e-3 × batch/256 = 2e-3 ⁷
 schedule            | 500 warmup steps (lr × (i+1)/500), then constant, × 0.2 at     | same ³
                     | epochs 190 and 215 (cfg.py:L115-126; train.py:L22-24, L43-54)  |
 epochs, batch       | 240, 512 (README.md:L72; cfg.py:L112)                          | same
@@ -49,8 +49,10 @@ linear top-1        | none on ImageNet-1k (ImageNet-100 only); the authors' prob
   ``warmup_start_factor`` 1/500 on ``np.linspace`` steps (``warmup_linspace``): step i at (i+1)/500 of the peak.
 ⁴ ResNet-50, the backbone every other ImageNet-1k config uses, so the methods compare; the authors published
   ImageNet-100 with ResNet-18 only (``--config.model.arch=resnet18`` gives theirs).
-⁵ DataParallel's per-GPU statistics depend on the GPU count, which the recipe does not fix.
+⁵ DataParallel's per-GPU statistics depend on the GPU count, which the recipe does not fix; our head, too, runs
+  per view (each view's global batch).
 ⁶ The accelerator's native half precision (TPU); parameters, optimiser state and the loss stay in float32.
+⁷ The same at the recipe's batch; the official 2e-3 is not scaled with the batch, ours is.
 
 Input pipeline: with ``colour_first`` the host decodes each image whole and jitters and grays it before the crop
 (the device does the blur and the normalisation), more host work per image than the other configs.
