@@ -142,8 +142,9 @@ def test_projector_output_batchnorm_with_scale_and_output_bias():
   b = np.asarray(p['dense1']['bias'])
   assert b.shape == (4,) and 0 < np.abs(b).max() <= 1 / np.sqrt(8)
   p['dense1']['bias'] = jnp.zeros((4,))
-  without, with_bias = (swav.apply({'params': q, 'batch_stats': {'bn0': {'mean': jnp.zeros(8), 'var': jnp.ones(8)}}},
-                                   x, train=False) for q in (p, {**p, 'dense1': {**p['dense1'], 'bias': jnp.asarray(b)}}))
+  stats = {'bn0': {'mean': jnp.zeros(8), 'var': jnp.ones(8)}}
+  with_b = {**p, 'dense1': {**p['dense1'], 'bias': jnp.asarray(b)}}
+  without, with_bias = (swav.apply({'params': q, 'batch_stats': stats}, x, train=False) for q in (p, with_b))
   np.testing.assert_allclose(with_bias - without, np.broadcast_to(b, (16, 4)), rtol=1e-5, atol=1e-6)
 
 

@@ -55,7 +55,8 @@ def assert_same_steps(got, want, params, rtol=1e-5):
 # --------------------------------------------------------------------------------------- SwAV: LARC and schedule
 
 def swav_lr_schedule(base_lr, final_lr, start_warmup, epochs, warmup_epochs, iters_per_epoch):
-  """main_swav.py's ``lr_schedule``, transcribed: np.linspace warmup, then its cosine, one entry per iteration."""
+  """main_swav.py's ``lr_schedule``, transcribed: np.linspace warmup, then its cosine, one entry per iteration
+  (facebookresearch/swav@06b1b7c:main_swav.py:L178-L182)."""
   warmup = np.linspace(start_warmup, base_lr, iters_per_epoch * warmup_epochs)
   iters = np.arange(iters_per_epoch * (epochs - warmup_epochs))
   cosine = np.array([final_lr + 0.5 * (base_lr - final_lr)
@@ -65,7 +66,9 @@ def swav_lr_schedule(base_lr, final_lr, start_warmup, epochs, warmup_epochs, ite
 
 def apex_larc_sgd(params, grads_seq, lrs, wd, trust, momentum=0.9, eps=1e-8, frozen=lambda step, name: False):
   """apex ``LARC(SGD(momentum, weight_decay=wd), trust, clip=False)`` step by step, float64: the parameters after
-  each step. ``frozen(step, name)``: that parameter's ``grad`` is None at that step (LARC and SGD skip it)."""
+  each step. ``frozen(step, name)``: that parameter's ``grad`` is None at that step (LARC and SGD skip it).
+  NVIDIA/apex@e13873de:apex/parallel/LARC.py:L78-L104; SwAV's use: facebookresearch/swav@06b1b7c:main_swav.py:L171-L177,
+  the frozen prototypes' ``p.grad = None``: L324-L328."""
   p = flat(params)
   buf, out = {}, []
   for step, grads in enumerate(grads_seq):
@@ -173,7 +176,8 @@ def test_larc_leaves_zero_norm_parameters_and_gradients_alone():
 
 def simclr_lars(params, grads_seq, lrs, wd, eeta, momentum=0.9):
   """google-research/simclr (v1) ``LARSOptimizer(classic_momentum=True)`` with ``exclude_from_weight_decay=
-  ['batch_normalization', 'bias']`` (the ndim-1 parameters here), float64: the learning rate inside the buffer."""
+  ['batch_normalization', 'bias']`` (the ndim-1 parameters here), float64: the learning rate inside the buffer
+  (google-research/simclr@be133b3:lars_optimizer.py:L83-L122, model.py:L175-L179)."""
   p = flat(params)
   v, out = {k: np.zeros_like(x) for k, x in p.items()}, []
   for step, grads in enumerate(grads_seq):
@@ -210,7 +214,8 @@ def test_simclr_lars_classic_momentum_is_simclrs_optimizer():
 
 def test_simsiam_cosine_epochs_is_main_simsiams_per_epoch_cosine():
   """'cosine_epochs' (no warmup, to 0): main_simsiam.py's ``adjust_learning_rate``, called at the start of every
-  epoch, ``init_lr·(1 + cos(π·epoch/epochs))/2`` with ``init_lr = lr·batch/256``, at every iteration."""
+  epoch, ``init_lr·(1 + cos(π·epoch/epochs))/2`` with ``init_lr = lr·batch/256``, at every iteration
+  (facebookresearch/simsiam@a7bc177:main_simsiam.py:L359-L366)."""
   c = schema.base_config()
   c.method = 'simsiam'
   c.batch_size = 512
@@ -227,7 +232,8 @@ def test_simsiam_cosine_epochs_is_main_simsiams_per_epoch_cosine():
 
 def wmse_lrs(lr, epochs, iters, drop, gamma=0.2):
   """htdt/self-supervised train.py's learning rate at every iteration, transcribed: 500 warmup iterations
-  ``lr·(k + 1)/500`` overwriting the group's lr, MultiStepLR(milestones = epochs - drop) stepped per epoch."""
+  ``lr·(k + 1)/500`` overwriting the group's lr, MultiStepLR(milestones = epochs - drop) stepped per epoch
+  (htdt/self-supervised@d9662c8:train.py:L22-L24, L43-L54, L65-L66; cfg.py:L114-L126)."""
   milestones = [epochs - a for a in drop]
   group_lr, last_epoch, lr_warmup, out = lr, 0, 0, []
   for _ in range(epochs):
@@ -243,7 +249,8 @@ def wmse_lrs(lr, epochs, iters, drop, gamma=0.2):
 
 
 def wmse_config():
-  """W-MSE's ImageNet-100 schedule (README: --epoch 240 --lr 2e-3, batch 512; cfg.py: drop [50, 25], ×0.2)."""
+  """W-MSE's ImageNet-100 schedule (htdt/self-supervised@d9662c8: README.md:L72 --epoch 240 --lr 2e-3; cfg.py:L112
+  batch 512, L114-L126 drop [50, 25], ×0.2; L66-L68 adam_l2 1e-6)."""
   c = schema.base_config()
   c.method = 'wmse'
   c.batch_size = 512
@@ -271,7 +278,8 @@ def test_wmse_schedule_is_train_pys_over_every_iteration():
 
 
 def torch_adam_l2(params, grads_seq, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):
-  """``torch.optim.Adam(weight_decay=wd)`` step by step in float64 (coupled L2, every parameter)."""
+  """``torch.optim.Adam(weight_decay=wd)`` step by step in float64 (coupled L2, every parameter), W-MSE's
+  optimiser (htdt/self-supervised@d9662c8:train.py:L39)."""
   p = flat(params)
   m = {k: np.zeros_like(v) for k, v in p.items()}
   v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -321,7 +329,8 @@ def embed(params, x):
 def official_loss(params, x1, x2, lambd):
   """main.py's BarlowTwins.forward on one GPU, literally: BatchNorm1d(affine=False) synchronised, this GPU's
   ``c = bn(z1).T @ bn(z2) / batch_size``, then ``all_reduce(c)``, which carries no gradient: the other GPUs'
-  share enters as a constant."""
+  share enters as a constant (facebookresearch/barlowtwins@8e8d284:main.py:L204-L221; SyncBatchNorm: L89; DDP's
+  average of the GPUs' gradients: L98)."""
   def bn(z):
     mean = jax.lax.pmean(z.mean(0), parallel.AXIS)
     var = jax.lax.pmean(((z - mean) ** 2).mean(0), parallel.AXIS)

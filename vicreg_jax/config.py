@@ -309,8 +309,9 @@ def base_config() -> ml_collections.ConfigDict:
   for name, method in _methods().items():
     c[name] = ml_collections.ConfigDict(dict(method.defaults))
   # name: 'lars' (VICReg, Barlow Twins, BYOL), 'lars_classic' (the learning rate inside the momentum buffer,
-  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter,
-  # W-MSE; momentum and eta unused) or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
+  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta
+  # unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter, W-MSE; momentum and eta unused)
+  # or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
   # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
   # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as
   # SwAV); then schedule 'cosine' (to end_lr_factor·peak), 'cosine_epochs' (that cosine held through each epoch

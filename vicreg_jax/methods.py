@@ -343,15 +343,15 @@ def _method_optimizer(config, sec: dict, schedule) -> optax.GradientTransformati
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                    steps_per_epoch: Optional[int] = None):
   """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL
-  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on :func:`lr_schedule`, with the
-  method's treatment of its predictor and of biases and norm parameters (:func:`_method_optimizer`), of its
-  prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay, momentum or update for that many first
-  steps, as the official ``p.grad = None``; their schedule still follows the step count) and Barlow Twins'
-  ``official_gradient_world_size`` W: the official code all-reduces the cross-correlation without a gradient, so
-  each of W GPUs back-propagates only its own share and DDP averages, giving 1/W of the exact gradient; the
-  gradients are scaled so. Under LARS that is the same as a W× larger weight decay on the weights (the trust ratio
-  of ``g/W + wd·p`` is that of ``g + W·wd·p``, for any non-zero ‖p‖) and a W× smaller learning rate for biases and
-  BatchNorm (no trust ratio: their update is linear in the gradient)."""
+  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on
+  :func:`lr_schedule`, with the method's treatment of its predictor and of biases and norm parameters
+  (:func:`_method_optimizer`), of its prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay,
+  momentum or update for that many first steps, as the official ``p.grad = None``; their schedule still follows
+  the step count) and Barlow Twins' ``official_gradient_world_size`` W: the official code all-reduces the
+  cross-correlation without a gradient, so each of W GPUs back-propagates only its own share and DDP averages,
+  giving 1/W of the exact gradient; the gradients are scaled so. Under LARS that is the same as a W× larger weight
+  decay on the weights (the trust ratio of ``g/W + wd·p`` is that of ``g + W·wd·p``, for any non-zero ‖p‖) and a
+  W× smaller learning rate for biases and BatchNorm (no trust ratio: their update is linear in the gradient)."""
   sec = section(config)
   schedule = lr_schedule(config, total_steps, warmup_steps, steps_per_epoch)
   tx = _method_optimizer(config, sec, schedule)

@@ -32,9 +32,9 @@ def lr_schedule(base_lr: float, global_batch: int, total_steps: int, warmup_step
   final_lr)·(1 + cos(π·t/T))/2`` over its ``T = total - W`` iterations, the same formula and indexing), held at
   ``end`` past the last step; 'cosine_epochs': that cosine read at the first step of each epoch of
   ``steps_per_epoch`` and held through the epoch (SimSiam's ``adjust_learning_rate``, called once per epoch:
-  ``init_lr·(1 + cos(π·epoch/epochs))/2``); 'step': ``peak·decay_factor^n``, n the number of ``milestones`` (steps) at or
-  before the step (PyTorch's ``MultiStepLR`` stepped once per epoch, as W-MSE: an epoch starting at a milestone
-  runs at the lower rate).
+  ``init_lr·(1 + cos(π·epoch/epochs))/2``); 'step': ``peak·decay_factor^n``, n the number of ``milestones``
+  (steps) at or before the step (PyTorch's ``MultiStepLR`` stepped once per epoch, as W-MSE: an epoch starting
+  at a milestone runs at the lower rate).
   """
   peak = base_lr * global_batch / 256
   warmup_steps = max(int(warmup_steps), 0)
