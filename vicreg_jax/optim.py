@@ -104,8 +104,8 @@ def lars(learning_rate: optax.ScalarOrSchedule,
   """
   scaling = [optax.masked(optax.add_decayed_weights(weight_decay), exclude_bias_and_norm),
              optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0), exclude_bias_and_norm)]
-  steps = [optax.trace(decay=momentum, nesterov=False), optax.scale_by_learning_rate(learning_rate)]
-  return optax.chain(*scaling, *(steps[::-1] if lr_in_momentum else steps))
+  momentum_then_lr = [optax.trace(decay=momentum, nesterov=False), optax.scale_by_learning_rate(learning_rate)]
+  return optax.chain(*scaling, *(momentum_then_lr[::-1] if lr_in_momentum else momentum_then_lr))
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> optax.GradientTransformation:
