@@ -110,3 +110,80 @@ def test_convnet_backbone_from_config():
 def test_projector_without_hidden_bias():
   p = heads.Projector('8-8-4', hidden_bias=False).init(jax.random.key(0), jnp.ones((4, 6)), train=False)['params']
   assert not any('bias' in p[f'dense{i}'] for i in range(3)) and 'bias' in p['bn0']
+
+
+def test_zero_init_residual_false_starts_every_block_scale_at_one():
+  """torchvision's default (SwAV, W-MSE): no block's last BatchNorm scale starts at 0."""
+  model = resnet.resnet('resnet18', width_multiplier=0.0625, zero_init_residual=False)
+  flat = flax.traverse_util.flatten_dict(model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)),
+                                                    train=False)['params'], sep='/')
+  scales = [v for k, v in flat.items() if k.startswith('stage') and k.endswith('/scale')]
+  assert len(scales) == 8 * 2 + 3 and all(np.all(s == 1) for s in scales)  # 8 blocks × 2 BNs + 3 shortcut BNs
+
+
+def test_projector_output_batchnorm_with_scale_and_output_bias():
+  """SimCLR v1's head ends in a BatchNorm with a learnt scale and no offset (``center=False``); SwAV's projector
+  and W-MSE's head end in a Linear with a bias (PyTorch's init, U(±1/sqrt(fan_in)))."""
+  x = jax.random.normal(jax.random.key(1), (16, 6))
+  simclr = heads.Projector('8-4', hidden_bias=False, output_bn=True, output_scale=True)
+  variables = simclr.init(jax.random.key(0), x, train=False)
+  assert set(variables['params']['bn_out']) == {'scale'} and np.all(variables['params']['bn_out']['scale'] == 1)
+  variables['params']['bn_out']['scale'] = jnp.full((4,), 2.5)
+  z, _ = simclr.apply(variables, x, train=True, mutable=['batch_stats'])
+  plain, _ = heads.Projector('8-4', hidden_bias=False).apply(
+      {'params': {k: v for k, v in variables['params'].items() if k != 'bn_out'},
+       'batch_stats': {'bn0': variables['batch_stats']['bn0']}}, x, train=True, mutable=['batch_stats'])
+  plain = np.asarray(plain, np.float64)
+  want = 2.5 * (plain - plain.mean(0)) / np.sqrt(plain.var(0) + 1e-5)
+  np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)
+
+  swav = heads.Projector('8-4', output_bias=True)
+  p = swav.init(jax.random.key(0), x, train=False)['params']
+  b = np.asarray(p['dense1']['bias'])
+  assert b.shape == (4,) and 0 < np.abs(b).max() <= 1 / np.sqrt(8)
+  p['dense1']['bias'] = jnp.zeros((4,))
+  stats = {'bn0': {'mean': jnp.zeros(8), 'var': jnp.ones(8)}}
+  with_b = {**p, 'dense1': {**p['dense1'], 'bias': jnp.asarray(b)}}
+  without, with_bias = (swav.apply({'params': q, 'batch_stats': stats}, x, train=False) for q in (p, with_b))
+  np.testing.assert_allclose(with_bias - without, np.broadcast_to(b, (16, 4)), rtol=1e-5, atol=1e-6)
+
+
+def test_heads_from_config_keys():
+  """``model.projector_output_scale`` / ``projector_output_bias`` reach the projector (methods.projector), and
+  ``simsiam.predictor_output_bias`` SimSiam's predictor; by default neither output Linear has a bias."""
+  from vicreg_jax import config as schema
+  from vicreg_jax import methods
+
+  def params_of(module, width):
+    return module.init(jax.random.key(0), jnp.ones((4, width)), train=False)['params']
+
+  c = schema.base_config()
+  c.model.update(projector='16-8', projector_hidden_bias=False, projector_output_bn=True)
+  assert set(params_of(methods.projector(c, None, jnp.float32), 32)) == {'dense0', 'bn0', 'dense1'}
+  c.model.update(projector_output_scale=True, projector_output_bias=True)
+  p = params_of(methods.projector(c, None, jnp.float32), 32)
+  assert set(p['bn_out']) == {'scale'} and set(p['dense1']) == {'kernel', 'bias'} and set(p['dense0']) == {'kernel'}
+  c.method = 'simsiam'
+  c.simsiam.predictor = '4'
+  predictor = lambda: methods.get(c).heads(c, None, jnp.float32)['predictor']
+  assert set(params_of(predictor(), 8)['dense1']) == {'kernel'}
+  c.simsiam.predictor_output_bias = True
+  assert set(params_of(predictor(), 8)['dense1']) == {'kernel', 'bias'}
+
+
+@pytest.mark.skip(reason='needs the wiring outside branch optim: step.build_model building its projector with '
+                         'methods.projector, backbones.from_config passing model.zero_init_residual')
+def test_the_trainers_model_reads_the_backbone_and_head_keys():
+  """step.build_model: ``model.zero_init_residual=False`` starts every block's last BatchNorm scale at 1, and the
+  projector has the output bias and the output BatchNorm's scale the model keys ask for."""
+  from vicreg_jax import config as schema
+  from vicreg_jax import step as step_lib
+  c = schema.base_config()
+  c.model.update(arch='resnet18', width_multiplier=1 / 16, projector='16-8', zero_init_residual=False,
+                 projector_output_bias=True, projector_output_bn=True, projector_output_scale=True)
+  c.data.image_size = 32
+  params = step_lib.build_model(c, None).init(jax.random.key(0), jnp.ones((2, 32, 32, 3)), train=False)['params']
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  last = [v for k, v in flat.items() if k.startswith('backbone/stage') and k.endswith('BatchNorm_1/scale')]
+  assert len(last) == 8 and all(np.all(v == 1) for v in last)
+  assert set(params['projector']['dense1']) == {'kernel', 'bias'} and set(params['projector']['bn_out']) == {'scale'}

@@ -227,3 +227,26 @@ def test_schedule_without_warmup_and_past_the_end():
   np.testing.assert_allclose(sched(50), ref_schedule(50, 0.2, 256, 100, 0), rtol=1e-5)
   np.testing.assert_allclose(sched(100), 0.2 * 0.001, rtol=1e-5)
   np.testing.assert_allclose(sched(150), 0.2 * 0.001, rtol=1e-5)  # held at the end value
+
+
+def test_step_schedule_and_warmup_start():
+  """'step': constant peak after the warmup, ×decay_factor from each milestone on; the warmup from
+  ``start_factor·peak``, reaching the peak at step W (or at W - 1 with ``warmup_linspace``)."""
+  sched = lr_schedule(0.2, 256, 100, 10, kind='step', milestones=(50, 80), decay_factor=0.1, start_factor=0.5)
+  got = np.asarray(jax.vmap(sched)(jnp.arange(101)))
+  want = [0.1 + 0.1 * k / 10 for k in range(10)] + [0.2] * 40 + [0.02] * 30 + [0.002] * 21
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  linspace = lr_schedule(0.2, 256, 100, 5, start_factor=0.5, warmup_linspace=True)
+  np.testing.assert_allclose([linspace(k) for k in range(6)], [0.1, 0.125, 0.15, 0.175, 0.2, 0.2], rtol=1e-6)
+  with pytest.raises(ValueError, match="optim.schedule"):
+    lr_schedule(0.2, 256, 100, 5, kind='linear')
+
+
+@pytest.mark.parametrize('value,message', [((190, -1), 'must be >= 0'), ('190', 'must be a tuple of integers'),
+                                           ((1.5,), 'must be an integer'), ([190, True], 'must be an integer')])
+def test_decay_epochs_must_be_a_tuple_of_epochs(value, message):
+  """optim.decay_epochs' rule (a tuple of integers >= 0; a list, as config.json holds it, too)."""
+  from vicreg_jax import config as schema
+  rule = schema.rules('pretrain')['optim.decay_epochs']
+  assert rule.problem(value).startswith(message)
+  assert rule.problem((190, 215)) is None and rule.problem([190, 215]) is None and rule.problem(()) is None

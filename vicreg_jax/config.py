@@ -33,8 +33,9 @@ from vicreg_jax.data.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPE_DEFAULTS
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """``kind`` 'int', 'float', 'str' or 'bool'; numbers within [lo, hi] (``lo_open``: lo excluded; None: no
-  bound); ``choices``: the allowed values (a callable returning them, for registries); ``none``: None allowed."""
+  """``kind`` 'int', 'float', 'str', 'bool' or 'ints' (a tuple of integers, each checked as 'int'); numbers within
+  [lo, hi] (``lo_open``: lo excluded; None: no bound); ``choices``: the allowed values (a callable returning them,
+  for registries); ``none``: None allowed."""
   kind: str
   lo: Optional[float] = None
   hi: Optional[float] = None
@@ -48,6 +49,11 @@ class Rule:
       return None if self.none else 'must be set'
     if self.kind == 'bool':
       return None if isinstance(value, bool) else f'must be True or False, not {value!r}'
+    if self.kind == 'ints':
+      if not isinstance(value, (tuple, list)):
+        return f'must be a tuple of integers, not {value!r}'
+      each = dataclasses.replace(self, kind='int')
+      return next((f'{problem} (in {value!r})' for v in value if (problem := each.problem(v))), None)
     if self.kind == 'str':
       if not isinstance(value, str):
         return f'must be a string, not {value!r}'
@@ -99,7 +105,8 @@ _RECIPE = {  # an augmentation recipe (augment.view1/view2, transforms.train)
     'crop_method': Rule('str', choices=('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5', 'gaussian',
                                         'mitchellcubic')),
     'translate': NONNEG_INT, 'affine_degrees': NONNEG, 'affine_shear': NONNEG, 'flip_p': PROBABILITY,
-    'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY, 'blur_kernel_fraction': POSITIVE,
+    'colour_first': BOOL, 'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY,
+    'blur_kernel_fraction': NONNEG,  # 0: kernel radius ceil(3·max σ) pixels (recipes.blur_radius)
     'solarize_p': PROBABILITY, 'noise_std': NONNEG, 'cutout_p': PROBABILITY, 'cutout_size': NONNEG_INT,
 }
 _SHARED = {  # keys of every job
@@ -122,12 +129,16 @@ _PRETRAIN = {
     'model.arch': Rule('str', choices=_archs), 'model.width_multiplier': POSITIVE,
     'model.stem': Rule('str', choices=('imagenet', 'small')), 'model.projector': TEXT,
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
-    'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.remat': BOOL,
+    'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.projector_output_scale': BOOL,
+    'model.projector_output_bias': BOOL, 'model.zero_init_residual': BOOL, 'model.remat': BOOL,
     'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT,
     'method': Rule('str', choices=_methods),
-    'optim.name': Rule('str', choices=('lars', 'sgd', 'adamw')), 'optim.base_lr': POSITIVE,
+    'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw')),
+    'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
-    'optim.end_lr_factor': FRACTION, 'augment.on_device': BOOL,
+    'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
+    'optim.schedule': Rule('str', choices=('cosine', 'cosine_epochs', 'step')), 'optim.end_lr_factor': FRACTION,
+    'optim.decay_epochs': Rule('ints', 0), 'optim.decay_factor': POSITIVE, 'augment.on_device': BOOL,
     'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
     'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
     'final_probe.max_test_examples': NONNEG_INT,
@@ -304,6 +315,11 @@ def base_config() -> ml_collections.ConfigDict:
       projector_hidden_bias=True,   # biases before the projector's BatchNorms (official VICReg; redundant)
       projector_bn=True,            # False: no BatchNorm in the projector or predictor (ablations)
       projector_output_bn=False,    # a BatchNorm without affine after the projector's last layer (SimSiam)
+      projector_output_scale=False,  # that BatchNorm with a learnt scale, no offset (SimCLR v1's head)
+      projector_output_bias=False,  # a bias on the projector's last Linear (SwAV's projector, W-MSE's head)
+      zero_init_residual=True,      # the last BatchNorm scale of every residual block starts at 0 (torchvision's
+                                    # zero_init_residual: VICReg, Barlow Twins, SimSiam; BYOL, SimCLR alike; not
+                                    # SwAV or W-MSE)
       remat=False,                  # recompute each residual block's activations in the backward pass (memory)
       # True: the backbone runs once per resolution group over the crops concatenated (the two views, then the
       # small crops), so its BatchNorm statistics cover every crop of the group, and projector and heads run
@@ -314,9 +330,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'vicreg'
   for name, method in _methods().items():
     c[name] = ml_collections.ConfigDict(dict(method.defaults))
+  # name: 'lars' (VICReg, Barlow Twins, BYOL), 'lars_classic' (the learning rate inside the momentum buffer,
+  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta
+  # unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter, W-MSE; momentum and eta unused)
+  # or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
+  # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
+  # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as
+  # SwAV); then schedule 'cosine' (to end_lr_factor·peak), 'cosine_epochs' (that cosine held through each epoch
+  # at its value on the epoch's first step, SimSiam) or 'step' (×decay_factor from each of decay_epochs).
   c.optim = ml_collections.ConfigDict(dict(
-      name='lars',  # or 'sgd' (SimSiam; eta unused) or 'adamw' (small demos; momentum and eta unused)
-      base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, end_lr_factor=0.001))
+      name='lars', base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, warmup_steps=0,
+      warmup_start_factor=0.0, warmup_linspace=False, schedule='cosine', end_lr_factor=0.001, decay_epochs=(),
+      decay_factor=0.1))
   view1, view2 = imagenet_views()
   # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
   # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
@@ -427,7 +452,8 @@ def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.Conf
   config = base_config() if job == 'pretrain' else eval_job_config()
   for section, recipe in _RECIPES:
     if isinstance(values.get(section), dict) and recipe in values[section]:
-      config[section][recipe] = values[section][recipe]
+      saved = values[section][recipe]  # a recipe saved before one of its keys existed reads it at its "off" value
+      config[section][recipe] = saved if (section, recipe) == ('transforms', 'eval') else full_recipe(saved)
   recipes = tuple(f'{section}.{recipe}.' for section, recipe in _RECIPES)
   for key, value in leaves(values).items():
     if not key.startswith(recipes):

@@ -150,17 +150,29 @@ def projector_spec(config: ml_collections.ConfigDict) -> str:
   return config[config.method].get('projector') or config.model.projector
 
 
+def projector(config: ml_collections.ConfigDict, axis_name, dtype) -> heads.Projector:
+  """The projector ``config.model`` describes (sizes: :func:`projector_spec`): hidden biases, BatchNorms, the
+  output BatchNorm (with a scale for SimCLR v1) and the output Linear's bias."""
+  m = config.model
+  return heads.Projector(projector_spec(config), axis_name=axis_name, dtype=dtype,
+                         hidden_bias=m.projector_hidden_bias, batchnorm=m.projector_bn,
+                         output_bn=m.projector_output_bn, output_scale=m.projector_output_scale,
+                         output_bias=m.projector_output_bias)
+
+
 def _predictor(hidden_bias: Optional[bool]):
   """The ``predictor`` head: an MLP with the hidden sizes of the section's ``predictor`` ('' = none) and the
-  projector's output size; biases before its BatchNorms as ``hidden_bias`` says (None: as the projector's)."""
+  projector's output size; biases before its BatchNorms as ``hidden_bias`` says (None: as the projector's), a
+  bias on its output Linear where the section's ``predictor_output_bias`` says so (SimSiam's)."""
   def make(config, axis_name, dtype) -> dict:
-    hidden = config[config.method].predictor
-    if not hidden:
+    sec = config[config.method]
+    if not sec.predictor:
       return {}
-    spec = f'{hidden}-{heads.parse_mlp_spec(projector_spec(config))[-1]}'
+    spec = f'{sec.predictor}-{heads.parse_mlp_spec(projector_spec(config))[-1]}'
     bias = config.model.projector_hidden_bias if hidden_bias is None else hidden_bias
+    output_bias = 'predictor_output_bias' in sec and sec.predictor_output_bias
     return {'predictor': heads.Projector(spec, axis_name=axis_name, dtype=dtype, hidden_bias=bias,
-                                         batchnorm=config.model.projector_bn)}
+                                         batchnorm=config.model.projector_bn, output_bias=output_bias)}
   return make
 
 
@@ -204,11 +216,13 @@ METHODS: dict[str, Method] = {
         defaults=dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, gather_dtype='float32'),
         rules=dict(sim_coeff=NONNEG, std_coeff=NONNEG, cov_coeff=NONNEG, eps=POSITIVE,
                    gather_dtype=Rule('str', choices=('float32', 'bfloat16')))),
-    # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2.
+    # Official Barlow Twins: λ 0.0051; biases and BatchNorm at lr-biases 0.0048 against lr-weights 0.2;
+    # official_gradient_world_size W > 0: the official code's gradient, 1/W of the exact one (make_optimizer).
     'barlow_twins': Method(
-        _barlow_twins, ('on_diagonal', 'off_diagonal'), trainer_keys=('bias_lr_factor',),
-        defaults=dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024),
-        rules=dict(lambd=NONNEG, eps=POSITIVE, bias_lr_factor=NONNEG)),
+        _barlow_twins, ('on_diagonal', 'off_diagonal'),
+        trainer_keys=('bias_lr_factor', 'official_gradient_world_size'),
+        defaults=dict(lambd=0.0051, eps=1e-5, bias_lr_factor=0.024, official_gradient_world_size=0),
+        rules=dict(lambd=NONNEG, eps=POSITIVE, bias_lr_factor=NONNEG, official_gradient_world_size=NONNEG_INT)),
     # W-MSE (htdt/self-supervised): its own head (official Linear-BN-ReLU-Linear to 64-d, used instead of
     # model.projector: the whitening needs D < w_size), whitening of random sub-batches of w_size, w_iter draws,
     # shrinkage eps (official 0).
@@ -226,13 +240,16 @@ METHODS: dict[str, Method] = {
         heads=_predictor(hidden_bias=None), ema_target=True,
         defaults=dict(predictor='4096', tau_base=0.996, std_coeff=0.0, cov_coeff=0.0),
         rules=dict(predictor=TEXT, tau_base=FRACTION, **_VARIANCE_COVARIANCE)),
-    # SimSiam (facebookresearch/simsiam): the predictor's hidden sizes ('' = none, the collapsing ablation), the
-    # predictor's learning rate held at its peak (--fix-pred-lr), and the same optional VICReg terms.
+    # SimSiam (facebookresearch/simsiam): the predictor's hidden sizes ('' = none, the collapsing ablation), a
+    # bias on its output Linear (official: nn.Linear(pred_dim, dim), with bias), the predictor's learning rate held
+    # at its peak (--fix-pred-lr), and the same optional VICReg terms.
     'simsiam': Method(
-        _simsiam, ('cosine', 'variance', 'covariance'), trainer_keys=('predictor', 'fixed_predictor_lr'),
+        _simsiam, ('cosine', 'variance', 'covariance'),
+        trainer_keys=('predictor', 'predictor_output_bias', 'fixed_predictor_lr'),
         heads=_predictor(hidden_bias=False),
-        defaults=dict(predictor='512', fixed_predictor_lr=True, std_coeff=0.0, cov_coeff=0.0),
-        rules=dict(predictor=TEXT, fixed_predictor_lr=BOOL, **_VARIANCE_COVARIANCE)),
+        defaults=dict(predictor='512', predictor_output_bias=False, fixed_predictor_lr=True, std_coeff=0.0,
+                      cov_coeff=0.0),
+        rules=dict(predictor=TEXT, predictor_output_bias=BOOL, fixed_predictor_lr=BOOL, **_VARIANCE_COVARIANCE)),
     # SwAV (facebookresearch/swav): prototypes, softmax temperature, Sinkhorn-Knopp ε and iterations, prototypes
     # frozen for the first steps, and a queue of the last queue_length embeddings per crop (0: none; official
     # 3840 for batch 256) filled from queue_start_step.
@@ -273,33 +290,83 @@ def ema_decay(tau_base: float, step, total_steps: int):
   return 1 - (1 - tau_base) * (jnp.cos(math.pi * frac) + 1) / 2
 
 
+_OPTIMIZERS = {
+    'lars': lambda o, lr: optim.lars(lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta),
+    'lars_classic': lambda o, lr: optim.lars(lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta,
+                                             lr_in_momentum=True),
+    'larc': lambda o, lr: optim.larc(lr, weight_decay=o.weight_decay, momentum=o.momentum, trust=o.eta),
+    'sgd': lambda o, lr: optim.sgd(lr, weight_decay=o.weight_decay, momentum=o.momentum),
+    'adam': lambda o, lr: optim.adam(lr, weight_decay=o.weight_decay),
+    'adamw': lambda o, lr: optim.adamw(lr, weight_decay=o.weight_decay),
+}
+
+
 def _base_optimizer(o, learning_rate):
-  if o.name == 'lars':
-    return optim.lars(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
-  if o.name == 'adamw':
-    return optim.adamw(learning_rate, weight_decay=o.weight_decay)
-  if o.name == 'sgd':
-    return optim.sgd(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum)
-  raise errors.ConfigError(f"Unknown optim.name {o.name!r}: use 'lars', 'sgd' or 'adamw'.")
+  """The optimiser ``o.name`` names (:data:`_OPTIMIZERS`) on ``learning_rate``."""
+  if o.name not in _OPTIMIZERS:
+    raise errors.ConfigError(f"Unknown optim.name {o.name!r}: use one of {sorted(_OPTIMIZERS)}.")
+  return _OPTIMIZERS[o.name](o, learning_rate)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
-  """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL / SwAV
-  optimiser; 'sgd', SimSiam's; or 'adamw') on the warmup-cosine schedule, with the method's treatment of
-  biases and norm parameters (``bias_lr_factor``), of its predictor (``fixed_predictor_lr``: SimSiam's
-  predictor keeps the peak learning rate) and of its prototypes (``freeze_prototypes_steps``: SwAV's are not
-  updated for that many first steps)."""
-  sec = section(config)
+def warmup_steps_of(config: ml_collections.ConfigDict, warmup_steps: int, total_steps: int) -> int:
+  """The warmup's length in steps: ``optim.warmup_steps`` where > 0 (W-MSE's 500 iterations), else
+  ``warmup_steps`` (from ``optim.warmup_epochs``); at most the run's length."""
+  return min(config.optim.warmup_steps or warmup_steps, total_steps)
+
+
+def lr_schedule(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
+                steps_per_epoch: Optional[int] = None) -> optax.Schedule:
+  """The learning-rate schedule of ``config.optim`` (:func:`vicreg_jax.optim.lr_schedule`), ``decay_epochs``
+  and the epochs of 'cosine_epochs' in steps of ``steps_per_epoch`` (None: ``total_steps / epochs``, exact for a
+  run in epochs; a run of ``num_steps`` should pass its own, :func:`vicreg_jax.runs.schedule_steps`'s)."""
   o = config.optim
-  schedule = optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup_steps, o.end_lr_factor)
+  per_epoch = steps_per_epoch or total_steps / max(config.epochs, 1)
+  milestones = tuple(int(round(e * per_epoch)) for e in o.decay_epochs) if o.schedule == 'step' else ()
+  warmup = warmup_steps_of(config, warmup_steps, total_steps)
+  return optim.lr_schedule(o.base_lr, config.batch_size, total_steps, warmup, o.end_lr_factor, kind=o.schedule,
+                           start_factor=o.warmup_start_factor, warmup_linspace=o.warmup_linspace,
+                           milestones=milestones, decay_factor=o.decay_factor, steps_per_epoch=per_epoch)
+
+
+def _group(params, name: str, inside: str, outside: str) -> dict:
+  """Labels for ``optax.multi_transform``: ``inside`` for the top-level subtree ``name``, ``outside`` elsewhere."""
+  return {k: jax.tree.map(lambda _, k=k: inside if k == name else outside, v) for k, v in params.items()}
+
+
+def _method_optimizer(config, sec: dict, schedule) -> optax.GradientTransformation:
+  """``config.optim``'s optimiser on ``schedule`` with the method's treatment of its predictor
+  (``fixed_predictor_lr``: the peak learning rate) and of biases and norm parameters (``bias_lr_factor``)."""
+  o = config.optim
   tx = _base_optimizer(o, schedule)
   if sec.get('fixed_predictor_lr') and sec.get('predictor'):
-    fixed = _base_optimizer(o, float(schedule(max(warmup_steps, 0))))
-    tx = optax.multi_transform({'scheduled': tx, 'fixed': fixed}, lambda params: {
-        k: jax.tree.map(lambda _, k=k: 'fixed' if k == 'predictor' else 'scheduled', v) for k, v in params.items()})
+    fixed = _base_optimizer(o, o.base_lr * config.batch_size / 256)
+    tx = optax.multi_transform({'scheduled': tx, 'fixed': fixed},
+                               lambda params: _group(params, 'predictor', 'fixed', 'scheduled'))
   if sec.get('bias_lr_factor', 1.0) != 1.0:
     tx = optax.chain(tx, optim.scale_bias_and_norm(sec['bias_lr_factor']))
-  if sec.get('freeze_prototypes_steps'):
-    freeze = optim.freeze('prototypes', sec['freeze_prototypes_steps'])
-    tx = optax.chain(freeze, tx, freeze)
+  return tx
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
+                   steps_per_epoch: Optional[int] = None):
+  """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL
+  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on
+  :func:`lr_schedule`, with the method's treatment of its predictor and of biases and norm parameters
+  (:func:`_method_optimizer`), of its prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay,
+  momentum or update for that many first steps, as the official ``p.grad = None``; their schedule still follows
+  the step count) and Barlow Twins' ``official_gradient_world_size`` W: the official code all-reduces the
+  cross-correlation without a gradient, so each of W GPUs back-propagates only its own share and DDP averages,
+  giving 1/W of the exact gradient; the gradients are scaled so. Under LARS that is the same as a W× larger weight
+  decay on the weights (the trust ratio of ``g/W + wd·p`` is that of ``g + W·wd·p``, for any non-zero ‖p‖) and a
+  W× smaller learning rate for biases and BatchNorm (no trust ratio: their update is linear in the gradient)."""
+  sec = section(config)
+  schedule = lr_schedule(config, total_steps, warmup_steps, steps_per_epoch)
+  tx = _method_optimizer(config, sec, schedule)
+  frozen = sec.get('freeze_prototypes_steps')
+  if frozen:
+    late = _method_optimizer(config, sec, lambda count: schedule(count + frozen))
+    tx = optax.multi_transform({'trained': tx, 'frozen': optim.frozen_for(late, frozen)},
+                               lambda params: _group(params, 'prototypes', 'frozen', 'trained'))
+  if sec.get('official_gradient_world_size'):
+    tx = optax.chain(optax.scale(1.0 / sec['official_gradient_world_size']), tx)
   return tx, schedule

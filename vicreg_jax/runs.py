@@ -55,7 +55,7 @@ def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   unless ``config.num_steps`` is set."""
   per_epoch = steps_per_epoch(config, train_examples(config))
   total = config.num_steps or int(config.epochs * per_epoch)
-  warmup = int(config.optim.warmup_epochs * per_epoch)
+  warmup = config.optim.warmup_steps or int(config.optim.warmup_epochs * per_epoch)
   return total, min(warmup, total), per_epoch
 
 

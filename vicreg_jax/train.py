@@ -132,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   runs.check_splits(config.data, [config.data.train_split] + ([config.data.test_split] if config.final_probe.enabled
                                                               else []))
   total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
-  tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps)
+  tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps, epoch_steps)
   online = make_probe(config, sources.get(config.data).num_classes(config.data))
   mngr = checkpoints.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state = _initial_state(config, tx, online, mesh, mngr, workdir)

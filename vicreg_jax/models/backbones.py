@@ -14,11 +14,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def from_config(model, axis_name: Optional[str] = None) -> nn.Module:
   """``model.arch`` 'convnet': :class:`convnet.ConvNet` with widths 32-64-128 × ``width_multiplier``; a ResNet
-  name: :func:`resnet.resnet` with ``width_multiplier`` and ``stem``. BatchNorm statistics are synchronised over
+  name: :func:`resnet.resnet` with ``width_multiplier``, ``stem`` and ``zero_init_residual``. BatchNorm statistics are synchronised over
   ``axis_name`` in training."""
   dtype = DTYPES[model.dtype]
   if model.arch == 'convnet':
     widths = tuple(max(1, int(round(w * model.width_multiplier))) for w in (32, 64, 128))
     return convnet.ConvNet(widths=widths, strides=(1, 2, 2), axis_name=axis_name, dtype=dtype)
   return resnet.resnet(model.arch, width_multiplier=model.width_multiplier, stem=model.stem, axis_name=axis_name,
-                       dtype=dtype)
+                       dtype=dtype, zero_init_residual=model.zero_init_residual)

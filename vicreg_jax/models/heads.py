@@ -26,6 +26,12 @@ def parse_mlp_spec(spec: str) -> list[int]:
   return sizes
 
 
+def torch_bias_init(fan_in: int):
+  """PyTorch nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Projector(nn.Module):
   """Official VICReg projector: (Linear-BN-ReLU) for every size but the last, then Linear without bias.
 
@@ -33,8 +39,10 @@ class Projector(nn.Module):
   BatchNorm in training mode subtracts them again, so the function is the same, but an adaptive optimiser
   (AdamW) would otherwise move them on rounding noise alone. ``batchnorm=False`` removes the hidden BatchNorms
   (the "no BN" ablations of VICReg's Table 8 and SimSiam's; the hidden Linear layers then keep their biases);
-  ``output_bn`` adds a BatchNorm without scale and offset after the last Linear (SimSiam's projector). The
-  predictors of BYOL and SimSiam are the same MLP.
+  ``output_bn`` adds a BatchNorm without offset after the last Linear, without scale (SimSiam's projector) or, with
+  ``output_scale``, with a learnt scale (SimCLR v1's head: ``batch_norm_relu(center=False)``, scale initialised to
+  1). ``output_bias`` gives the last Linear a bias, initialised as PyTorch's (SwAV's projector, W-MSE's head,
+  SimSiam's predictor). The predictors of BYOL and SimSiam are the same MLP.
   """
   spec: str
   axis_name: Optional[str] = None
@@ -42,24 +50,26 @@ class Projector(nn.Module):
   hidden_bias: bool = True
   batchnorm: bool = True
   output_bn: bool = False
+  output_scale: bool = False
+  output_bias: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     sizes = parse_mlp_spec(self.spec)
 
-    def bn(x, name, affine=True):
+    def bn(x, name, scale=True, offset=True):
       return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                          use_scale=affine, use_bias=affine, axis_name=self.axis_name if train else None,
+                          use_scale=scale, use_bias=offset, axis_name=self.axis_name if train else None,
                           name=name)(x)
 
     for i, size in enumerate(sizes[:-1]):
       x = nn.Dense(size, use_bias=self.hidden_bias or not self.batchnorm, kernel_init=linear_init,
                    dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.relu(bn(x, f'bn{i}') if self.batchnorm else x)
-    x = nn.Dense(sizes[-1], use_bias=False, kernel_init=linear_init, dtype=self.dtype,
-                 name=f'dense{len(sizes) - 1}')(x)
+    x = nn.Dense(sizes[-1], use_bias=self.output_bias, kernel_init=linear_init,
+                 bias_init=torch_bias_init(x.shape[-1]), dtype=self.dtype, name=f'dense{len(sizes) - 1}')(x)
     if self.output_bn and self.batchnorm:
-      x = bn(x, 'bn_out', affine=False)
+      x = bn(x, 'bn_out', scale=self.output_scale, offset=False)
     return x.astype(jnp.float32)
 
 

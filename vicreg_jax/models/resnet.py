@@ -1,8 +1,9 @@
 """ResNet backbones (He et al., 2016) in Flax, with ImageNet and small-image stems.
 
 As in the official VICReg code (torchvision with ``zero_init_residual=True``): convolutions He-normal
-(fan-out), the last BatchNorm scale of every residual block initialised to zero, BatchNorm momentum 0.1 in
-PyTorch terms (0.9 here) and eps 1e-5. The output is the global-average-pooled representation
+(fan-out), the last BatchNorm scale of every residual block initialised to zero (``zero_init_residual=False``:
+to one, as torchvision's default, which SwAV and W-MSE use), BatchNorm momentum 0.1 in PyTorch terms (0.9 here)
+and eps 1e-5. The output is the global-average-pooled representation
 (2048-d for ResNet-50).
 """
 
@@ -32,12 +33,18 @@ def torch_conv(features: int, kernel_size, strides=(1, 1), **kwargs) -> nn.Conv:
   return nn.Conv(features, kernel_size, strides, **kwargs)
 
 
+def _last_scale_init(zero: bool):
+  """The initialiser of a residual block's last BatchNorm scale: zeros (``zero_init_residual``) or ones."""
+  return nn.initializers.zeros if zero else nn.initializers.ones
+
+
 class BasicBlock(nn.Module):
   """Two 3×3 convolutions with an identity (or 1×1 projection) shortcut: ResNet-18/34."""
   filters: int
   strides: int
   conv: Callable[..., Any]
   norm: Callable[..., Any]
+  zero_init: bool = True
   expansion = 1
 
   @nn.compact
@@ -45,7 +52,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
-    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    y = self.norm(scale_init=_last_scale_init(self.zero_init))(y)
     if x.shape[-1] != self.filters or self.strides != 1:
       x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name='proj_conv')(x)
       x = self.norm(name='proj_bn')(x)
@@ -58,6 +65,7 @@ class Bottleneck(nn.Module):
   strides: int
   conv: Callable[..., Any]
   norm: Callable[..., Any]
+  zero_init: bool = True
   expansion = 4
 
   @nn.compact
@@ -65,7 +73,7 @@ class Bottleneck(nn.Module):
     out = self.filters * self.expansion
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
     y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)))
-    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(out, (1, 1))(y))
+    y = self.norm(scale_init=_last_scale_init(self.zero_init))(self.conv(out, (1, 1))(y))
     if x.shape[-1] != out or self.strides != 1:
       x = self.conv(out, (1, 1), (self.strides, self.strides), name='proj_conv')(x)
       x = self.norm(name='proj_bn')(x)
@@ -73,11 +81,13 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet body. ``stem='imagenet'``: 7×7/2 conv + 3×3/2 max-pool; ``stem='small'``: one 3×3/1 conv."""
+  """ResNet body. ``stem='imagenet'``: 7×7/2 conv + 3×3/2 max-pool; ``stem='small'``: one 3×3/1 conv.
+  ``zero_init_residual``: every block's last BatchNorm scale starts at 0 (else 1)."""
   stage_sizes: Sequence[int]
   block: Any
   width: int = 64
   stem: str = 'imagenet'
+  zero_init_residual: bool = True
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
@@ -99,7 +109,8 @@ class ResNet(nn.Module):
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.width * 2**i, strides, conv, norm, name=f'stage{i + 1}_block{j + 1}')(x)
+        x = self.block(self.width * 2**i, strides, conv, norm, self.zero_init_residual,
+                       name=f'stage{i + 1}_block{j + 1}')(x)
         x = checkpoint_name(x, REMAT_NAME)  # what ``model.remat`` keeps; the rest is recomputed
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
