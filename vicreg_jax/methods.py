@@ -131,6 +131,8 @@ def _simsiam(v: Views, *, axis_name, std_coeff=0.0, cov_coeff=0.0):
 
 
 def _swav(v: Views, *, axis_name, **kw):
+  """:func:`losses.swav_loss` of every crop's scores (the two views', then the small crops'), with the queue's
+  scores against the current prototypes once the queue is full."""
   extra = v.extra or {}
   if 'queue' not in extra:
     return losses.swav_loss(*v.scores, axis_name=axis_name, **kw)

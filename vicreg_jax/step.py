@@ -315,6 +315,8 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   nan_at_step = config.debug_nan_at_step
   reductions = collectives.check(config.reductions)
   remat, micro, together = config.model.remat, config.grad_accum_steps, config.model.views_together
+  if config.augment.small_crops and not together:  # config.validate says so in one line first
+    raise errors.ConfigError('augment.small_crops > 0 needs model.views_together=True')
   if micro > 1 and method.ema_target:
     raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
                              'runs on the whole batch); use model.remat to save memory instead')
