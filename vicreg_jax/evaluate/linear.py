@@ -30,7 +30,7 @@ from clu import metric_writers
 
 from vicreg_jax import distributed, errors, loop, parallel, runs
 from vicreg_jax import config as schema
-from vicreg_jax.evaluate import classifier, watch
+from vicreg_jax.evaluate import classifier, protocols, watch
 
 
 def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool,
@@ -63,6 +63,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   pre_config = schema.from_saved(watch.poll(
       f'{pre}/config.json (is --config.pretrain_workdir the pretraining run\'s --workdir?)',
       lambda: _pretraining_config(pre), config, config.start_timeout_seconds), origin=f'{pre}/config.json')
+  config, line = protocols.resolve(config, pre_config.method)
+  schema.validate(config)
+  logging.info(line)
+  print(line, flush=True)
   runs.save_config(workdir, config)
   if not config.data.image_size and pre_config.data.image_size:
     config = _with_image_size(config, pre_config.data.image_size)
@@ -111,7 +115,7 @@ def _pretraining_config(pre: str) -> Optional[dict]:
 
 def _with_image_size(config, size: int):
   """``config`` with ``data.image_size`` set to the pretraining run's (in-memory digits: the size it trained at)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy
   config.data.image_size = size
   return config
 
