@@ -1,9 +1,13 @@
 """Supervised training of a linear head on a pretrained backbone, shared by the linear-evaluation job (frozen
-backbone, BatchNorm in inference mode) and semi-supervised fine-tuning (whole network, SyncBN in train mode).
+backbone, BatchNorm in inference mode) and semi-supervised fine-tuning (whole network, BatchNorm in train mode:
+ghost, synchronised or per device).
 
-The protocol is the official VICReg evaluate.py: head N(0, 0.01) weights and zero bias; SGD with momentum,
-weight decay added to the gradient (as torch.optim.SGD), one learning rate for the head and one for the
-backbone, each annealed by a cosine over epochs (stepped once per epoch, as CosineAnnealingLR).
+What it trains with is the resolved evaluation protocol (:mod:`vicreg_jax.evaluate.protocols`): the head's
+initialisation (N(0, std) as VICReg's evaluate.py, zeros, hk.Linear's or nn.Linear's), one optimiser per
+parameter group ('head', 'backbone') with its own learning rate (SGD with momentum and weight decay added to the
+gradient as torch.optim.SGD, Nesterov's, apex's LARC around it, or Adam with L2 decay), and a schedule per epoch
+(cosine, as CosineAnnealingLR; steps, as MultiStepLR; exponential, as ExponentialLR) or per step (TF's cosine
+decay). The backbone computes in ``classifier.backbone_dtype`` (float32 unless asked).
 """
 
 from __future__ import annotations
@@ -175,6 +179,24 @@ def check_ghost(batch_size: int, devices: int, size: int) -> None:
         f'({local} on {devices} devices) must divide the other')
 
 
+def _features_of(backbone: Optional[nn.Module], finetune: bool, batchnorm: str, ghost_size: int, params: dict,
+                 batch_stats, frozen, x) -> tuple[jax.Array, Any]:
+  """``(representations of x, the backbone's new batch_stats)`` for :func:`make_train_step`: ``x`` itself
+  (cached features), the frozen backbone in inference mode, or the fine-tuned one in train mode with its
+  ``batchnorm``."""
+  if backbone is None:
+    return x, batch_stats
+  if not finetune:
+    return jax.lax.stop_gradient(backbone.apply(frozen, x, train=False)), batch_stats
+  variables = {'params': params['backbone'], 'batch_stats': batch_stats}
+  if batchnorm == 'ghost':
+    return ghost_forward(backbone, variables, x, ghost_size, parallel.AXIS)
+  h, upd = backbone.apply(variables, x, train=True, mutable=['batch_stats'])
+  if batchnorm == 'per_device':
+    return h, jax.tree.map(lambda v: jax.lax.all_gather(v, parallel.AXIS)[0], upd['batch_stats'])
+  return h, upd['batch_stats']
+
+
 def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool,
                     batchnorm: str = 'sync', reductions: str = 'native', ghost_size: int = 32):
   """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
@@ -195,22 +217,10 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
     with collectives.mode(reductions):
       return train_one_step(state, frozen, batch)
 
-  def features(params, batch_stats, frozen, x):
-    if backbone is None:
-      return x, batch_stats
-    if not finetune:
-      return jax.lax.stop_gradient(backbone.apply(frozen, x, train=False)), batch_stats
-    variables = {'params': params['backbone'], 'batch_stats': batch_stats}
-    if batchnorm == 'ghost':
-      return ghost_forward(backbone, variables, x, ghost_size, axis)
-    h, upd = backbone.apply(variables, x, train=True, mutable=['batch_stats'])
-    if batchnorm == 'per_device':
-      return h, jax.tree.map(lambda v: jax.lax.all_gather(v, axis)[0], upd['batch_stats'])
-    return h, upd['batch_stats']
-
   def train_one_step(state: ClassifierState, frozen, batch):
     def loss_fn(params):
-      h, batch_stats = features(params, state.batch_stats, frozen, batch['image'])
+      h, batch_stats = _features_of(backbone, finetune, batchnorm, ghost_size, params, state.batch_stats, frozen,
+                                    batch['image'])
       logits = head.apply({'params': params['head']}, h)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
       return collectives.pmean(ce, axis), (batch_stats, logits)

@@ -10,6 +10,10 @@ linear head on the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and a
 evaluated. A restart skips the checkpoints already in results.json and resumes a half-trained head from
 ``EVAL/heads/<step>``. Only checkpoints orbax has finalised are listed, so a half-written one is never read.
 
+Before anything else it reads ``PRE/config.json`` and resolves the evaluation protocol
+(:func:`vicreg_jax.evaluate.protocols.resolve`: with ``protocol='auto'`` the pretraining run's method's), prints
+it in one line and writes the resolved config to ``EVAL/config.json``.
+
 ``from_scratch=True`` evaluates only "checkpoint 0": the same architecture freshly initialised (seed
 ``config.seed``), needing only ``PRE/config.json``. With the linear job that is the random-encoder baseline;
 with the fine-tuning job (all labels), the supervised-from-scratch reference for the same backbone.

@@ -35,7 +35,7 @@ simsiam   apex LARC (trust 0.001, no clipping) around SGD momentum 0.9, lr 0.1 Ã
           cosine per epoch, head N(0, 0.01), bilinear, best (facebookresearch/simsiam@a7bc177:main_lincls.py:L44-59,
           L160-161, L188, L226-232, L264-290, L307-309, L491-495; README.md:L41-51)
 swav      SGD momentum 0.9 (not Nesterov), lr 0.3, wd 1e-6, batch 256 (32 Ã— 8 GPUs), 100 epochs, cosine per epoch to
-          0, head N(0, 0.01), bilinear, best (facebookresearch/swav@06b1b7c:eval_linear.py:L62-75, L106-117,
+          0, head N(0, 0.01), bilinear, best (facebookresearch/swav@06b1b7c:eval_linear.py:L62-75, L103-117,
           L170-186, L249-251, L375-376; README.md:L114)
 wmse      a linear layer on cached features of un-augmented images: Adam lr 1e-2 decayed exponentially per epoch to
           1e-6 over 500 epochs, wd 5e-6 (L2), batch 1000, nn.Linear's init, the end's figures
