@@ -361,3 +361,26 @@ def test_head_inits_and_the_float32_backbone():
   assert pre.model.dtype == 'bfloat16'
   assert classifier.backbone_model(pre, _classifier()).dtype == 'float32'
   assert classifier.backbone_model(pre, _classifier(backbone_dtype='bfloat16')).dtype == 'bfloat16'
+
+
+@pytest.mark.slow
+def test_the_protocols_run_as_jobs(tmp_path):
+  """A tiny digits run evaluated with BYOL's (Nesterov, cosine per step, hk.Linear's head), SimSiam's (LARC) and
+  W-MSE's (Adam, exponential, cached features) linear protocols and SwAV's 1% fine-tuning (steps, nn.Linear's
+  head, synchronised BatchNorm), each at batch 32 for 2 epochs: every job resolves its protocol, trains through
+  the non-finite guard ('stop') and reports. (Bicubic test images need pipeline.eval_dataset's interpolation.)"""
+  from conftest import tiny_digits
+  from vicreg_jax import train
+  pre = str(tmp_path / 'pre')
+  train.train_and_evaluate(tiny_digits(num_steps=2), pre)
+  for method, job in (('byol', 'linear'), ('simsiam', 'linear'), ('wmse', 'linear'), ('swav', 'finetune')):
+    config = load_config('imagenet_linear') if job == 'linear' else _semi_config(f'{method},1')
+    config.update(pretrain_workdir=pre, protocol=method, batch_size=32, epochs=2, timeout_seconds=60.0)
+    config.data.update(source='digits', name='digits', test_split='test', channels=1)
+    config.classifier.labels_per_class = 5 if job == 'finetune' else 0
+    config.transforms.train.update(crop_size=0, mean=None, std=None)  # in-memory 16 px digits: as they are
+    config.transforms.eval.update(resize=0, crop=0, mean=None, std=None)
+    results = linear.run(config, str(tmp_path / method), finetune=job == 'finetune')
+    saved = json.loads((tmp_path / method / 'config.json').read_text())
+    assert saved['protocol'] == method and results['2']['epochs'] == 2, (method, results)
+    assert 0.0 < results['2']['top1'] <= 1.0, (method, results)

@@ -228,7 +228,8 @@ def _line(config, name: str, explicit: list) -> str:
                                if cl.lr_schedule == 'step' else
                                f' to x{cl.lr_decay_factor:g}' if cl.lr_schedule == 'exponential' else '')
   init = 'zeros' if cl.head_init == 'normal' and cl.head_init_std == 0 else cl.head_init
-  line = (f'Evaluation protocol {name}: {cl.optimizer}, {lrs}, momentum {cl.momentum:g}, wd {cl.weight_decay:g}, '
+  momentum = '' if cl.optimizer == 'adam' else f', momentum {cl.momentum:g}'
+  line = (f'Evaluation protocol {name}: {cl.optimizer}, {lrs}{momentum}, wd {cl.weight_decay:g}, '
           f'batch {config.batch_size}, {config.epochs} epochs, {schedule}, head init {init}, report {cl.report}, '
           f'interpolation {_get(config, "transforms.eval.method")}, backbone {cl.backbone_dtype}'
           f'{", cached features" if config.features.cache else ""}')
