@@ -3,9 +3,40 @@
   python -m vicreg_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/vicreg_r50 \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
-ResNet-50, projector 8192-8192-8192, global batch 2048, LARS (base_lr 0.2 → peak 1.6, wd 1e-6, eta 0.001,
-momentum 0.9; biases and BatchNorm excluded), 10 warmup epochs then cosine to 0.001·peak, 1000 epochs,
-loss coefficients 25/25/1, the official two-view augmentations (vicreg_jax.config.imagenet_views).
+Official code: facebookresearch/vicreg@4e12602 (a source FILE:Lnn below is a file of it).
+
+hyperparameter      | official (source)                                              | ours
+------------------- | -------------------------------------------------------------- | -------------------------------
+crop                | 224, scale 0.08–1, bicubic (augmentations.py:L41-42)          | same
+flip                | p 0.5 (augmentations.py:L44)                                   | same
+colour jitter       | (0.4, 0.4, 0.2, 0.1) with p 0.8 (augmentations.py:L45-52)      | same
+grayscale           | p 0.2 (augmentations.py:L53)                                   | same
+blur                | p 1.0 / 0.1 (view 1 / 2), σ ~ U[0.1, 2] px, PIL                | same; kernel 10% of the side ¹
+                    | (augmentations.py:L20, L54, L77)                               |
+solarize            | p 0.0 / 0.2 (augmentations.py:L55, L78)                        | same
+colour before crop  | no: crop first (augmentations.py:L41-55)                       | same
+multi-crop          | none: 2 × 224 (augmentations.py:L37-82)                        | same
+optimiser           | LARS, momentum 0.9, trust 0.001 (main_vicreg.py:L109-115, L251-252) | same
+learning rate       | 0.2 × batch/256 = 1.6 (main_vicreg.py:L170; README.md:L80)     | same
+weight decay        | 1e-6; biases and BatchNorm (ndim 1) get neither decay nor      | same
+                    | trust ratio (main_vicreg.py:L54, L113-114, L235-236)           |
+schedule            | 10 warmup epochs from 0, cosine to 0.001 × peak, per step      | same
+                    | (main_vicreg.py:L167-178)                                      |
+epochs, batch       | 1000, 2048 (README.md:L80)                                     | same
+backbone            | ResNet-50, last BN of each block zero-initialised              | same
+                    | (main_vicreg.py:L189-190)                                      |
+projector           | 8192-8192-8192: Linear (bias)-BN-ReLU twice, Linear without    | same
+                    | bias (main_vicreg.py:L223-232)                                 |
+loss                | λ 25, μ 25, ν 1, ε 1e-4 (main_vicreg.py:L58-62, L205)          | same
+BatchNorm           | synchronised over the global batch, each view on its own       | same
+                    | (main_vicreg.py:L107, L195-196)                                |
+precision           | float16 autocast (main_vicreg.py:L128, L138)                   | bfloat16 ²
+linear top-1        | 73.2% (README.md:L33), SGD head lr 0.02, 100 epochs, batch 256, | configs/imagenet_linear.py
+                    | wd 1e-6 (README.md:L91; evaluate.py:L58-84)                    | (the same protocol)
+
+¹ PIL's blur has no kernel size; 10% of 224 px (a radius of 11 px) covers ±3σ for every σ ≤ 2 px.
+² The accelerator's native half precision (TPU); parameters, optimiser state and the loss stay in float32.
+
 Expected: 73.2% top-1 with the linear-evaluation job (paper, Table 1); 54.8% / 69.5% with 1% / 10% labels.
 ImageNet must be prepared for TFDS beforehand (manual download): see docs/methods.md. Or train on a folder of images,
 one subfolder per class (``ROOT/CLASS/*.jpg``, or ``ROOT/train/CLASS/...`` and ``ROOT/val/CLASS/...``):

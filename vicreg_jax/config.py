@@ -99,7 +99,8 @@ _RECIPE = {  # an augmentation recipe (augment.view1/view2, transforms.train)
     'crop_method': Rule('str', choices=('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5', 'gaussian',
                                         'mitchellcubic')),
     'translate': NONNEG_INT, 'affine_degrees': NONNEG, 'affine_shear': NONNEG, 'flip_p': PROBABILITY,
-    'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY, 'blur_kernel_fraction': POSITIVE,
+    'colour_first': BOOL, 'jitter_p': PROBABILITY, 'gray_p': PROBABILITY, 'blur_p': PROBABILITY,
+    'blur_kernel_fraction': NONNEG,  # 0: kernel radius ceil(3·max σ) pixels (recipes.blur_radius)
     'solarize_p': PROBABILITY, 'noise_std': NONNEG, 'cutout_p': PROBABILITY, 'cutout_size': NONNEG_INT,
 }
 _SHARED = {  # keys of every job
@@ -445,7 +446,8 @@ def from_saved(values: dict, origin: str = 'config.json') -> ml_collections.Conf
   config = base_config() if job == 'pretrain' else eval_job_config()
   for section, recipe in _RECIPES:
     if isinstance(values.get(section), dict) and recipe in values[section]:
-      config[section][recipe] = values[section][recipe]
+      saved = values[section][recipe]  # a recipe saved before one of its keys existed reads it at its "off" value
+      config[section][recipe] = saved if (section, recipe) == ('transforms', 'eval') else full_recipe(saved)
   recipes = tuple(f'{section}.{recipe}.' for section, recipe in _RECIPES)
   for key, value in leaves(values).items():
     if not key.startswith(recipes):

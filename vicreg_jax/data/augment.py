@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from vicreg_jax import errors
 
-from vicreg_jax.data.recipes import full_recipe
+from vicreg_jax.data.recipes import blur_radius, full_recipe
 
 
 def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
@@ -194,9 +194,10 @@ def _jitter_hue(x, seed, hue, rgb: bool):
 
 
 def gaussian_blur(image, seed, sigma=(0.1, 2.0), kernel_fraction: float = 0.1):
-  """Separable Gaussian blur, σ ~ U[sigma], kernel side ≈ ``kernel_fraction`` of the image side (odd)."""
-  side = image.shape[0] or tf.shape(image)[0]
-  radius = max(1, int(round(kernel_fraction * side / 2))) if isinstance(side, int) else 1
+  """Separable Gaussian blur, σ ~ U[sigma] pixels, reflect padding, kernel side 2r + 1 with
+  r = :func:`recipes.blur_radius`: about ``kernel_fraction`` of the image side, or for ``kernel_fraction`` 0
+  ceil(3·sigma[1]) pixels whatever the side (PIL's ``GaussianBlur(radius=σ)``, as SwAV and W-MSE)."""
+  radius = blur_radius(image.shape[0], kernel_fraction, sigma[1])
   s = _uniform(seed, sigma[0], sigma[1])
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
   k = tf.exp(-0.5 * (x / s)**2)
@@ -292,15 +293,20 @@ def view_decisions(seed, recipe: Mapping[str, Any]) -> dict:
 def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
   """One augmented view of ``image`` following ``recipe`` (keys of :data:`recipes.RECIPE_DEFAULTS`), in the official
   order: crop, flip, colour jitter, grayscale, blur, solarize, normalise. Small-image recipes may add a random
-  affine map and a pixel shift after the crop.
+  affine map and a pixel shift after the crop. With ``colour_first`` (W-MSE) jitter and grayscale come first, on
+  the whole image, then the crop and the rest.
 
   ``image`` is float [H, W, C] in [0, 1], or encoded image bytes (a scalar string tensor), decoded to
   ``channels`` channels; with a crop in the recipe, JPEG bytes are decoded only inside the crop window
-  (:func:`decode_random_resized_crop`), and the result equals the crop of the decoded image.
+  (:func:`decode_random_resized_crop`), and the result equals the crop of the decoded image. With
+  ``colour_first`` the image is decoded whole (the contrast blends with the whole image's mean gray).
   """
   r = full_recipe(recipe)
   s = tf.random.experimental.stateless_split(seed, 10)
   encoded = tf.as_dtype(image.dtype) == tf.string
+  if colour_first(r):
+    image = _colour(decode(image, channels) if encoded else image, s, r)
+    encoded = False
   if r['crop_size'] and encoded:
     image = decode_random_resized_crop(image, s[_CROP], r['crop_size'], r['crop_scale'], r['crop_ratio'],
                                        r['crop_method'], channels)
@@ -313,6 +319,18 @@ def augment_view(image, seed, recipe: Mapping[str, Any], channels: int = 3):
   return _after_crop(image, s, r)
 
 
+def colour_first(recipe: Mapping[str, Any]) -> bool:
+  """Whether ``recipe`` (a full recipe) jitters or grays the whole image before its crop (``colour_first`` with
+  ``jitter_p`` or ``gray_p`` above 0)."""
+  return bool(recipe['colour_first']) and (recipe['jitter_p'] > 0 or recipe['gray_p'] > 0)
+
+
+def _colour(image, s, r):
+  """Colour jitter (p ``jitter_p``) then grayscale (p ``gray_p``) with :func:`augment_view`'s sub-seeds ``s``."""
+  image = _maybe(s[_JITTER_P], r['jitter_p'], lambda x: color_jitter(x, s[_JITTER], *r['jitter']), image)
+  return _maybe(s[_GRAY], r['gray_p'], _grayscale, image)
+
+
 def _after_crop(image, s, r):
   """The ops of :func:`augment_view` after the crop, with its sub-seeds ``s`` and full recipe ``r``."""
   if r['affine_degrees'] or r['affine_shear'] or tuple(r['affine_scale']) != (1.0, 1.0):
@@ -320,8 +338,8 @@ def _after_crop(image, s, r):
   if r['translate']:
     image = random_translate(image, s[_TRANSLATE], r['translate'])
   image = random_flip(image, s[_FLIP], r['flip_p'])
-  image = _maybe(s[_JITTER_P], r['jitter_p'], lambda x: color_jitter(x, s[_JITTER], *r['jitter']), image)
-  image = _maybe(s[_GRAY], r['gray_p'], _grayscale, image)
+  if not colour_first(r):
+    image = _colour(image, s, r)
   image = _maybe(s[_BLUR_P], r['blur_p'],
                  lambda x: gaussian_blur(x, s[_BLUR], r['blur_sigma'], r['blur_kernel_fraction']), image)
   image = _maybe(s[_SOLARIZE], r['solarize_p'], solarize, image)
@@ -343,11 +361,15 @@ def augment_views(image_bytes, seeds, recipes, channels: int = 3):
 
   Same windows, flips and colour draws as :func:`augment_view` with the same seeds (pixels may differ
   slightly at window edges, where a cropped JPEG decode lacks the neighbouring blocks). Needs a crop in every
-  recipe; non-JPEG bytes are decoded whole.
+  recipe; non-JPEG bytes are decoded whole. When a recipe has ``colour_first``, the image is decoded whole, once,
+  and every view is :func:`augment_view` of it (then equal to augment_view of the bytes for colour_first views).
   """
   rs = [full_recipe(r) for r in recipes]
   if not all(r['crop_size'] for r in rs):
     raise errors.ConfigError('augment_views needs a random resized crop in every recipe')
+  if any(colour_first(r) for r in rs):
+    whole = decode(image_bytes, channels)
+    return [augment_view(whole, seed, r, channels) for seed, r in zip(seeds, rs)]
   subs = [tf.random.experimental.stateless_split(seed, 10) for seed in seeds]
   crops = decode_crops(image_bytes, lambda shape: tf.stack([crop_window(shape, s[_CROP], r['crop_scale'],
                                                                         r['crop_ratio']) for s, r in zip(subs, rs)]),

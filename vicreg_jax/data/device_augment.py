@@ -8,6 +8,12 @@ contrast, saturation, hue, in a random order per example, as torchvision's ``Col
 Each deterministic op computes what its tf.image counterpart in :mod:`augment` computes (hue: the same RGB→HSV
 shift→RGB as ``tf.image.adjust_hue``, no YIQ approximation). The random draws come from jax keys, so they are
 the same distribution as the host's, not the same numbers.
+
+A ``colour_first`` recipe (W-MSE: jitter and grayscale on the whole image before the crop) keeps its jitter and
+grayscale on the host, before the crop (:func:`host_recipe`), and the device does only the blur, solarize and
+normalisation (:func:`device_recipe`). Done after the crop on the device they would be another augmentation, not
+the same one moved: the contrast blends with the mean gray of the image it sees (whole image ≠ crop), and no
+jitter op commutes exactly with the resize (clipping, hue's HSV round trip), so only the host order is exact.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vicreg_jax import errors
-from vicreg_jax.data.recipes import full_recipe
+from vicreg_jax.data.recipes import blur_radius, full_recipe
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale (ITU-R 601 luma)
 
@@ -27,12 +33,21 @@ def host_recipe(recipe: Mapping[str, Any]) -> dict:
   """``recipe`` without its colour part (jitter, grayscale, blur, solarize, normalisation): what the host still
   does when the colour ops run on the accelerator. The geometric ops keep their sub-seeds, so crops and flips
   are those of the full recipe on the host; a cutout too (its zeros survive the uint8 transfer; the colour ops
-  then run after it). Pixel noise is not among the device ops: a recipe with ``noise_std`` is refused."""
+  then run after it). Pixel noise is not among the device ops: a recipe with ``noise_std`` is refused.
+  A ``colour_first`` recipe keeps its jitter and grayscale here, before the crop (the module docstring says why)."""
   r = full_recipe(recipe)
   if r['noise_std']:
     raise errors.ConfigError('augment.on_device does not do the pixel noise of noise_std (it would be clipped by the '
                      'uint8 transfer): set --config.augment.on_device=False, or noise_std=0 in the views')
-  return dict(r, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=None, std=None)
+  off = dict(blur_p=0.0, solarize_p=0.0, mean=None, std=None)
+  return dict(r, **off) if r['colour_first'] else dict(r, jitter_p=0.0, gray_p=0.0, **off)
+
+
+def device_recipe(recipe: Mapping[str, Any]) -> dict:
+  """The full ``recipe`` as the device ops read it: without jitter and grayscale when it is ``colour_first`` (the
+  host did them before the crop, :func:`host_recipe`), else as it is."""
+  r = full_recipe(recipe)
+  return dict(r, jitter_p=0.0, gray_p=0.0) if r['colour_first'] else r
 
 
 def to_uint8(image):
@@ -110,15 +125,11 @@ def adjust_hue(image, delta):
   return jnp.clip(hsv_to_rgb(jnp.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1)), 0.0, 1.0)
 
 
-def blur_radius(side: int, kernel_fraction: float) -> int:
-  """Half the kernel side of :func:`gaussian_blur` for an image side ``side`` (as augment.gaussian_blur)."""
-  return max(1, int(round(kernel_fraction * side / 2)))
-
-
-def gaussian_blur(image, sigma, kernel_fraction: float = 0.1):
+def gaussian_blur(image, sigma, kernel_fraction: float = 0.1, sigma_max: float = 2.0):
   """Separable Gaussian blur with standard deviation ``sigma`` (pixels), kernel side 2r + 1 with
-  r = :func:`blur_radius` of the image height, reflect padding: augment.gaussian_blur for a fixed σ."""
-  radius = blur_radius(image.shape[0], kernel_fraction)
+  r = :func:`recipes.blur_radius` of the image height, ``kernel_fraction`` and ``sigma_max`` (the recipe's largest
+  σ, which sizes the kernel when ``kernel_fraction`` is 0), reflect padding: augment.gaussian_blur for a fixed σ."""
+  radius = blur_radius(image.shape[0], kernel_fraction, sigma_max)
   x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   k = jnp.exp(-0.5 * (x / sigma)**2)
   k = k / jnp.sum(k)
@@ -155,8 +166,9 @@ def example_decisions(key, recipe: Mapping[str, Any]) -> dict:
   """Everything :func:`apply_colour_ops` draws for one example from ``key``: booleans ``jitter``, ``gray``,
   ``blur``, ``solarize``; jitter factors ``brightness``, ``contrast``, ``saturation`` (U[1-x, 1+x]) and ``hue``
   (U[-h, h]); ``order``, the permutation in which the four jitter ops run (uniform: argsort of 4 uniforms, as
-  augment.color_jitter); ``sigma``, the blur's σ ~ U[blur_sigma]."""
-  r = full_recipe(recipe)
+  augment.color_jitter); ``sigma``, the blur's σ ~ U[blur_sigma]. A ``colour_first`` recipe never jitters or
+  grays here (:func:`device_recipe`)."""
+  r = device_recipe(recipe)
   k = jax.random.split(key, 10)
   b, c, s, h = r['jitter']
   u = lambda key, lo, hi: jax.random.uniform(key, (), jnp.float32, lo, hi)  # noqa: E731
@@ -191,7 +203,8 @@ def _colour_one(image, d: dict, r: dict):
   if r['gray_p'] > 0:
     image = jnp.where(d['gray'], grayscale(image), image)
   if r['blur_p'] > 0:
-    image = jnp.where(d['blur'], gaussian_blur(image, d['sigma'], r['blur_kernel_fraction']), image)
+    blurred = gaussian_blur(image, d['sigma'], r['blur_kernel_fraction'], r['blur_sigma'][1])
+    image = jnp.where(d['blur'], blurred, image)
   if r['solarize_p'] > 0:
     image = jnp.where(d['solarize'], solarize(image), image)
   if r['mean'] is not None:
@@ -202,7 +215,7 @@ def _colour_one(image, d: dict, r: dict):
 def apply_colour_ops_per_example(images, keys, recipe: Mapping[str, Any]):
   """:func:`apply_colour_ops` with one key per example (``keys`` [B]), e.g. keys derived from the examples'
   global positions so the result does not depend on how the batch is split over devices."""
-  r = full_recipe(recipe)
+  r = device_recipe(recipe)
   images = from_uint8(images)
   return jax.vmap(lambda x, k: _colour_one(x, example_decisions(k, r), r))(images, keys)
 
@@ -211,5 +224,6 @@ def apply_colour_ops(images, key, recipe: Mapping[str, Any]):
   """The colour part of ``recipe`` (keys of :data:`recipes.RECIPE_DEFAULTS`) on a batch ``images`` [B, H, W, C]
   (float in [0, 1], or uint8 0–255) with per-example randomness from ``jax.random.split(key, B)``: colour jitter
   (p ``jitter_p``, random op order), grayscale (``gray_p``), Gaussian blur (``blur_p``), solarize
-  (``solarize_p``), normalisation (``mean``/``std``). Returns float32 [B, H, W, C]."""
+  (``solarize_p``), normalisation (``mean``/``std``); jitter and grayscale not when ``colour_first`` (the host's,
+  :func:`host_recipe`). Returns float32 [B, H, W, C]."""
   return apply_colour_ops_per_example(images, jax.random.split(key, images.shape[0]), recipe)
