@@ -69,7 +69,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
       lambda: _pretraining_config(pre), config, config.start_timeout_seconds), origin=f'{pre}/config.json')
   config, line = protocols.resolve(config, pre_config.method)
   schema.validate(config)
-  logging.info(line)
   print(line, flush=True)
   runs.save_config(workdir, config)
   if not config.data.image_size and pre_config.data.image_size:
