@@ -153,6 +153,12 @@ def test_named_protocols_explicit_values_and_none(tmp_path, monkeypatch, capsys)
       'sgd', 0.1, 1e-3, 500, 'last')  # digits_linear.py's own, not SimCLR's
 
 
+def test_an_evaluation_transform_given_whole_gets_the_protocols_interpolation():
+  config = load_config('imagenet_linear')
+  config.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # as the digits configs once wrote it
+  assert protocols.resolve(config, 'byol')[0].transforms.eval.method == 'bicubic'
+
+
 def test_a_protocol_without_a_row_is_one_line():
   config = load_config('imagenet_semi')
   config.classifier.labels_percent = 50

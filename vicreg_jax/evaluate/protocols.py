@@ -169,7 +169,8 @@ def _get(config, key: str):
   return node
 
 
-_ABSENT = object()  # a key the config does not hold (e.g. transforms.train = {}): the protocol leaves it so
+_ABSENT = object()  # a key the config does not hold (e.g. transforms.train = {}): the protocol leaves it so, but
+                    # for the evaluation transform's interpolation, which the job always reads
 
 
 def _put(config, key: str, value) -> None:
@@ -196,7 +197,7 @@ def resolve(config: ml_collections.ConfigDict, pretrain_method: Optional[str]) -
   explicit = []
   for key, value in values.items():
     current = _get(out, key)
-    if current is None:
+    if current is None or (current is _ABSENT and key == 'transforms.eval.method'):  # eval: a dict given whole
       _put(out, key, value)
     elif current is not _ABSENT and current != value and not _same(current, value):
       explicit.append(f'{key}={current!r}')
