@@ -5,7 +5,8 @@ compared value by value, to decide which benchmark rows a change has to re-run.
 
 ``--before`` / ``--after`` are git revisions of this repository (exported with ``git archive`` into a temporary
 folder) or checkout folders; ``--after`` defaults to this checkout's working tree. Each side resolves its configs
-in a fresh interpreter with that side's package on ``PYTHONPATH``, so each sees its own schema and defaults.
+in a fresh interpreter with that side's package on ``PYTHONPATH``, so each sees its own schema and defaults; an
+evaluation config with ``protocol='none'`` is resolved as its job resolves it (``evaluate.protocols.resolve``).
 
 Keys the after side renamed (its ``config.RENAMED``) are compared under their new names. Prints per config: the keys whose value changed (before → after), the keys only one side has (a key the change
 added keeps the old behaviour only if its default says so: such keys are listed, not judged), and a last line
@@ -35,7 +36,11 @@ for path in sys.argv[1:]:
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in schema.leaves(module.get_config()).items()}
+  config = module.get_config()
+  if config.get('protocol') == 'none':  # an evaluation config with its own protocol: what the job runs
+    from vicreg_jax.evaluate import protocols
+    config = protocols.resolve(config, None)[0]
+  out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in schema.leaves(config).items()}
 print(json.dumps({'configs': out, 'renamed': getattr(schema, 'RENAMED', {})}, default=repr))
 '''
 

@@ -49,6 +49,7 @@ def digest(ds, batches: int) -> str:
 
 def pipelines(batches: int) -> dict:
   from vicreg_jax.data import pipeline
+  from vicreg_jax.evaluate import protocols
   out = {}
   c = load_config('digits')
   out['digits/pretrain'] = digest(pipeline.pretrain_dataset(c, 0, 0, 1), batches)
@@ -64,6 +65,7 @@ def pipelines(batches: int) -> dict:
 def mock_imagenet(batches: int) -> dict:
   import tensorflow_datasets as tfds
   from vicreg_jax.data import pipeline
+  from vicreg_jax.evaluate import protocols
   out = {}
   with tempfile.TemporaryDirectory() as data_dir:
     builder = tfds.builder('imagenet2012', data_dir=data_dir)
@@ -77,7 +79,7 @@ def mock_imagenet(batches: int) -> dict:
       c.batch_size = 8
       c.data.update(data_dir=data_dir, shuffle_buffer=32)
       out['imagenet/pretrain'] = digest(pipeline.pretrain_dataset(c, 0, 0, 1), batches)
-      lin = load_config('imagenet_linear')
+      lin = protocols.resolve(load_config('imagenet_linear'), 'vicreg')[0]
       lin.data.update(data_dir=data_dir, shuffle_buffer=32)
       out['imagenet/linear_train'] = digest(pipeline.labelled_dataset(lin.data, dict(lin.transforms.train), 8, 0),
                                             batches)

@@ -18,6 +18,7 @@ from vicreg_jax.config import eval_job_config
 
 def get_config():
   c = eval_job_config()
+  c.protocol = 'none'  # the digits protocol below, whatever the pretraining method
   c.poll_seconds = 2.0
   c.timeout_seconds = 1800.0
   c.epochs = 500  # ~2,500 steps on cached features, ~5 s: converged, so it matches the in-run probe
@@ -26,5 +27,5 @@ def get_config():
   c.classifier.update(head_lr=0.1, weight_decay=1e-3, report='last')  # no validation split to pick an epoch on
   c.data.update(source='digits', name='digits', test_split='test', channels=1)
   c.transforms.train = {}  # cached features of the un-augmented images
-  c.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
+  c.transforms.eval.update(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
   return c

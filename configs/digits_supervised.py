@@ -17,6 +17,7 @@ from vicreg_jax.config import eval_job_config
 
 def get_config():
   c = eval_job_config()
+  c.protocol = 'none'  # the digits protocol below, whatever the pretraining method
   c.job = 'finetune'
   c.from_scratch = True
   c.poll_seconds = 2.0
@@ -26,5 +27,5 @@ def get_config():
   c.classifier.update(backbone_lr=0.1, head_lr=0.1, weight_decay=5e-4, batchnorm='sync', report='last')
   c.data.update(source='digits', name='digits', test_split='test', channels=1)
   c.transforms.train = dict(translate=2)
-  c.transforms.eval = dict(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
+  c.transforms.eval.update(resize=0, crop=0, mean=None, std=None)  # in-memory images: used as they are
   return c

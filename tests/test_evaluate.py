@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
 from vicreg_jax import parallel, runs, train
-from vicreg_jax.evaluate import classifier, linear
+from vicreg_jax.evaluate import classifier, linear, protocols
 from vicreg_jax.models import backbones, heads
 
 SIZE = 64
@@ -95,6 +95,7 @@ def eval_overrides(config, tmp_path, pre):
   config.data.update(shuffle_buffer=16, data_dir=str(tmp_path / 'tfds'))
   config.transforms.train['crop_size'] = SIZE
   config.transforms.eval.update(resize=SIZE * 8 // 7, crop=SIZE)
+  config.classifier.ghost_batch_size = 8  # ghost BatchNorm groups of 8 of the 16 rows
   return config
 
 
@@ -113,10 +114,15 @@ def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
     module = __import__('importlib').util.module_from_spec(spec)
     spec.loader.exec_module(module)
     semi = eval_overrides(module.get_config('10'), tmp_path, pre)
-    assert semi.data.name == 'imagenet2012_subset/10pct' and semi.classifier.backbone_lr == 0.01
-    assert lin.classifier.report == semi.classifier.report == 'best'  # official: the best epoch's figures
-    assert semi.classifier.batchnorm == 'per_device'  # official: DDP without SyncBN
+    assert semi.data.name == 'imagenet2012_subset/10pct' and semi.classifier.labels_percent == 10
+    assert lin.protocol == semi.protocol == 'auto'  # the pretraining run's method's: VICReg's
     semi_results = linear.run(semi, str(tmp_path / 'semi'), finetune=True)
+  # the resolved protocols, as the jobs wrote them: VICReg's official linear and 10% rows
+  ran = {job: json.loads((tmp_path / job / 'config.json').read_text()) for job in ('lin', 'semi')}
+  assert ran['lin']['protocol'] == ran['semi']['protocol'] == 'vicreg'
+  assert ran['lin']['classifier']['head_lr'] == 0.02 and ran['lin']['classifier']['report'] == 'best'
+  assert (ran['semi']['classifier']['backbone_lr'], ran['semi']['classifier']['head_lr']) == (0.01, 0.1)
+  assert ran['semi']['classifier']['batchnorm'] == 'ghost' and ran['semi']['epochs'] == 1  # epochs: set here
   for r in (results, semi_results):  # one epoch: the best epoch is the last
     assert list(r) == ['2'] and r['2']['epoch'] == 1 and r['2']['top1'] == r['2']['last_top1']
   # Fine-tuning trained the backbone; the linear job kept it frozen (its state holds only the head).
@@ -143,7 +149,7 @@ def _finetune_setup():
   params, variables = jax.device_get((params, variables))  # host copies: the step donates its input state
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
-  return pre, head, params, variables, load_config('digits_semi').classifier, batch
+  return pre, head, params, variables, protocols.resolve(load_config('digits_semi'), None)[0].classifier, batch
 
 
 def test_finetune_step_on_8_devices_equals_1_device():
@@ -152,7 +158,7 @@ def test_finetune_step_on_8_devices_equals_1_device():
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    tx = classifier.make_optimizer(cl, params, 2, 3)
+    tx = classifier.make_optimizer(cl, params, 2, 3, 32)
     state = classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                        batch_stats=variables['batch_stats'], opt_state=tx.init(params))
     step = classifier.make_train_step(head, backbones.from_config(pre.model, parallel.AXIS), tx, mesh, True)
@@ -174,12 +180,12 @@ def test_finetune_step_with_per_device_batchnorm_is_the_official_ddp_step():
   and keeping shard 0's running statistics (DDP broadcasts rank 0's buffers)."""
   pre, head, params, variables, cl, batch = _finetune_setup()
   backbone = backbones.from_config(pre.model)  # no axis: per-device statistics
-  tx = classifier.make_optimizer(cl, params, 2, 3)
+  tx = classifier.make_optimizer(cl, params, 2, 3, 32)
   mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
   state = jax.device_put(classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                                                     batch_stats=variables['batch_stats'], opt_state=tx.init(params)),
                          parallel.replicated(mesh))
-  step = classifier.make_train_step(head, backbone, tx, mesh, True, sync_bn=False)
+  step = classifier.make_train_step(head, backbone, tx, mesh, True, batchnorm='per_device')
   state, metrics = step(state, {}, jax.device_put(batch, parallel.data_sharding(mesh)))
   got = jax.device_get((state.params, state.batch_stats, metrics['loss']))
 

@@ -144,16 +144,32 @@ _PRETRAIN = {
     'final_probe.max_test_examples': NONNEG_INT,
     **{f'augment.{v}.{k}': r for v in ('view1', 'view2', 'small_view') for k, r in _RECIPE.items()},
 }
+def _maybe(rule: Rule) -> Rule:
+  """``rule`` with None allowed: a protocol-controlled key (None: the evaluation protocol's value)."""
+  return dataclasses.replace(rule, none=True)
+
+
 _EVAL = {
-    'epochs': COUNT, 'pretrain_workdir': TEXT, 'checkpoints': Rule('str', choices=('all', 'latest', 'final')),
+    'epochs': _maybe(COUNT), 'batch_size': _maybe(COUNT), 'pretrain_workdir': TEXT,
+    'checkpoints': Rule('str', choices=('all', 'latest', 'final')),
+    'protocol': Rule('str', choices=lambda: ('auto', 'none', *_methods())),
     'from_scratch': BOOL, 'poll_seconds': POSITIVE, 'timeout_seconds': NONNEG, 'start_timeout_seconds': NONNEG,
-    'classifier.head_lr': NONNEG, 'classifier.backbone_lr': NONNEG, 'classifier.weight_decay': NONNEG,
-    'classifier.momentum': FRACTION, 'classifier.head_init_std': NONNEG, 'classifier.labels_per_class': NONNEG_INT,
-    'classifier.batchnorm': Rule('str', choices=('per_device', 'sync')),
-    'classifier.report': Rule('str', choices=('best', 'last')), 'classifier.test_every_epochs': NONNEG_INT,
-    'features.cache': BOOL, 'features.standardize': BOOL,
+    'classifier.optimizer': _maybe(Rule('str', choices=('sgd', 'nesterov', 'larc', 'adam'))),
+    'classifier.head_lr': _maybe(NONNEG), 'classifier.backbone_lr': _maybe(NONNEG), 'classifier.scale_lr': _maybe(BOOL),
+    'classifier.weight_decay': _maybe(NONNEG), 'classifier.momentum': _maybe(FRACTION),
+    'classifier.lr_schedule': _maybe(Rule('str', choices=('cosine', 'cosine_steps', 'step', 'exponential'))),
+    'classifier.lr_decay_factor': _maybe(Rule('float', 0, 1, lo_open=True)),
+    'classifier.head_init': _maybe(Rule('str', choices=('normal', 'haiku', 'torch'))),
+    'classifier.head_init_std': _maybe(NONNEG), 'classifier.labels_per_class': NONNEG_INT,
+    'classifier.labels_percent': Rule('int', 1, 100),
+    'classifier.batchnorm': _maybe(Rule('str', choices=('ghost', 'sync', 'per_device'))),
+    'classifier.ghost_batch_size': COUNT, 'classifier.backbone_dtype': Rule('str', choices=('float32', 'bfloat16')),
+    'classifier.report': _maybe(Rule('str', choices=('best', 'last'))), 'classifier.test_every_epochs': NONNEG_INT,
+    'features.cache': _maybe(BOOL), 'features.standardize': BOOL,
     'transforms.eval.resize': NONNEG_INT, 'transforms.eval.crop': NONNEG_INT,
+    'transforms.eval.method': _maybe(Rule('str', choices=('bilinear', 'bicubic'))),
     **{f'transforms.train.{k}': r for k, r in _RECIPE.items()},
+    'transforms.train.crop_method': _maybe(_RECIPE['crop_method']),
 }
 
 # Keys that were renamed: old dotted name -> new one. A config.json of an older run is read through this table
@@ -390,12 +406,23 @@ def digits_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _unset(field_type) -> ml_collections.FieldReference:
+  """A protocol-controlled key: None (the protocol's value) until the job resolves it; typed, so the command line
+  can set it."""
+  return ml_collections.FieldReference(None, field_type=field_type)
+
+
 def eval_job_config() -> ml_collections.ConfigDict:
-  """Keys of the linear-evaluation (``job='linear'``) and fine-tuning (``job='finetune'``) jobs, defaulting to
-  the official ImageNet linear protocol. The backbone comes from the pretraining run's own config.json."""
+  """Keys of the linear-evaluation (``job='linear'``) and fine-tuning (``job='finetune'``) jobs. The backbone comes
+  from the pretraining run's own config.json. The keys a method's evaluation protocol sets default to None: the
+  job fills them from ``protocol`` (:mod:`vicreg_jax.evaluate.protocols`, whose tables hold every method's
+  official values with their sources); a value given in the config or on the command line always wins."""
   c = _shared('linear')
-  c.batch_size = 256
-  c.epochs = 100
+  # 'auto': the pretraining run's method's protocol (its config.json's ``method``); a method's name: that one;
+  # 'none': no method's, the config's own values (keys left None take the protocol tables' defaults, VICReg's).
+  c.protocol = 'auto'
+  c.batch_size = _unset(int)  # protocol: e.g. 256 (VICReg), 4096 (BYOL, SimCLR, SimSiam), 1000 (W-MSE)
+  c.epochs = _unset(int)
   c.log_every_steps = 100     # a progress line
   c.data.image_size = 0       # in-memory (digits) images: the pretraining run's size
   c.pretrain_workdir = ''     # the pretraining run's --workdir (required)
@@ -404,21 +431,39 @@ def eval_job_config() -> ml_collections.ConfigDict:
   c.poll_seconds = 60.0
   c.timeout_seconds = 0.0     # give up after this long without a new checkpoint (0: wait for ever)
   c.start_timeout_seconds = 600.0  # give up after this long if pretrain_workdir has no config.json yet (0: at once)
-  # The classifier's optimiser (SGD, cosine per epoch, lr per group) and protocol.
+  # The classifier's optimiser and protocol (None: the protocol's; evaluate/protocols.py and docs/evaluation.md).
   c.classifier = ml_collections.ConfigDict(dict(
-      head_lr=0.02, backbone_lr=0.0, weight_decay=1e-6, momentum=0.9, head_init_std=0.01,
+      optimizer=_unset(str),      # 'sgd' | 'nesterov' (SGD, Nesterov momentum) | 'larc' (apex LARC, trust 0.001,
+                                  # around SGD) | 'adam' (Adam, L2 weight decay added to the gradient)
+      head_lr=_unset(float), backbone_lr=_unset(float),
+      scale_lr=_unset(bool),      # the learning rates are per 256 images: multiplied by batch_size / 256
+      weight_decay=_unset(float), momentum=_unset(float),
+      # 'cosine' (per epoch, torch's CosineAnnealingLR), 'cosine_steps' (per step, TF's cosine_decay), 'step' (×
+      # lr_decay_factor at each of lr_decay_epochs, MultiStepLR), 'exponential' (per epoch down to
+      # lr_decay_factor × lr at the end, ExponentialLR)
+      lr_schedule=_unset(str), lr_decay_epochs=_unset(tuple), lr_decay_factor=_unset(float),
+      # 'normal': N(0, head_init_std) weights (0: zeros, SimCLR) and zero bias; 'haiku': hk.Linear's (truncated
+      # normal, std 1/sqrt(fan-in); zero bias); 'torch': nn.Linear's (weights and bias U(±1/sqrt(fan-in)))
+      head_init=_unset(str), head_init_std=_unset(float),
       labels_per_class=0,      # > 0: train on that many labels per class (semi-supervised; in-memory sources)
-      batchnorm='per_device',  # fine-tuning: each device's batch statistics (official: DDP, no SyncBN) or 'sync'
-      report='best',           # test top-1 of the 'best' epoch, tested after each (official), or of the 'last'
+      labels_percent=100,      # the percentage of the labels trained on (ImageNet subsets: 1 or 10), which picks
+                               # the protocol's semi-supervised row
+      # fine-tuning's BatchNorm: 'ghost' (statistics of fixed groups of ghost_batch_size rows by global position,
+      # whatever the device count: DDP without SyncBN at 32 images per GPU), 'sync' (the whole batch), or
+      # 'per_device' (each device's rows: depends on the device count)
+      batchnorm=_unset(str), ghost_batch_size=32,
+      backbone_dtype='float32',  # the backbone's computation (frozen or fine-tuned), whatever pretraining used
+      report=_unset(str),      # test top-1 of the 'best' epoch, tested after each, or of the 'last'
       test_every_epochs=1))    # the test top-1/top-5 written every this many epochs (official: 1; 0: at the end)
   c.features = ml_collections.ConfigDict(dict(
-      cache=False,            # extract frozen features once (no train augmentation): small datasets
+      cache=_unset(bool),     # extract frozen features once (no train augmentation): small datasets, W-MSE
       standardize=False))     # scale cached features by the training features' mean/std (BN without affine)
   c.transforms = ml_collections.ConfigDict(dict(
-      # Official: RandomResizedCrop(224) (bilinear) + flip; validation Resize(256) (bilinear) + CenterCrop(224).
-      train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method='bilinear', flip_p=0.5,
+      # Official (VICReg): RandomResizedCrop(224) + flip; validation Resize(256) + CenterCrop(224). The crop's and
+      # the resize's interpolation are the protocol's (None): bilinear (torchvision) or bicubic (BYOL, SimCLR).
+      train=dict(RECIPE_DEFAULTS, crop_size=224, crop_scale=(0.08, 1.0), crop_method=_unset(str), flip_p=0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD),
-      eval=dict(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)))
+      eval=dict(resize=256, crop=224, method=_unset(str), mean=IMAGENET_MEAN, std=IMAGENET_STD)))
   c.lock()
   return c
 

@@ -19,7 +19,9 @@ the evaluation jobs read:
   architecture, ImageNet stem, float32 (as the official evaluation; ``--config.model.dtype=bfloat16`` to run the
   backbone in bfloat16) and ``num_steps`` = ``--step`` (the jobs stop after the run's last step). The jobs also
   count the examples of the config's training split, so ``data`` must name a dataset they can read: give the
-  converter the same ``--config.data.*`` (``data_dir``, or ``source=folder``) as the evaluation job;
+  converter the same ``--config.data.*`` (``data_dir``, or ``source=folder``) as the evaluation job. Give
+  ``--config.method=NAME`` (default vicreg) for another method's weights: the evaluation jobs' ``protocol='auto'``
+  evaluates them with that method's protocol (vicreg_jax/evaluate/protocols.py);
 - ``checkpoints/STEP/default``: an orbax checkpoint of ``{'step', 'params': {'backbone'}, 'batch_stats':
   {'backbone'}}`` (no projector or optimiser: the evaluation jobs read only the backbone; the pretraining job
   refuses to resume from it);
@@ -171,7 +173,7 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
   config.model.update(arch=found, width_multiplier=width, stem='imagenet')
   config.num_steps = step
   runs.write_json(os.path.join(workdir, 'converted_from.json'), {
-      'source': source, 'arch': found, 'width_multiplier': width, 'step': step, 'note': note,
+      'source': source, 'arch': found, 'width_multiplier': width, 'method': config.method, 'step': step, 'note': note,
       'tensors': len(torch_weights.layout(found, width))})
   runs.save_config(workdir, config)  # before the checkpoint: a job that finds the config waits for it
   mngr = checkpoints.manager(checkpoint_dir, keep=1)
@@ -189,7 +191,8 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
   name = found if width == 1 else f'{found} ×{width:g}'
   return (f'Wrote {workdir}: the {name} backbone of {source}{" (" + note + ")" if note else ""}, '
           f'{_count(variables["params"]):,} parameters, as checkpoint {step} with config.json '
-          f'(data: {_data(config.data)}); evaluate it with python -m vicreg_jax.main '
+          f'(method {config.method}, whose protocol the evaluation jobs take; data: {_data(config.data)}); '
+          f'evaluate it with python -m vicreg_jax.main '
           f'--config=configs/imagenet_linear.py --workdir=EVAL_DIR --config.pretrain_workdir={workdir}')
 
 

@@ -1,9 +1,13 @@
 """Supervised training of a linear head on a pretrained backbone, shared by the linear-evaluation job (frozen
-backbone, BatchNorm in inference mode) and semi-supervised fine-tuning (whole network, SyncBN in train mode).
+backbone, BatchNorm in inference mode) and semi-supervised fine-tuning (whole network, BatchNorm in train mode:
+ghost, synchronised or per device).
 
-The protocol is the official VICReg evaluate.py: head N(0, 0.01) weights and zero bias; SGD with momentum,
-weight decay added to the gradient (as torch.optim.SGD), one learning rate for the head and one for the
-backbone, each annealed by a cosine over epochs (stepped once per epoch, as CosineAnnealingLR).
+What it trains with is the resolved evaluation protocol (:mod:`vicreg_jax.evaluate.protocols`): the head's
+initialisation (N(0, std) as VICReg's evaluate.py, zeros, hk.Linear's or nn.Linear's), one optimiser per
+parameter group ('head', 'backbone') with its own learning rate (SGD with momentum and weight decay added to the
+gradient as torch.optim.SGD, Nesterov's, apex's LARC around it, or Adam with L2 decay), and a schedule per epoch
+(cosine, as CosineAnnealingLR; steps, as MultiStepLR; exponential, as ExponentialLR) or per step (TF's cosine
+decay). The backbone computes in ``classifier.backbone_dtype`` (float32 unless asked).
 """
 
 from __future__ import annotations
@@ -52,6 +56,30 @@ def init_backbone(pre_config: ml_collections.ConfigDict, seed: int, mesh) -> dic
   return parallel.replicate({k: variables[k] for k in ('params', 'batch_stats')}, mesh)
 
 
+def backbone_model(pre_config: ml_collections.ConfigDict, cl: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The pretraining run's ``model`` section computing in ``cl.backbone_dtype`` (float32 by default, as the
+  official evaluations, whatever dtype pretraining used)."""
+  model = ml_collections.ConfigDict(pre_config.model.to_dict())
+  model.dtype = cl.backbone_dtype
+  return model
+
+
+def init_head(cl: ml_collections.ConfigDict, num_classes: int, key: jax.Array, feat_dim: int) -> dict:
+  """The head's parameters by ``cl.head_init``: 'normal' (N(0, head_init_std) weights, zero bias: VICReg's; std 0
+  gives SimCLR's zeros), 'haiku' (hk.Linear's: 1/√fan_in times a normal truncated to [-2, 2], zero bias)
+  or 'torch' (nn.Linear's: weights and bias U(±1/√fan_in))."""
+  params = heads.Head(num_classes, cl.head_init_std).init(key, jnp.zeros((1, feat_dim)))['params']
+  if cl.head_init == 'normal':
+    return params
+  shape, bound = params['fc']['kernel'].shape, 1.0 / math.sqrt(feat_dim)
+  k1, k2 = jax.random.split(key)
+  if cl.head_init == 'haiku':
+    kernel = jax.random.truncated_normal(k1, -2.0, 2.0, shape) * bound
+    return {'fc': {'kernel': kernel, 'bias': jnp.zeros(shape[1])}}
+  return {'fc': {'kernel': jax.random.uniform(k1, shape, minval=-bound, maxval=bound),
+                 'bias': jax.random.uniform(k2, (shape[1],), minval=-bound, maxval=bound)}}
+
+
 # --- optimiser and steps ------------------------------------------------------------------------------------
 
 def epoch_cosine(base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
@@ -62,27 +90,125 @@ def epoch_cosine(base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
   return schedule
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, params: dict, steps_per_epoch: int, epochs: int):
-  """SGD (momentum, weight decay on the gradient) with its own cosine learning rate per top-level group."""
-  def sgd(lr):
-    return optax.chain(optax.add_decayed_weights(optim.weight_decay),
-                       optax.sgd(epoch_cosine(lr, steps_per_epoch, epochs), momentum=optim.momentum))
-  lrs = {'head': optim.head_lr, 'backbone': optim.backbone_lr}
-  return optax.multi_transform({k: sgd(lrs[k]) for k in params}, {k: k for k in params})
+def lr_schedule(cl: ml_collections.ConfigDict, base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
+  """The learning rate at each step, from ``base_lr``, by ``cl.lr_schedule``: 'cosine' (:func:`epoch_cosine`),
+  'cosine_steps' (``base_lr·(1 + cos(π·min(step, total)/total))/2``, TF's cosine_decay), 'step' (``base_lr ×
+  lr_decay_factor^(milestones passed)`` with the milestones ``lr_decay_epochs``, MultiStepLR), 'exponential'
+  (``base_lr × γ^epoch``, γ = lr_decay_factor^(1/epochs), ExponentialLR: lr_decay_factor × base_lr after the last
+  epoch)."""
+  total = steps_per_epoch * epochs
+  if cl.lr_schedule == 'cosine':
+    return epoch_cosine(base_lr, steps_per_epoch, epochs)
+  if cl.lr_schedule == 'cosine_steps':
+    return lambda step: base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total))
+  epoch = lambda step: step // steps_per_epoch  # noqa: E731
+  if cl.lr_schedule == 'step':
+    milestones = jnp.asarray(tuple(cl.lr_decay_epochs) or (epochs + 1,), jnp.int32)
+    return lambda step: base_lr * cl.lr_decay_factor ** jnp.sum(epoch(step) >= milestones)
+  if cl.lr_schedule == 'exponential':
+    gamma = cl.lr_decay_factor ** (1.0 / epochs)
+    return lambda step: base_lr * gamma ** jnp.minimum(epoch(step), epochs).astype(jnp.float32)
+  raise errors.ConfigError(f'classifier.lr_schedule {cl.lr_schedule!r} is not one of cosine, cosine_steps, step, '
+                           'exponential')
+
+
+def larc(weight_decay: float, trust: float = 0.001, eps: float = 1e-8) -> optax.GradientTransformation:
+  """apex's LARC without clipping, before its SGD (SimSiam's linear classifier): for each parameter p with
+  ‖p‖ ≠ 0 and ‖g‖ ≠ 0, ``g ← (g + wd·p)·trust·‖p‖/(‖g‖ + wd·‖p‖ + eps)``; any other keeps ``g`` and gets no decay
+  (NVIDIA/apex@2ec84eb:apex/parallel/LARC.py:L78-104)."""
+  def update(updates, state, params):
+    def one(g, p):
+      p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+      ratio = trust * p_norm / (g_norm + p_norm * weight_decay + eps)
+      return jnp.where((p_norm != 0) & (g_norm != 0), (g + weight_decay * p) * ratio, g)
+    return jax.tree.map(one, updates, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def group_optimizer(cl: ml_collections.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
+  """One parameter group's optimiser, as PyTorch's (``cl.optimizer``): 'sgd' / 'nesterov' (``g + wd·p``, momentum
+  buffer ``m·buf + g``, Nesterov's step ``g + m·buf``, then the learning rate), 'larc' (:func:`larc` before SGD
+  without weight decay), 'adam' (``g + wd·p``, then Adam, β 0.9 / 0.999, ε 1e-8)."""
+  if cl.optimizer == 'adam':
+    return optax.chain(optax.add_decayed_weights(cl.weight_decay), optax.scale_by_adam(),
+                       optax.scale_by_learning_rate(schedule))
+  first = larc(cl.weight_decay) if cl.optimizer == 'larc' else optax.add_decayed_weights(cl.weight_decay)
+  return optax.chain(first, optax.trace(decay=cl.momentum, nesterov=cl.optimizer == 'nesterov'),
+                     optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(cl: ml_collections.ConfigDict, params: dict, steps_per_epoch: int, epochs: int,
+                   batch_size: int):
+  """The classifier's optimiser (:func:`group_optimizer`), with its own learning rate and schedule per top-level
+  group ('head', 'backbone'); ``cl.scale_lr``: the learning rates multiplied by ``batch_size / 256``."""
+  scale = batch_size / 256 if cl.scale_lr else 1.0
+  lrs = {'head': cl.head_lr * scale, 'backbone': cl.backbone_lr * scale}
+  return optax.multi_transform({k: group_optimizer(cl, lr_schedule(cl, lrs[k], steps_per_epoch, epochs))
+                                for k in params}, {k: k for k in params})
+
+
+def ghost_forward(backbone: nn.Module, variables: dict, x: jax.Array, size: int, axis: str):
+  """``(h, batch_stats)`` of the backbone in train mode on this device's rows ``x`` with ghost BatchNorm: the
+  global batch in groups of ``size`` consecutive rows (by global position), each normalised by its own
+  statistics, whatever the device count (DDP without SyncBN at ``size`` images per GPU). Groups inside a device
+  run as a batch of groups; a group spread over k devices is gathered and run on each of them (each keeps its
+  rows' outputs, so the gradients summed over devices are those of the whole batch). ``batch_stats``: the first
+  group's (DDP broadcasts rank 0's buffers)."""
+  b = x.shape[0]
+  apply = functools.partial(backbone.apply, train=True, mutable=['batch_stats'])
+  if b % size == 0:  # whole groups on this device
+    h, upd = jax.vmap(lambda xs: apply(variables, xs))(x.reshape((b // size, size) + x.shape[1:]))
+    h = h.reshape((b,) + h.shape[2:])
+    first = jax.tree.map(lambda v: v[0], upd['batch_stats'])
+  else:  # size % b == 0 (checked by the caller): the group spans size // b devices
+    k, me = size // b, jax.lax.axis_index(axis)
+    rows = jax.lax.all_gather(x, axis, tiled=True)
+    group = jax.lax.dynamic_slice_in_dim(rows, (me // k) * size, size)
+    h, upd = apply(variables, group)
+    h = jax.lax.dynamic_slice_in_dim(h, (me % k) * b, b)
+    first = upd['batch_stats']
+  return h, jax.tree.map(lambda v: jax.lax.all_gather(v, axis)[0], first)
+
+
+def check_ghost(batch_size: int, devices: int, size: int) -> None:
+  """One line unless ghost groups of ``size`` rows tile the per-device batch (one divides the other)."""
+  local = batch_size // devices
+  if batch_size % size or (local % size and size % local):
+    raise errors.ConfigError(
+        f'classifier.ghost_batch_size={size} must divide batch_size={batch_size}, and it or the per-device batch '
+        f'({local} on {devices} devices) must divide the other')
+
+
+def _features_of(backbone: Optional[nn.Module], finetune: bool, batchnorm: str, ghost_size: int, params: dict,
+                 batch_stats, frozen, x) -> tuple[jax.Array, Any]:
+  """``(representations of x, the backbone's new batch_stats)`` for :func:`make_train_step`: ``x`` itself
+  (cached features), the frozen backbone in inference mode, or the fine-tuned one in train mode with its
+  ``batchnorm``."""
+  if backbone is None:
+    return x, batch_stats
+  if not finetune:
+    return jax.lax.stop_gradient(backbone.apply(frozen, x, train=False)), batch_stats
+  variables = {'params': params['backbone'], 'batch_stats': batch_stats}
+  if batchnorm == 'ghost':
+    return ghost_forward(backbone, variables, x, ghost_size, parallel.AXIS)
+  h, upd = backbone.apply(variables, x, train=True, mutable=['batch_stats'])
+  if batchnorm == 'per_device':
+    return h, jax.tree.map(lambda v: jax.lax.all_gather(v, parallel.AXIS)[0], upd['batch_stats'])
+  return h, upd['batch_stats']
 
 
 def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, finetune: bool,
-                    sync_bn: bool = True, reductions: str = 'native'):
+                    batchnorm: str = 'sync', reductions: str = 'native', ghost_size: int = 32):
   """The jit-compiled global step ``(state, frozen, batch) -> (state, metrics)``, ``shard_map``'d over ``'data'``.
   A non-finite loss or gradient moves only the step counter (``metrics['finite']``, read by the loop's guard).
 
   ``backbone=None``: the batch holds features (cached extraction). Frozen backbone: ``frozen`` holds its
   variables and it runs in inference mode. Fine-tuning: its params are in ``state`` and BatchNorm runs in train
-  mode, with the global batch statistics when ``sync_bn`` (``backbone`` built with the ``'data'`` axis), else each
-  device's own (the official evaluate.py: DDP without SyncBN), the running statistics then device 0's (DDP
-  broadcasts rank 0's buffers). Each replica's loss is the global mean cross-entropy, so the averaged gradients
-  are those of one device on the whole batch. ``reductions``: how sums over devices add them
-  (:mod:`vicreg_jax.collectives`).
+  mode: ``batchnorm='sync'``, the global batch's statistics (``backbone`` built with the ``'data'`` axis);
+  'ghost', those of fixed groups of ``ghost_size`` rows (:func:`ghost_forward`); 'per_device', each device's
+  own; the running statistics then the first group's or device 0's (DDP broadcasts rank 0's buffers). Each
+  replica's loss is the global mean cross-entropy, so the averaged gradients are those of one device on the whole
+  batch. ``reductions``: how sums over devices add them (:mod:`vicreg_jax.collectives`).
   """
   axis = parallel.AXIS
   collectives.check(reductions)
@@ -93,22 +219,13 @@ def make_train_step(head: nn.Module, backbone: Optional[nn.Module], tx, mesh, fi
 
   def train_one_step(state: ClassifierState, frozen, batch):
     def loss_fn(params):
-      x, batch_stats = batch['image'], state.batch_stats
-      if backbone is None:
-        h = x
-      elif finetune:
-        h, upd = backbone.apply({'params': params['backbone'], 'batch_stats': batch_stats}, x, train=True,
-                                mutable=['batch_stats'])
-        batch_stats = upd['batch_stats']
-      else:
-        h = jax.lax.stop_gradient(backbone.apply(frozen, x, train=False))
+      h, batch_stats = _features_of(backbone, finetune, batchnorm, ghost_size, params, state.batch_stats, frozen,
+                                    batch['image'])
       logits = head.apply({'params': params['head']}, h)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
       return collectives.pmean(ce, axis), (batch_stats, logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if finetune and not sync_bn:
-      batch_stats = jax.tree.map(lambda x: jax.lax.all_gather(x, axis)[0], batch_stats)
     grads = collectives.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = all_finite(loss, grads)
@@ -209,8 +326,11 @@ def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetun
 def _eval_batches(config, split: str, mesh):
   """One pass over ``split`` with the evaluation transform, as global batches."""
   tr = config.transforms.eval
+  # the resize's interpolation (transforms.eval.method): pipeline.eval_dataset's `method` (bilinear its default)
+  method = {} if tr.method == 'bilinear' else {'method': tr.method}
   ds = pipeline.eval_dataset(config.data, split, config.batch_size, crop=tr.crop, resize=tr.resize, mean=tr.mean,
-                             std=tr.std, process_index=jax.process_index(), process_count=jax.process_count())
+                             std=tr.std, process_index=jax.process_index(), process_count=jax.process_count(),
+                             **method)
   return pipeline.global_batches(ds, parallel.data_sharding(mesh))
 
 
@@ -244,7 +364,7 @@ def _initial_state(config, head, feat_dim: int, pretrained: dict, finetune: bool
                    workdir: str):
   """The replicated classifier state (head, and the backbone when fine-tuning), or that of its newest checkpoint
   (:func:`checkpoints.restore_newest`: a damaged one set aside to ``workdir/damaged_checkpoints``)."""
-  params = {'head': head.init(jax.random.key(config.seed), jnp.zeros((1, feat_dim)))['params']}
+  params = {'head': init_head(config.classifier, head.num_classes, jax.random.key(config.seed), feat_dim)}
   batch_stats = {}
   if finetune:
     params['backbone'], batch_stats = pretrained['params'], pretrained['batch_stats']
@@ -274,20 +394,23 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   cl = config.classifier
   indices, n_train = _train_subset(config)
   steps_per_epoch = max(math.ceil(n_train / config.batch_size), 1)
-  eval_backbone = backbones.from_config(pre_config.model)
+  model = backbone_model(pre_config, cl)
+  eval_backbone = backbones.from_config(model)
   train_feats, test_feats, feat_dim = _features(config, pre_config, pretrained, eval_backbone, mesh, finetune)
   head = heads.Head(sources.get(config.data).num_classes(config.data), cl.head_init_std)
   tag, ckpt_dir = f'ckpt{step}', os.path.join(workdir, 'heads', str(step))
   mngr = checkpoints.manager(ckpt_dir, keep=1)
   state, tx = _initial_state(config, head, feat_dim, pretrained, finetune,
-                             lambda p: make_optimizer(cl, p, steps_per_epoch, config.epochs), mngr, mesh, tag,
-                             workdir)
+                             lambda p: make_optimizer(cl, p, steps_per_epoch, config.epochs, config.batch_size),
+                             mngr, mesh, tag, workdir)
   start = int(state.step)
   batches = _train_batches(config, train_feats, indices, start, sharding)
-  sync_bn = not finetune or cl.batchnorm == 'sync'
+  if finetune and cl.batchnorm == 'ghost':
+    check_ghost(config.batch_size, mesh.size, cl.ghost_batch_size)
   train_backbone = None if train_feats is not None else backbones.from_config(
-      pre_config.model, parallel.AXIS if finetune and sync_bn else None)
-  train_step = make_train_step(head, train_backbone, tx, mesh, finetune, sync_bn, config.reductions)
+      model, parallel.AXIS if finetune and cl.batchnorm == 'sync' else None)
+  train_step = make_train_step(head, train_backbone, tx, mesh, finetune, cl.batchnorm, config.reductions,
+                               cl.ghost_batch_size)
   eval_step = make_eval_step(head, None if train_feats is not None else eval_backbone, mesh)
 
   # Cached features: the test batches are placed on the devices once and reused by every test.

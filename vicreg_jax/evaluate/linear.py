@@ -10,6 +10,10 @@ linear head on the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and a
 evaluated. A restart skips the checkpoints already in results.json and resumes a half-trained head from
 ``EVAL/heads/<step>``. Only checkpoints orbax has finalised are listed, so a half-written one is never read.
 
+Before anything else it reads ``PRE/config.json`` and resolves the evaluation protocol
+(:func:`vicreg_jax.evaluate.protocols.resolve`: with ``protocol='auto'`` the pretraining run's method's), prints
+it in one line and writes the resolved config to ``EVAL/config.json``.
+
 ``from_scratch=True`` evaluates only "checkpoint 0": the same architecture freshly initialised (seed
 ``config.seed``), needing only ``PRE/config.json``. With the linear job that is the random-encoder baseline;
 with the fine-tuning job (all labels), the supervised-from-scratch reference for the same backbone.
@@ -30,7 +34,7 @@ from clu import metric_writers
 
 from vicreg_jax import distributed, errors, loop, parallel, runs
 from vicreg_jax import config as schema
-from vicreg_jax.evaluate import classifier, watch
+from vicreg_jax.evaluate import classifier, protocols, watch
 
 
 def _evaluate(config, pre_config, backbone: dict, step: int, workdir: str, writer, finetune: bool,
@@ -63,6 +67,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   pre_config = schema.from_saved(watch.poll(
       f'{pre}/config.json (is --config.pretrain_workdir the pretraining run\'s --workdir?)',
       lambda: _pretraining_config(pre), config, config.start_timeout_seconds), origin=f'{pre}/config.json')
+  config, line = protocols.resolve(config, pre_config.method)
+  schema.validate(config)
+  print(line, flush=True)
   runs.save_config(workdir, config)
   if not config.data.image_size and pre_config.data.image_size:
     config = _with_image_size(config, pre_config.data.image_size)
@@ -111,7 +118,7 @@ def _pretraining_config(pre: str) -> Optional[dict]:
 
 def _with_image_size(config, size: int):
   """``config`` with ``data.image_size`` set to the pretraining run's (in-memory digits: the size it trained at)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy
   config.data.image_size = size
   return config
 
