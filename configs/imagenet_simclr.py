@@ -18,7 +18,8 @@ blur                | p 0.5 on both views, σ ~ U[0.1, 2] px, kernel side//10   
 solarize            | none (data_util.py:L416-439)                                   | same
 colour before crop  | no: crop first (data_util.py:L431-436)                         | same
 multi-crop          | none: 2 × 224 (model.py:L43)                                   | same
-optimiser           | LARS, momentum 0.9, trust 0.001 (run.py:L166, L170; lars_optimizer.py:L26) | same
+optimiser           | LARS, momentum 0.9, trust 0.001, the lr inside the momentum     | same (optim.name 'lars_classic')
+                    | buffer (run.py:L166, L170; lars_optimizer.py:L26, L105-122)    |
 learning rate       | 0.3 × batch/256 = 4.8 (run.py:L42; model_util.py:L55)          | same
 weight decay        | 1e-6; BatchNorm and biases get neither decay nor trust ratio   | same
                     | (run.py:L50; model.py:L175-179; lars_optimizer.py:L76-81)      |
@@ -55,6 +56,10 @@ def get_config():
   c.batch_size = 4096
   view = dict(c.augment.view1, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)  # both views alike, never solarized
   c.augment.update(view1=view, view2=dict(view))
-  c.model.update(projector='2048-128', projector_hidden_bias=False)  # v1: Linear(no bias)-BN-ReLU, Linear
-  c.optim.update(base_lr=0.3, end_lr_factor=0.0)
+  # v1's head: Linear(no bias)-BN-ReLU, Linear(no bias), BatchNorm with a scale and no offset; both views in one
+  # BatchNorm batch.
+  c.model.update(projector='2048-128', projector_hidden_bias=False, projector_output_bn=True,
+                 projector_output_scale=True, views_together=True)
+  # SimCLR's LARSOptimizer (classic momentum): the learning rate inside the momentum buffer.
+  c.optim.update(name='lars_classic', base_lr=0.3, end_lr_factor=0.0)
   return c

@@ -19,7 +19,7 @@ multi-crop          | none: 2 × 224 (main_simsiam.py:L243)                     
 optimiser           | SGD, momentum 0.9 (main_simsiam.py:L58, L199-201)              | same
 learning rate       | 0.05 × batch/256 = 0.1 (main_simsiam.py:L56, L157)             | same
 weight decay        | 1e-4 on every parameter (main_simsiam.py:L60, L199-201)        | same
-schedule            | cosine to 0 per epoch, no warmup; predictor at the peak lr     | same, per step ²
+schedule            | cosine to 0 per epoch, no warmup; predictor at the peak lr     | same ²
                     | (--fix-pred-lr: README.md:L32; main_simsiam.py:L193-195, L359-366) |
 epochs, batch       | 100, 512 (main_simsiam.py:L47, L51)                            | same
 backbone            | ResNet-50, zero-initialised residual BN (simsiam/builder.py:L24) | same
@@ -34,8 +34,8 @@ linear top-1        | 68.1% (README.md:L68-74); LARS (trust 0.001) lr 0.1 × bat
                     | 4096, 90 epochs, wd 0, best epoch (main_lincls.py:L44-57, L229-232, L309) |
 
 ¹ PIL's blur has no kernel size; 10% of 224 px (a radius of 11 px) covers ±3σ for every σ ≤ 2 px.
-² The official learning rate changes once an epoch (``adjust_learning_rate`` per epoch); ours every step along the
-  same cosine, a difference of at most one epoch's step of the curve (π/100 of a half period).
+² The official learning rate changes once an epoch (``adjust_learning_rate`` per epoch): ``optim.schedule``
+  'cosine_epochs' does the same.
 ³ The projector's last Linear has a bias the official code freezes (``requires_grad = False``,
   simsiam/builder.py:L36): the affine-free BatchNorm after it removes it, so ours has none; the predictor's output
   bias is trained, as the official one (``simsiam.predictor_output_bias``).
@@ -58,5 +58,8 @@ def get_config():
   c.augment.update(view1=view, view2=dict(view))
   # Projector: Linear(no bias)-BN-ReLU twice, Linear, BatchNorm without affine; predictor 512 then 2048.
   c.model.update(projector='2048-2048-2048', projector_hidden_bias=False, projector_output_bn=True)
-  c.optim.update(name='sgd', base_lr=0.05, weight_decay=1e-4, warmup_epochs=0, end_lr_factor=0.0)
+  c.simsiam.predictor_output_bias = True
+  # The official cosine moves once an epoch (adjust_learning_rate per epoch).
+  c.optim.update(name='sgd', base_lr=0.05, weight_decay=1e-4, warmup_epochs=0, end_lr_factor=0.0,
+                 schedule='cosine_epochs')
   return c

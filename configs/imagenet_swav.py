@@ -86,4 +86,8 @@ def get_config():
   # residual block's output kept, the rest recomputed: about a third more compute) keeps the batch's BatchNorm
   # statistics; grad_accum_steps=2 on top would halve the activations again if a chip still runs out.
   c.model.remat = True
+  # apex LARC on every parameter; warmup from 0.3 to 4.8 by np.linspace, then cosine (main_swav.py:L171-182);
+  # residual BatchNorm not zero-initialised; the projector's last Linear has a bias (src/resnet50.py:L139, L209).
+  c.optim.update(name='larc', warmup_start_factor=0.3 / 4.8, warmup_linspace=True)
+  c.model.update(zero_init_residual=False, projector_output_bias=True)
   return c

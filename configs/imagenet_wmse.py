@@ -73,5 +73,9 @@ def get_config():
   # Both views alike: jitter and grayscale on the whole image, then the crop; blur 0.5, never solarized.
   view = dict(c.augment.view1, colour_first=True, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
   c.augment.update(view1=view, view2=dict(view))
-  c.optim.update(name='adamw', base_lr=1e-3, end_lr_factor=0.0)
+  # PyTorch Adam with L2 added to the gradient; 500 warmup steps at (i+1)/500, then constant, ×0.2 at epochs 190
+  # and 215 (train.py:L22-54); torchvision's ResNet (not zero-initialised) and a head whose last Linear has a bias.
+  c.optim.update(name='adam', base_lr=1e-3, schedule='step', decay_epochs=(190, 215), decay_factor=0.2,
+                 warmup_steps=500, warmup_start_factor=1 / 500, warmup_linspace=True)
+  c.model.update(zero_init_residual=False, projector_output_bias=True)
   return c

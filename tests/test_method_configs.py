@@ -21,6 +21,7 @@ def shrunk(name: str, data_dir: str):
   config.data.update(shuffle_buffer=16, data_dir=data_dir, image_size=32)
   for view in (config.augment.view1, config.augment.view2):
     view['crop_size'] = 32
+  config.augment.small_view['crop_size'] = 16  # SwAV's multi-crop: 2×32 + 6×16
   if config.method == 'wmse':
     config.wmse.update(projector='64-8', w_size=16)
   if config.method == 'swav':

@@ -171,8 +171,6 @@ def test_heads_from_config_keys():
   assert set(params_of(predictor(), 8)['dense1']) == {'kernel', 'bias'}
 
 
-@pytest.mark.skip(reason='needs the wiring outside branch optim: step.build_model building its projector with '
-                         'methods.projector, backbones.from_config passing model.zero_init_residual')
 def test_the_trainers_model_reads_the_backbone_and_head_keys():
   """step.build_model: ``model.zero_init_residual=False`` starts every block's last BatchNorm scale at 1, and the
   projector has the output bias and the output BatchNorm's scale the model keys ask for."""

@@ -2,11 +2,7 @@
 heads hold the values of the method's official code (each repository read at the commit its config's docstring
 names; the expected values below are those facts, written out by hand), its docstring holds the table
 ``hyperparameter | official (source) | ours`` with a source for every row and a reason for every difference, and
-README.md and docs/ quote beside each method the ImageNet figure of the variant its config implements.
-
-The tests named ``test_*_keys_of_branch_*`` check the values of keys that other branches of issue 25 add (their
-names agreed between the branches); they are skipped until those branches are merged and the config lines they
-check are added, then enabled."""
+README.md and docs/ quote beside each method the ImageNet figure of the variant its config implements."""
 
 import re
 
@@ -44,7 +40,7 @@ OPTIM = {
                          epochs=1000, batch=2048),
     'byol': dict(name='lars', peak=3.2, weight_decay=1.5e-6, eta=1e-3, warmup_epochs=10, end_lr_factor=0.0,
                  epochs=1000, batch=4096),
-    'simclr': dict(name='lars', peak=4.8, weight_decay=1e-6, eta=1e-3, warmup_epochs=10, end_lr_factor=0.0,
+    'simclr': dict(name='lars_classic', peak=4.8, weight_decay=1e-6, eta=1e-3, warmup_epochs=10, end_lr_factor=0.0,
                    epochs=1000, batch=4096),
     'simsiam': dict(name='sgd', peak=0.1, weight_decay=1e-4, warmup_epochs=0, end_lr_factor=0.0, epochs=100,
                     batch=512),
@@ -195,9 +191,8 @@ def test_colour_order_and_blur_kernel_keys(method):
     assert recipe['blur_kernel_fraction'] == (0.0 if method == 'swav' else 0.1)
 
 
-@pytest.mark.skip(reason='needs branch multicrop (augment.small_crops, small_view, model.views_together)')
 @pytest.mark.parametrize('method', sorted(CONFIGS))
-def test_multicrop_keys_of_branch_multicrop(method):
+def test_multicrop_keys(method):
   """SwAV: 6 crops of 96 at 0.05-0.14 with the large crops' colour recipe (800ep:L28-31,
   src/multicropdataset.py:L37-52); SwAV and SimCLR run both views through one BatchNorm batch."""
   c = load_config(CONFIGS[method])
@@ -210,25 +205,24 @@ def test_multicrop_keys_of_branch_multicrop(method):
     assert _subset(small, colour) == colour
 
 
-@pytest.mark.skip(reason='needs branch optim (optim.name larc/adam, step schedule, warmup keys)')
 @pytest.mark.parametrize('method', sorted(CONFIGS))
-def test_optimiser_and_schedule_keys_of_branch_optim(method):
+def test_optimiser_and_schedule_keys(method):
   """SwAV: apex LARC on every parameter, warmup from 0.3 to 4.8 by np.linspace (main_swav.py:L171-182). W-MSE:
   PyTorch Adam with coupled L2, 500 warmup steps at (i+1)/500, ×0.2 at epochs 190 and 215 (train.py:L22-54).
   Barlow Twins: the official gradient of 32 GPUs. The others: today's keys (checked above)."""
   c = load_config(CONFIGS[method])
   want = {'swav': dict(name='larc', warmup_start_factor=0.3 / 4.8, warmup_linspace=True, schedule='cosine'),
           'wmse': dict(name='adam', warmup_steps=500, warmup_start_factor=1 / 500, warmup_linspace=True,
-                       schedule='step', decay_epochs=(190, 215), decay_factor=0.2)}.get(
+                       schedule='step', decay_epochs=(190, 215), decay_factor=0.2),
+          'simsiam': dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine_epochs')}.get(
                            method, dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine'))
   got = {k: tuple(c.optim[k]) if k == 'decay_epochs' else c.optim[k] for k in want}
   assert got == want  # 0.3 / 4.8 and 1 / 500 are the doubles nearest 0.0625 and 0.002, however written
   assert c.barlow_twins.official_gradient_world_size == (32 if method == 'barlow_twins' else 0)
 
 
-@pytest.mark.skip(reason='needs branch optim (model.zero_init_residual, output bias and scale keys)')
 @pytest.mark.parametrize('method', sorted(CONFIGS))
-def test_backbone_and_head_keys_of_branch_optim(method):
+def test_backbone_and_head_keys(method):
   """Residual BN zero-initialised except in SwAV (src/resnet50.py:L139) and W-MSE (torchvision's default); an
   output bias in SwAV's projector (src/resnet50.py:L209), W-MSE's head (model.py:L15) and SimSiam's predictor
   (simsiam/builder.py:L42); SimCLR v1's output BatchNorm with a scale, no offset (model_util.py:L118-120)."""

@@ -43,11 +43,7 @@ def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = pa
   """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
   statistics synchronised over ``axis_name``."""
   dtype = backbones.DTYPES[config.model.dtype]
-  projector = heads.Projector(methods.projector_spec(config), axis_name=axis_name, dtype=dtype,
-                              hidden_bias=config.model.projector_hidden_bias,
-                              batchnorm=config.model.projector_bn,
-                              output_bn=config.model.projector_output_bn)
-  return heads.SSLModel(backbones.from_config(config.model, axis_name), projector,
+  return heads.SSLModel(backbones.from_config(config.model, axis_name), methods.projector(config, axis_name, dtype),
                         **methods.get(config).heads(config, axis_name, dtype))
 
 

@@ -203,15 +203,16 @@ def global_batches(ds: tf.data.Dataset, sharding: jax.sharding.Sharding,
     counter.flush()
 
 
-def _resize_centre_crop(image, resize: int, crop: int):
-  """Shorter side to ``resize``, then the central ``crop``×``crop``: the official evaluation transform
-  (torchvision ``Resize(256)`` + ``CenterCrop(224)`` on PIL images: bilinear, antialiased when shrinking; the
+def _resize_centre_crop(image, resize: int, crop: int, method: str = 'bilinear'):
+  """Shorter side to ``resize`` (interpolation ``method``), then the central ``crop``×``crop``: the official
+  evaluation transform (torchvision ``Resize(256)`` + ``CenterCrop(224)`` on PIL images: bilinear by default
+  (BYOL's and SimCLR's protocols: bicubic), antialiased when shrinking; the
   longer side ``int(resize·long/short)``; the crop's offset ``round((side - crop)/2)``)."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   short, long_ = tf.minimum(h, w), tf.maximum(h, w)
   new_long = tf.cast(tf.cast(resize, tf.int64) * tf.cast(long_, tf.int64) // tf.cast(short, tf.int64), tf.int32)
   new = tf.where(h <= w, tf.stack([resize, new_long]), tf.stack([new_long, resize]))
-  image = tf.clip_by_value(tf.image.resize(image, new, method='bilinear', antialias=True), 0.0, 1.0)
+  image = tf.clip_by_value(tf.image.resize(image, new, method=method, antialias=True), 0.0, 1.0)
   top = tf.cast(tf.round(tf.cast(new[0] - crop, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new[1] - crop, tf.float32) / 2), tf.int32)
   return tf.image.crop_to_bounding_box(image, top, left, crop, crop)
@@ -219,14 +220,14 @@ def _resize_centre_crop(image, resize: int, crop: int):
 
 def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *, crop: int, resize: int = 0,
                  mean=None, std=None, process_index: int = 0, process_count: int = 1,
-                 max_examples: int = 0) -> tf.data.Dataset:
+                 max_examples: int = 0, method: str = 'bilinear') -> tf.data.Dataset:
   """One pass over this process's share (:func:`streams.share_bounds`) of the first ``max_examples`` (0: all)
   examples of ``split`` (:meth:`sources.Source.eval_batches`), in batches ``{'image', 'label', 'index', 'mask'}`` of ``batch_size / process_count``; ``index``
   is the example's position in the split. Batches are padded (mask 0, index -1) so every process yields the
   same number of full batches (collectives must match).
 
-  TFDS and image-folder images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224), centre
-  crop ``crop``. In-memory (arrays, digits) images are used as they are. Then normalised by ``mean``/``std`` if
+  TFDS and image-folder images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224) with
+  interpolation ``method``, centre crop ``crop``. In-memory (arrays, digits) images are used as they are. Then normalised by ``mean``/``std`` if
   given.
 
   Unreadable images: an image folder's keep their row, masked out (mask 0, zero image, their index; the batches
@@ -237,7 +238,8 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   source = sources.get(data)
   resize = resize or crop * 8 // 7
   if source.file_backed:
-    prepare = functools.partial(_prepare, channels=data.channels, resize=resize, crop=crop, mean=mean, std=std)
+    prepare = functools.partial(_prepare, channels=data.channels, resize=resize, crop=crop, mean=mean, std=std,
+                                method=method)
   else:
     prepare = None if mean is None else functools.partial(augment.normalize, mean=mean, std=std)
   ds = source.eval_batches(data, split, local_b, prepare, (crop, crop, data.channels), process_index,
@@ -245,11 +247,11 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   return ds.prefetch(2).with_options(_options(data))
 
 
-def _prepare(image, *, channels: int, resize: int, crop: int, mean, std):
+def _prepare(image, *, channels: int, resize: int, crop: int, mean, std, method: str = 'bilinear'):
   """A file-backed source's evaluation image (encoded bytes or uint8): decoded, shorter side resized to
   ``resize``, the central ``crop``×``crop``, normalised by ``mean``/``std`` if given."""
   if image.dtype == tf.string:
     image = augment.decode(image, channels)
-  image = _resize_centre_crop(tf.image.convert_image_dtype(image, tf.float32), resize, crop)
+  image = _resize_centre_crop(tf.image.convert_image_dtype(image, tf.float32), resize, crop, method)
   image = tf.ensure_shape(image, [crop, crop, channels])
   return image if mean is None else augment.normalize(image, mean, std)

@@ -326,11 +326,9 @@ def _features(config, pre_config, pretrained: dict, eval_backbone, mesh, finetun
 def _eval_batches(config, split: str, mesh):
   """One pass over ``split`` with the evaluation transform, as global batches."""
   tr = config.transforms.eval
-  # the resize's interpolation (transforms.eval.method): pipeline.eval_dataset's `method` (bilinear its default)
-  method = {} if tr.method == 'bilinear' else {'method': tr.method}
   ds = pipeline.eval_dataset(config.data, split, config.batch_size, crop=tr.crop, resize=tr.resize, mean=tr.mean,
                              std=tr.std, process_index=jax.process_index(), process_count=jax.process_count(),
-                             **method)
+                             method=tr.method)
   return pipeline.global_batches(ds, parallel.data_sharding(mesh))
 
 
