@@ -25,12 +25,15 @@ byol      SGD Nesterov 0.9, lr 0.2 × B/256, B 4096 (lr 3.2), cosine per step to
           deepmind-research@f5de0ed: byol/configs/eval.py:L29, L38-45; byol/utils/schedules.py:L27-53;
           byol/main_loop.py:L37; byol/eval_experiment.py:L151, L299-301, L329-330; byol/utils/dataset.py:L184-201,
           L247-267). The paper's 74.3% took the best of 5 lrs on a 10,000-image split of train
-          (byol/README.md:L92-98, dataset.py:L177): see docs/evaluation.md for that sweep.
+          (byol/README.md:L92-98, dataset.py:L177): see docs/evaluation.md for that sweep. The paper (Grill et al.
+          2020 arXiv:2006.07733v3, App. C.1) states lrs {0.4, 0.3, 0.2, 0.1, 0.05}, batch 1024, 80 epochs, no wd,
+          and a 10,009-image local validation set; the code's default batch is 4096 (main_loop.py:L37).
 simclr    (v1) SGD Nesterov 0.9 (google-research/simclr@be133b3:model.py:L168-170), lr 0.1 × B/256, B 4096,
-          90 epochs (paper §B.6), cosine per step, no warmup (model_util.py:L50-68; README.md:L50-59), wd 1e-6 as an
-          L2 loss on every non-BN variable (run.py:L49-51, model_util.py:L31-41), zero-initialised head
-          (run.py:L120-122, model.py:L202-212), random crop + flip bicubic, centre crop 87.5% bicubic
-          (data_util.py:L29, L195-217, L274-295), last
+          90 epochs, wd 1e-6, no warmup (simclr@383d414:README.md:L134-146, its ImageNet linear-eval command; the
+          paper, Chen et al. 2020 arXiv:2002.05709 App. B.6, gives 0.1 × B/256 and 90 epochs, the rest "similar" to
+          §B.5, which uses no weight decay), cosine per step (model_util.py:L50-68), wd as an L2 loss on every non-BN
+          variable (model_util.py:L31-41), zero-initialised head (run.py:L120-122, model.py:L202-212), random crop +
+          flip bicubic, centre crop 87.5% bicubic (data_util.py:L29, L195-217, L274-295), last
 simsiam   apex LARC (trust 0.001, no clipping) around SGD momentum 0.9, lr 0.1 × B/256, B 4096, wd 0, 90 epochs,
           cosine per epoch, head N(0, 0.01), bilinear, best (facebookresearch/simsiam@a7bc177:main_lincls.py:L44-59,
           L160-161, L188, L226-232, L264-290, L307-309, L491-495; README.md:L41-51)
@@ -49,16 +52,26 @@ the official code downloads; ``classifier.labels_percent`` picks the row):
 - vicreg: backbone / head lr 0.03 / 0.08 (1%), 0.01 / 0.1 (10%), wd 0, 20 epochs, batch 256, cosine per epoch,
   ghost BatchNorm over groups of 32 (one node of 8 GPUs under DDP without SyncBN), best (README.md:L99, L105;
   evaluate.py:L141-168, L222-229).
-- barlow_twins: 0.005 / 0.5 (1%), 20 epochs, wd 0, ghost BatchNorm of 32 (README.md:L75; evaluate.py:L96-104,
-  L146-148). 10%: not published; we use the 1% values.
+- barlow_twins: 1%: 0.005 / 0.5, cosine per epoch (README.md:L75; evaluate.py:L96-104, L146-148). 10%: the paper's
+  one setting for both subsets (Zbontar et al. 2021, ICML version, App. B.2): 0.002 / 0.5, × 0.2 after epochs 12
+  and 16 (the README has no 10% command; it raised the 1% backbone lr from the paper's 0.002 to 0.005 in
+  barlowtwins@046eec3). Both: 20 epochs, SGD momentum 0.9, wd 0, batch 256, ghost BatchNorm of 32 (evaluate.py).
 - swav: trunk / head 0.02 / 5 (1%), 0.01 / 0.2 (10%), 20 epochs, SGD momentum 0.9, wd 0, × 0.2 at epochs 12
   and 16, batch 256, SyncBatchNorm, head nn.Linear's init, best (README.md:L124-138; eval_semisup.py:L61-69, L140,
   L169-186, L334-335; src/resnet50.py:L203, L219-224).
-- simclr (v1 paper §B.5; the code has only the mechanism): SGD Nesterov 0.9, lr 0.05 × B/256 for every
-  parameter, B 4096, no warmup, no wd, 60 epochs (1%) / 30 (10%), cosine per step, global BatchNorm
+- simclr (v1 paper, Chen et al. 2020 arXiv:2002.05709 App. B.5; the code has only the mechanism): SGD Nesterov 0.9,
+  lr 0.05 × B/256 for every parameter, B 4096, no warmup, no regularisation (no wd), 60 epochs (1%) / 30 (10%),
+  random crop 224 + flip, test resize 256 + centre 224; cosine per step (the code's), global BatchNorm
   (run.py:L206 ``global_bn``), zero-initialised head, bicubic, last.
-- byol: the paper's §C.2 could not be read for this table: we use SimCLR v1's §B.5 protocol (which BYOL follows)
-  with hk.Linear's init; say so when quoting a figure.
+- byol (Grill et al. 2020 arXiv:2006.07733v3, App. C.1 "Semi-supervised learning on ImageNet", which follows
+  SimCLR's protocol): SGD Nesterov 0.9, batch 1024, no wd or other regularisation, random crop 224 + flip, test
+  resize 256 bicubic + centre 224. The lr and the epochs are a sweep, lr in {0.005, 0.01, 0.02, 0.05, 0.1} and
+  epochs in {30, 50}, picked on a local validation split; the paper states no default. Chosen here: lr 0.05 × B/256
+  for every parameter (in the sweep, and SimCLR's §B.5 value; × B/256 as byol/utils/schedules.py:L34 scales every
+  lr), 50 epochs (1%) / 30 (10%) (the sweep's values nearest SimCLR's 60 / 30), cosine per step without warmup (the
+  released eval code's schedule, eval_experiment.py:L359-363), hk.Linear's head, global BatchNorm (not stated; the
+  released code's fine-tuning mode, freeze_backbone=False, uses per-device hk.BatchNorm), last. Say so when
+  quoting a figure.
 - simsiam, wmse: no semi-supervised protocol published; we use VICReg's rows.
 
 Not followed: SwAV normalises with std 0.228 for red (eval_linear.py:L104) where we use 0.229; BYOL and SimCLR
@@ -115,6 +128,11 @@ _VICREG_SEMI = {'epochs': 20, 'classifier.weight_decay': 0.0}
 _SIMCLR_SEMI = dict(_BYOL, **{'classifier.head_lr': 0.05, 'classifier.backbone_lr': 0.05,
                               'classifier.weight_decay': 0.0, 'classifier.head_init_std': 0.0,
                               'classifier.batchnorm': 'sync'})
+# BYOL's App. C.1: SimCLR's optimiser and no wd, at batch 1024; lr (0.05 × B/256) and epochs chosen from its sweep.
+_BYOL_SEMI = dict(_SIMCLR_SEMI, **{'batch_size': 1024, 'classifier.head_init': 'haiku'})
+# Barlow Twins' paper, App. B.2 (1% and 10% alike): × 0.2 after epochs 12 and 16.
+_BARLOW_PAPER_STEPS = {'classifier.lr_schedule': 'step', 'classifier.lr_decay_epochs': (12, 16),
+                       'classifier.lr_decay_factor': 0.2}
 _SWAV_SEMI = {'epochs': 20, 'classifier.weight_decay': 0.0, 'classifier.lr_schedule': 'step',
               'classifier.lr_decay_epochs': (12, 16), 'classifier.lr_decay_factor': 0.2,
               'classifier.head_init': 'torch', 'classifier.batchnorm': 'sync'}
@@ -129,13 +147,13 @@ SEMI: dict[tuple[str, int], dict[str, Any]] = {
     ('vicreg', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
     ('vicreg', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
     ('barlow_twins', 1): dict(_VICREG_SEMI, **_lrs(0.005, 0.5)),
-    ('barlow_twins', 10): dict(_VICREG_SEMI, **_lrs(0.005, 0.5)),  # not published: the 1% values
+    ('barlow_twins', 10): dict(_VICREG_SEMI, **_lrs(0.002, 0.5), **_BARLOW_PAPER_STEPS),  # paper App. B.2
     ('swav', 1): dict(_SWAV_SEMI, **_lrs(0.02, 5.0)),
     ('swav', 10): dict(_SWAV_SEMI, **_lrs(0.01, 0.2)),
     ('simclr', 1): dict(_SIMCLR_SEMI, epochs=60),
     ('simclr', 10): dict(_SIMCLR_SEMI, epochs=30),
-    ('byol', 1): dict(_SIMCLR_SEMI, epochs=60, **{'classifier.head_init': 'haiku'}),   # SimCLR's (see above)
-    ('byol', 10): dict(_SIMCLR_SEMI, epochs=30, **{'classifier.head_init': 'haiku'}),
+    ('byol', 1): dict(_BYOL_SEMI, epochs=50),  # lr and epochs: one point of the paper's sweep (see above)
+    ('byol', 10): dict(_BYOL_SEMI, epochs=30),
     ('simsiam', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),  # none published: VICReg's
     ('simsiam', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
     ('wmse', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
