@@ -9,8 +9,10 @@ official code uses) and the protocol's 1% or 10% row; ``METHOD,`` in front names
 pretraining run's method). Whole network trained from the pretraining run's final checkpoint, backbone in
 float32. The rows (vicreg_jax/evaluate/protocols.py, with their sources): VICReg backbone/head lr 0.03/0.08 (1%),
 0.01/0.1 (10%), wd 0, 20 epochs, batch 256, cosine, ghost BatchNorm of 32 (expected, paper Table 2: 54.8% / 69.5%);
-Barlow Twins 0.005/0.5; SwAV 0.02/5 (1%), 0.01/0.2 (10%), × 0.2 at epochs 12 and 16, SyncBatchNorm; SimCLR v1
-Nesterov 0.05×B/256, B 4096, 60/30 epochs; BYOL, SimSiam and W-MSE: see protocols.py for what was chosen.
+Barlow Twins 0.005/0.5 (1%, README, cosine), 0.002/0.5 × 0.2 at epochs 12 and 16 (10%, paper appendix B.2); SwAV
+0.02/5 (1%), 0.01/0.2 (10%), × 0.2 at epochs 12 and 16, SyncBatchNorm; SimCLR v1 Nesterov 0.05×B/256, B 4096, 60/30
+epochs; BYOL Nesterov, B 1024, lr and epochs from its paper's sweep (0.05×B/256, 50/30 epochs chosen); SimSiam and
+W-MSE (none published): VICReg's. protocols.py says what was chosen and why.
 """
 
 from vicreg_jax.config import eval_job_config

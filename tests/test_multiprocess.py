@@ -56,7 +56,9 @@ LINEAR = ['--config=configs/digits_linear.py', '--config.epochs=40', '--config.p
           '--config.timeout_seconds=300', '--config.checkpoint_every_steps=100', '--config.reductions=ordered']
 FINETUNE = ['--config=configs/digits_semi.py', '--config.epochs=20', '--config.log_every_steps=20',
             '--config.checkpoint_every_steps=40',  # 50 labels in batches of 48: 40 steps, the last one saved
-            '--config.reductions=ordered']
+            '--config.reductions=ordered',
+            # ghost BatchNorm in groups of 24 rows: each group spans two of the 4 devices' shards of 12
+            '--config.classifier.batchnorm=ghost', '--config.classifier.ghost_batch_size=24']
 # The same intra-op thread pool size in every process, whatever its device count and the machine's core count:
 # PJRT_NPROC as pytest was given it (another size changes the rounding of every convolution's weight gradient),
 # else 4; at least 4, the most devices one process holds here.
