@@ -6,8 +6,8 @@ the lowered train step, printed as hashes (and the step's text written to a fold
 Run it in two checkouts (``git worktree add /tmp/before COMMIT``) and compare the printed lines (and
 ``diff -r`` the folders). Pipelines: digits (pretraining views, the linear job's train and test batches) and
 mocked ImageNet through ``tfds.testing.mock_data`` (pretraining views at batch 8, the linear job's train and
-validation batches). Steps: ``configs/digits.py`` and ``configs/imagenet.py`` lowered on 8 simulated CPU devices
-(``.lower(...).as_text()``, nothing compiled or run).
+validation batches). Steps: every method's digits config (``configs/digits*.py`` but the evaluation jobs') and
+``configs/imagenet.py`` lowered on 8 simulated CPU devices (``.lower(...).as_text()``, nothing compiled or run).
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def lowered_steps(folder: pathlib.Path) -> dict:
   import jax.numpy as jnp
   from vicreg_jax import methods, parallel, step
   out = {}
-  for name, image, classes in (('digits', 16, 10), ('imagenet', 224, 1000)):
+  digits = sorted(p.stem for p in (REPO / 'configs').glob('digits*.py')
+                  if p.stem not in ('digits_linear', 'digits_semi', 'digits_supervised'))  # each method's
+  for name, image, classes in [(d, 16, 10) for d in digits] + [('imagenet', 224, 1000)]:
     c = load_config(name)
     mesh = parallel.make_mesh()
     tx, schedule = methods.make_optimizer(c, 1000, 100)

@@ -152,6 +152,7 @@ def test_the_command_line_exits_1_with_one_line_and_the_checkpoints_in_place(pre
   assert listing(work) == [2, 4] and mtimes(work) == before and not (work / 'damaged_checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_two_processes_resume_when_only_process_1s_first_read_fails(pretrained, tmp_path):
   work, _ = copy_run(pretrained, tmp_path)
   job = Job([*TINY, '--config.num_steps=6', '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=10',
@@ -184,6 +185,7 @@ def finished(pretrained, tmp_path_factory):
   return work
 
 
+@pytest.mark.slow
 def test_the_linear_reader_retries_a_storage_error_and_stops_on_a_persistent_one(finished, tmp_path, monkeypatch):
   original, calls = checkpoints.restore_subtrees, []
 
@@ -204,6 +206,7 @@ def test_the_linear_reader_retries_a_storage_error_and_stops_on_a_persistent_one
   assert listing(finished) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_the_linear_reader_skips_a_damaged_checkpoint_and_stops_on_a_damaged_final_one(finished, tmp_path):
   import shutil
   pre = tmp_path / 'pre'

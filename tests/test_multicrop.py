@@ -200,6 +200,7 @@ def test_the_backbone_runs_once_per_resolution_group_and_the_heads_over_all_crop
   np.testing.assert_allclose(z, projector(h), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multicrop_step_on_8_devices_equals_1_device():
   """Two steps of SwAV with 6 small crops (colour ops on the device with keys per crop and global row, the
   queue of the two views full at the second step) on 8 devices and on 1."""
@@ -226,6 +227,7 @@ def duplicated_per_device(batch, devices: int, copies: int):
   return {k: dup(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 def test_multicrop_micro_batches_and_remat_give_the_one_pass_step():
   """4 micro-batches per device with remat, on a batch whose micro-batches hold the same examples: the small
   crops are sliced with their views (else the micro-batches' statistics and the loss would differ), the codes
@@ -242,6 +244,7 @@ def test_multicrop_micro_batches_and_remat_give_the_one_pass_step():
   assert_trees_close(s4.params, s1.params, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method, heads', [('simclr', {}), ('byol', {'byol.predictor': '32'})])
 def test_views_together_runs_two_views_of_any_method(method, heads):
   """``model.views_together`` without small crops (SimCLR's official BatchNorm over both views): a method without

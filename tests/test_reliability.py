@@ -124,6 +124,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_a_checkpoin
   assert took < 60, took
 
 
+@pytest.mark.slow
 def test_a_nan_stops_the_run_at_its_step_with_the_checkpoints_intact_or_is_skipped(tmp_path):
   config = tiny_digits(num_steps=8, checkpoint_every_steps=2, keep_checkpoints=10, debug_nan_at_step=5, **FEATURES)
   with pytest.raises(errors.NonFiniteError, match=r'^step 5: loss became nan; stopped'):
