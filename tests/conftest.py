@@ -228,3 +228,73 @@ def write_folder(root, counts: dict, shape=(6, 8), fmt='mixed', start=0):
       k += 1
   (root / 'notes.txt').write_text('not a class')  # files at the top are ignored
   return root
+
+
+def train_steps(config, batches, devices=None):
+  """The state and the last metrics after one step on each of ``batches`` (host arrays) from ``config``'s
+  initial state, on a mesh of ``devices`` (default: every device), with the trainer's step and optimiser."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from vicreg_jax import methods, parallel
+  from vicreg_jax import step as step_lib
+  mesh = Mesh(np.asarray(devices or jax.devices()), (parallel.AXIS,))
+  tx, schedule = methods.make_optimizer(config, 10, 2)
+  online = step_lib.make_probe(config, 10)
+  state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
+  for batch in batches:
+    state, metrics, _ = step(state, jax.device_put(batch, parallel.data_sharding(mesh)))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def ref_sinkhorn(scores, eps=0.05, iters=3):
+  """The official SwAV ``distributed_sinkhorn`` (facebookresearch/swav main_swav.py:L353-L376) on one process,
+  in float64: the codes [B, K] of ``scores`` [B, K]."""
+  import numpy as np
+  q = np.exp(np.asarray(scores, np.float64) / eps).T  # K × B
+  k, b = q.shape
+  q /= q.sum()
+  for _ in range(iters):
+    q /= q.sum(axis=1, keepdims=True)
+    q /= k
+    q /= q.sum(axis=0, keepdims=True)
+    q /= b
+  return (q * b).T
+
+
+def numeric_grad(f, x, h=1e-6):
+  """Central differences of the float64 scalar ``f`` at every entry of ``x``."""
+  import numpy as np
+  x = np.asarray(x, np.float64)
+  g = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    xp, xm = x.copy(), x.copy()
+    xp[idx] += h
+    xm[idx] -= h
+    g[idx] = (f(xp) - f(xm)) / (2 * h)
+  return g
+
+
+def finetune_setup():
+  """A quarter-width digits backbone with a fresh head (host copies of its parameters and variables), the
+  fine-tuning classifier section of configs/digits_semi.py as its protocol resolves, and a batch of 32 random
+  8×8 images: ``(pretraining config, head, params, variables, classifier, batch)``."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from vicreg_jax.evaluate import protocols
+  from vicreg_jax.models import backbones, heads
+  pre = load_config('digits')
+  pre.model.update(width_multiplier=0.25)
+  backbone = backbones.from_config(pre.model)
+  variables = backbone.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  head = heads.Head(10)
+  dim = backbone.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
+  params = {'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'], 'backbone': variables['params']}
+  params, variables = jax.device_get((params, variables))  # host copies: the steps donate their input state
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
+  return pre, head, params, variables, protocols.resolve(load_config('digits_semi'), None)[0].classifier, batch
+

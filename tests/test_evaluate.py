@@ -15,10 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
+from conftest import REPO, finetune_setup, job_env, load_config, scalar_events, tiny_digits
 from vicreg_jax import parallel, runs, train
-from vicreg_jax.evaluate import classifier, linear, protocols
-from vicreg_jax.models import backbones, heads
+from vicreg_jax.evaluate import classifier, linear
+from vicreg_jax.models import backbones
 
 SIZE = 64
 
@@ -137,24 +137,9 @@ def test_imagenet_linear_and_semi_configs_on_mocked_tfds(tmp_path, mock_tfds):
   assert max(moved) > 1e-6
 
 
-def _finetune_setup():
-  pre = load_config('digits')
-  pre.model.update(width_multiplier=0.25)
-  backbone0 = backbones.from_config(pre.model)
-  variables = backbone0.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  head = heads.Head(10)
-  dim = backbone0.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
-  params = {'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'],
-            'backbone': variables['params']}
-  params, variables = jax.device_get((params, variables))  # host copies: the step donates its input state
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
-  return pre, head, params, variables, protocols.resolve(load_config('digits_semi'), None)[0].classifier, batch
-
-
 def test_finetune_step_on_8_devices_equals_1_device():
   """The whole-network step (SyncBN, global-mean loss, averaged gradients) is the same on 8 devices and 1."""
-  pre, head, params, variables, cl, batch = _finetune_setup()
+  pre, head, params, variables, cl, batch = finetune_setup()
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
@@ -178,7 +163,7 @@ def test_finetune_step_with_per_device_batchnorm_is_the_official_ddp_step():
   """``classifier.batchnorm='per_device'``: each of 8 devices normalises with its own 4 examples' statistics
   (DDP without SyncBN); the step equals one device computing the 8 shards separately, averaging their losses,
   and keeping shard 0's running statistics (DDP broadcasts rank 0's buffers)."""
-  pre, head, params, variables, cl, batch = _finetune_setup()
+  pre, head, params, variables, cl, batch = finetune_setup()
   backbone = backbones.from_config(pre.model)  # no axis: per-device statistics
   tx = classifier.make_optimizer(cl, params, 2, 3, 32)
   mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))

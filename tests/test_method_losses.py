@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import sharded_value_and_grad
+from conftest import numeric_grad, ref_sinkhorn, sharded_value_and_grad
 from vicreg_jax import losses
 
 N_DEV = 8
@@ -16,18 +16,6 @@ N_DEV = 8
 
 def _unit(x):
   return x / max(np.sqrt(np.sum(x * x)), 1e-12)
-
-
-def numeric_grad(f, x, h=1e-6):
-  """Central differences of the float64 scalar ``f`` at every entry of ``x``."""
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[idx] += h
-    xm[idx] -= h
-    g[idx] = (f(xp) - f(xm)) / (2 * h)
-  return g
 
 
 def assert_grad(got, want, rtol=1e-3):
@@ -189,19 +177,6 @@ def test_table4_regulariser_is_vicregs_variance_and_covariance():
 
 
 # --- SwAV -------------------------------------------------------------------------------------------------
-
-def ref_sinkhorn(scores, eps=0.05, iters=3):
-  """The official distributed_sinkhorn on one process, float64."""
-  q = np.exp(np.asarray(scores, np.float64) / eps).T
-  k, b = q.shape
-  q /= q.sum()
-  for _ in range(iters):
-    q /= q.sum(axis=1, keepdims=True)
-    q /= k
-    q /= q.sum(axis=0, keepdims=True)
-    q /= b
-  return (q * b).T
-
 
 def ref_swav(sa, sb, t=0.1, eps=0.05, iters=3, queue=None, codes=None):
   """Official swav train loop for two crops: q of each crop from Sinkhorn (queue rows in front, then dropped),

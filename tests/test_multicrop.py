@@ -11,9 +11,10 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from conftest import checkpoint_arrays, load_config, max_abs_difference, tiny_digits
+from conftest import (checkpoint_arrays, load_config, max_abs_difference, numeric_grad, ref_sinkhorn, tiny_digits,
+                      train_steps)
 from vicreg_jax import config as schema
-from vicreg_jax import errors, losses, methods, parallel, train
+from vicreg_jax import errors, losses, methods, train
 from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
 from vicreg_jax.evaluate import linear
@@ -22,19 +23,6 @@ CROPS = 8  # 2 large + 6 small, as the official 75.3% recipe
 
 
 # --- the loss against the official training loop ---------------------------------------------------------------
-
-def ref_sinkhorn(out, eps=0.05, iters=3):
-  """Official distributed_sinkhorn (main_swav.py:L353-L376) on one process, float64."""
-  q = np.exp(np.asarray(out, np.float64) / eps).T  # K × B
-  k, b = q.shape
-  q /= q.sum()
-  for _ in range(iters):
-    q /= q.sum(axis=1, keepdims=True)
-    q /= k
-    q /= q.sum(axis=0, keepdims=True)
-    q /= b
-  return (q * b).T
-
 
 def ref_swav_multicrop(scores, t=0.1, queue=None, codes=None, crops_for_assign=(0, 1)):
   """Official main_swav.py:L289-L315 with ``output`` = the crops' scores in crop order, bs rows each: for each
@@ -58,16 +46,6 @@ def ref_swav_multicrop(scores, t=0.1, queue=None, codes=None, crops_for_assign=(
       subloss -= np.mean(np.sum(codes[i] * log_softmax, axis=1))
     loss += subloss / (nmb - 1)
   return loss / len(crops_for_assign), codes
-
-
-def numeric_grad(f, x, h=1e-6):
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[idx] += h
-    xm[idx] -= h
-    g[idx] = (f(xp) - f(xm)) / (2 * h)
-  return g
 
 
 @pytest.mark.parametrize('with_queue', [False, True])
@@ -160,19 +138,6 @@ def tiny_multicrop(**overrides):
                                         cutout_p=0.0))
   schema.validate(config)
   return config
-
-
-def train_steps(config, batches, devices=None):
-  """The state and the last metrics after a step on each of ``batches`` (host arrays) from the initial state."""
-  mesh = Mesh(np.asarray(devices or jax.devices()), (parallel.AXIS,))
-  tx, schedule = methods.make_optimizer(config, 10, 2)
-  online = step_lib.make_probe(config, 10)
-  state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
-  for batch in batches:
-    state, metrics, _ = step(state, jax.device_put(batch, parallel.data_sharding(mesh)))
-  return jax.device_get(state), jax.device_get(metrics)
 
 
 def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):

@@ -14,10 +14,10 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, load_config
+from conftest import REPO, finetune_setup, load_config
 from vicreg_jax import errors, parallel, runs
 from vicreg_jax.evaluate import classifier, linear, protocols, watch
-from vicreg_jax.models import backbones, heads
+from vicreg_jax.models import backbones
 
 METHODS = ('vicreg', 'barlow_twins', 'byol', 'simclr', 'simsiam', 'swav', 'wmse')
 
@@ -192,18 +192,8 @@ def test_converted_weights_record_their_method_for_auto(tmp_path, capsys):
 # --- ghost BatchNorm ----------------------------------------------------------------------------------------------
 
 def _ghost_setup():
-  pre = load_config('digits')
-  pre.model.update(width_multiplier=0.25)
-  backbone = backbones.from_config(pre.model)
-  variables = backbone.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  head = heads.Head(10)
-  dim = backbone.apply(variables, jnp.zeros((1, 8, 8, 1)), train=False).shape[-1]
-  params = jax.device_get({'head': head.init(jax.random.key(1), jnp.zeros((1, dim)))['params'],
-                           'backbone': variables['params']})
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.random((32, 8, 8, 1), np.float32), 'label': rng.integers(0, 10, 32).astype(np.int32)}
-  cl = protocols.resolve(load_config('digits_semi'), None)[0].classifier
-  return backbone, head, params, jax.device_get(variables['batch_stats']), cl, batch
+  pre, head, params, variables, cl, batch = finetune_setup()
+  return backbones.from_config(pre.model), head, params, variables['batch_stats'], cl, batch
 
 
 def _ghost_steps(devices, size, setup, steps=1):

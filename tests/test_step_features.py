@@ -13,21 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from conftest import Job, tiny_digits
+from conftest import Job, tiny_digits, train_steps
 from vicreg_jax import collapse, compilation, errors, loop, methods, parallel, step as step_lib
 from vicreg_jax.data import pipeline
-
-
-def one_step(config, batch, devices=None):
-  """The state and metrics after one step of ``config`` from its initial state on ``batch`` (host arrays)."""
-  mesh = Mesh(np.asarray(devices or jax.devices()), (parallel.AXIS,))
-  tx, schedule = methods.make_optimizer(config, 10, 2)
-  online = step_lib.make_probe(config, 10)
-  state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
-  state, metrics, _ = step(state, jax.device_put(batch, parallel.data_sharding(mesh)))
-  return jax.device_get(state), jax.device_get(metrics)
 
 
 def host_batch(config):
@@ -52,18 +40,18 @@ def test_gradient_accumulation_equals_one_pass_when_micro_batches_have_the_batch
   overrides = {'swav.num_prototypes': 12, 'swav.freeze_prototypes_steps': 0} if method == 'swav' else {}
   config = tiny_digits(method=method, **overrides)
   batch = duplicated_per_device(host_batch(config), 8, 4)
-  s1, m1 = one_step(config, batch)
+  s1, m1 = train_steps(config, [batch])
   config.grad_accum_steps = 4
-  s4, m4 = one_step(config, batch)
+  s4, m4 = train_steps(config, [batch])
   for k in ('loss', *methods.METHODS[method].terms, 'online_probe_top1'):
     np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s4.params, s1.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s4.probe_params, s1.probe_params)
   if method == 'vicreg':  # an ordinary batch: BatchNorm normalises each micro-batch on its own, so not the same
     plain = host_batch(config)
-    _, m_acc = one_step(config, plain)
+    _, m_acc = train_steps(config, [plain])
     config.grad_accum_steps = 1
-    _, m_one = one_step(config, plain)
+    _, m_one = train_steps(config, [plain])
     assert abs(float(m_acc['loss']) - float(m_one['loss'])) > 1e-4
 
 
@@ -72,8 +60,8 @@ def test_gradient_accumulation_is_the_same_on_any_device_count():
   (a run resumes on another device count)."""
   config = tiny_digits(grad_accum_steps=4)
   batch = host_batch(config)
-  s8, m8 = one_step(config, batch)
-  s2, m2 = one_step(config, batch, jax.devices()[:2])
+  s8, m8 = train_steps(config, [batch])
+  s2, m2 = train_steps(config, [batch], jax.devices()[:2])
   np.testing.assert_allclose(m2['loss'], m8['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s2.params, s8.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s2.batch_stats, s8.batch_stats)
@@ -82,10 +70,10 @@ def test_gradient_accumulation_is_the_same_on_any_device_count():
 def test_gradient_accumulation_errors():
   config = tiny_digits(grad_accum_steps=3)  # 64 / 8 devices = 8 per device: not divisible by 3
   with pytest.raises(errors.ConfigError, match='must divide the per-device batch 8'):
-    one_step(config, host_batch(config))
+    train_steps(config, [host_batch(config)])
   config = tiny_digits(method='byol', grad_accum_steps=2, **{'byol.predictor': '32'})
   with pytest.raises(errors.ConfigError, match='not supported with byol'):
-    one_step(config, host_batch(config))
+    train_steps(config, [host_batch(config)])
 
 
 @pytest.mark.parametrize('arch', ['convnet', pytest.param('resnet18', marks=pytest.mark.slow)])
@@ -94,9 +82,9 @@ def test_remat_gives_the_same_step(arch):
   recompute (more FLOPs in the cost analysis) and keeps fewer bytes alive (XLA's memory analysis)."""
   config = tiny_digits(**{'model.arch': arch, 'model.stem': 'small', 'model.width_multiplier': 1 / 16})
   batch = host_batch(config)
-  plain, m_plain = one_step(config, batch)
+  plain, m_plain = train_steps(config, [batch])
   config.model.remat = True
-  remat, m_remat = one_step(config, batch)
+  remat, m_remat = train_steps(config, [batch])
   np.testing.assert_allclose(m_remat['loss'], m_plain['loss'], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat.params, plain.params)
   if arch == 'resnet18':

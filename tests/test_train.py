@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh
 
-from conftest import REPO, job_env, load_config, scalar_events, tiny_digits
-from vicreg_jax import methods, parallel, runs, train
+from conftest import REPO, job_env, load_config, scalar_events, tiny_digits, train_steps
+from vicreg_jax import methods, runs, train
 from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
 
@@ -37,18 +36,8 @@ def test_sharded_step_equals_single_device_step(method):
   config = tiny_digits(num_steps=10, method=method, **TINY_HEADS)
   ds = pipeline.pretrain_dataset(config)
   host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    tx, schedule = methods.make_optimizer(config, 10, 2)
-    online = step_lib.make_probe(config, 10)
-    state = step_lib.init_state(config, step_lib.build_model(config, None), tx, jax.random.key(0), online)
-    state = jax.device_put(state, parallel.replicated(mesh))
-    step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, mesh, online, total_steps=10)
-    for b in host_batches:
-      state, metrics, _ = step(state, jax.device_put(b, parallel.data_sharding(mesh)))
-    results.append((jax.device_get(state), jax.device_get(metrics)))
-  (s1, m1), (s8, m8) = results
+  (s1, m1), (s8, m8) = (train_steps(config, host_batches, devices)
+                        for devices in (jax.devices()[:1], jax.devices()))
   assert len(jax.devices()) == 8
   for k in ('loss', *methods.METHODS[method].terms, 'embedding_std', 'online_probe_top1'):
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
