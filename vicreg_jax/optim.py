@@ -121,10 +121,10 @@ def scale_bias_and_norm(factor: float) -> optax.GradientTransformation:
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4,
-        momentum: float = 0.9) -> optax.GradientTransformation:
+        momentum: float = 0.9, nesterov: bool = False) -> optax.GradientTransformation:
   """SGD with momentum as PyTorch's (SimSiam's optimiser): ``dp = g + wd·p`` on every parameter (biases and norms
-  too), ``mu = momentum·mu + dp``, ``p -= lr·mu``."""
-  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=False),
+  too), ``mu = momentum·mu + dp``, ``p -= lr·mu`` (``nesterov``: ``p -= lr·(dp + momentum·mu)``)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=nesterov),
                      optax.scale_by_learning_rate(learning_rate))
 
 

@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from vicreg_jax import checkpoints, collectives, compilation, distributed, errors, loop, parallel, runs
+from vicreg_jax import checkpoints, collectives, compilation, distributed, errors, loop, optim, parallel, runs
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
 from vicreg_jax.metrics import all_finite, keep_if_finite
@@ -112,29 +112,17 @@ def lr_schedule(cl: ml_collections.ConfigDict, base_lr: float, steps_per_epoch: 
                            'exponential')
 
 
-def larc(weight_decay: float, trust: float = 0.001, eps: float = 1e-8) -> optax.GradientTransformation:
-  """apex's LARC without clipping, before its SGD (SimSiam's linear classifier): for each parameter p with
-  ‖p‖ ≠ 0 and ‖g‖ ≠ 0, ``g ← (g + wd·p)·trust·‖p‖/(‖g‖ + wd·‖p‖ + eps)``; any other keeps ``g`` and gets no decay
-  (NVIDIA/apex@2ec84eb:apex/parallel/LARC.py:L78-104)."""
-  def update(updates, state, params):
-    def one(g, p):
-      p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
-      ratio = trust * p_norm / (g_norm + p_norm * weight_decay + eps)
-      return jnp.where((p_norm != 0) & (g_norm != 0), (g + weight_decay * p) * ratio, g)
-    return jax.tree.map(one, updates, params), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def group_optimizer(cl: ml_collections.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
-  """One parameter group's optimiser, as PyTorch's (``cl.optimizer``): 'sgd' / 'nesterov' (``g + wd·p``, momentum
-  buffer ``m·buf + g``, Nesterov's step ``g + m·buf``, then the learning rate), 'larc' (:func:`larc` before SGD
-  without weight decay), 'adam' (``g + wd·p``, then Adam, β 0.9 / 0.999, ε 1e-8)."""
+  """One parameter group's optimiser, as PyTorch's (``cl.optimizer``; :mod:`vicreg_jax.optim`): 'sgd' /
+  'nesterov' (``g + wd·p``, momentum buffer ``m·buf + g``, Nesterov's step ``g + m·buf``, then the learning
+  rate), 'larc' (apex's LARC, trust 0.001, before SGD: SimSiam's linear classifier), 'adam' (``g + wd·p``, then
+  Adam, β 0.9 / 0.999, ε 1e-8)."""
   if cl.optimizer == 'adam':
-    return optax.chain(optax.add_decayed_weights(cl.weight_decay), optax.scale_by_adam(),
-                       optax.scale_by_learning_rate(schedule))
-  first = larc(cl.weight_decay) if cl.optimizer == 'larc' else optax.add_decayed_weights(cl.weight_decay)
-  return optax.chain(first, optax.trace(decay=cl.momentum, nesterov=cl.optimizer == 'nesterov'),
-                     optax.scale_by_learning_rate(schedule))
+    return optim.adam(schedule, weight_decay=cl.weight_decay)
+  if cl.optimizer == 'larc':
+    return optim.larc(schedule, weight_decay=cl.weight_decay, momentum=cl.momentum)
+  return optim.sgd(schedule, weight_decay=cl.weight_decay, momentum=cl.momentum,
+                   nesterov=cl.optimizer == 'nesterov')
 
 
 def make_optimizer(cl: ml_collections.ConfigDict, params: dict, steps_per_epoch: int, epochs: int,
