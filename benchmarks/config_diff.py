@@ -8,9 +8,10 @@ folder) or checkout folders; ``--after`` defaults to this checkout's working tre
 in a fresh interpreter with that side's package on ``PYTHONPATH``, so each sees its own schema and defaults; an
 evaluation config with ``protocol='none'`` is resolved as its job resolves it (``evaluate.protocols.resolve``).
 
-Keys the after side renamed (its ``config.RENAMED``) are compared under their new names. Prints per config: the keys whose value changed (before → after), the keys only one side has (a key the change
-added keeps the old behaviour only if its default says so: such keys are listed, not judged), and a last line
-naming the configs whose values changed: the rows to re-run. ``--json`` writes the same as data.
+Keys the after side renamed (its ``config.RENAMED``) are compared under their new names. Prints per config: the
+keys whose value changed (before → after), the keys only one side has (a key the change added keeps the old
+behaviour only if its default says so: such keys are listed, not judged), and a last line naming the configs whose
+values changed: the rows to re-run. ``--json`` writes the same as data.
 """
 
 from __future__ import annotations

@@ -227,8 +227,8 @@ def eval_dataset(data: ml_collections.ConfigDict, split: str, batch_size: int, *
   same number of full batches (collectives must match).
 
   TFDS and image-folder images: shorter side resized to ``resize`` (0: ``crop``·8/7, i.e. 256 for 224) with
-  interpolation ``method``, centre crop ``crop``. In-memory (arrays, digits) images are used as they are. Then normalised by ``mean``/``std`` if
-  given.
+  interpolation ``method``, centre crop ``crop``. In-memory (arrays, digits) images are used as they are. Then
+  normalised by ``mean``/``std`` if given.
 
   Unreadable images: an image folder's keep their row, masked out (mask 0, zero image, their index; the batches
   also hold the :data:`streams.UNREADABLE` fields); a TFDS record that fails to decode is dropped (logged by

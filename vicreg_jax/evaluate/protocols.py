@@ -86,6 +86,7 @@ from typing import Any, Optional
 import ml_collections
 
 from vicreg_jax import errors
+from vicreg_jax.config import Rule
 
 # The keys a protocol sets (dotted), each None in eval_job_config until resolved.
 KEYS = ('batch_size', 'epochs', 'classifier.optimizer', 'classifier.head_lr', 'classifier.backbone_lr',
@@ -232,7 +233,7 @@ def _check(config) -> None:
   """One line for resolved values that cannot work together."""
   cl = config.classifier
   epochs = cl.lr_decay_epochs
-  if not isinstance(epochs, (list, tuple)) or not all(isinstance(e, int) and e >= 1 for e in epochs):
+  if Rule('ints', 1).problem(epochs):
     raise errors.ConfigError(f'config.classifier.lr_decay_epochs must be a tuple of epochs >= 1, not {epochs!r}')
 
 

@@ -13,9 +13,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def from_config(model, axis_name: Optional[str] = None) -> nn.Module:
-  """``model.arch`` 'convnet': :class:`convnet.ConvNet` with widths 32-64-128 × ``width_multiplier``; a ResNet
-  name: :func:`resnet.resnet` with ``width_multiplier``, ``stem`` and ``zero_init_residual``. BatchNorm statistics are synchronised over
-  ``axis_name`` in training."""
+  """``model.arch`` 'convnet': :class:`convnet.ConvNet` with widths 32-64-128 × ``width_multiplier``; a ResNet name:
+  :func:`resnet.resnet` with ``width_multiplier``, ``stem`` and ``zero_init_residual``. BatchNorm statistics are
+  synchronised over ``axis_name`` in training."""
   dtype = DTYPES[model.dtype]
   if model.arch == 'convnet':
     widths = tuple(max(1, int(round(w * model.width_multiplier))) for w in (32, 64, 128))
