@@ -46,11 +46,18 @@ one subfolder per class (``ROOT/CLASS/*.jpg``, or ``ROOT/train/CLASS/...`` and `
 
 Input pipeline: each view decodes only its random crop window of the JPEG (fused decode-and-crop); tf.data maps
 run in parallel with autotune; ``data.threadpool_size`` sets a private thread pool (0: TF's shared one) and
-``data.shuffle_buffer`` the TFDS shuffle buffer (encoded images, about 110 kB each).
+``data.shuffle_buffer`` the TFDS window: that many encoded images (about 110 kB each) permuted at once, two
+windows held in RAM (docs/performance.md).
 """
 
 from vicreg_jax.config import imagenet_config
 
 
 def get_config():
-  return imagenet_config()  # the defaults are the paper's recipe, here in bfloat16
+  c = imagenet_config()  # the defaults are the paper's recipe, here in bfloat16
+  # Kept for evaluation besides the newest 3: every 12,500 steps (20 epochs of 625 steps at batch 2048; a multiple
+  # of checkpoint_every_steps, 2500), which hits epochs 100, 200, 300, 400, 800 and 1000, the lengths the methods'
+  # papers report. 50 checkpoints of 1.41 GB (float32: 174.6M parameters, ResNet-50 23.5M + projector 151.0M, their
+  # LARS momentum, the online probe's 2.0M and its momentum): 71 GB over the run.
+  c.keep_checkpoints_every = 12_500
+  return c

@@ -1,6 +1,7 @@
 """Several JAX processes on this machine (``jax.distributed`` on localhost, CPU collectives over gloo, 2 simulated
 devices each): pretraining with its final probe stopped and resumed, the linear-evaluation and fine-tuning jobs,
-resuming on other topologies, a killed peer. Figures are compared with one process holding the same 4 devices.
+resuming on other topologies, a killed peer, the sharded optimiser. Figures are compared with one process holding
+the same 4 devices.
 
 The comparisons are exact by construction, not within a tolerance tuned on one machine. Two things make one
 process with 4 devices and two processes with 2 each compute the same bits (benchmarks/reduction_layouts.py
@@ -234,6 +235,26 @@ def test_byol_on_two_processes_matches_one_process(tmp_path):
   assert diff == 0.0 and target_diff == 0.0
   assert 'predictor' in a['params'] and max_abs_difference(a['extra']['target']['params'], a['params']) > 1e-3
   assert max_abs_difference(a["extra"]["target"]["params"], params(two, 6)["extra"]["target"]["params"]) > 1e-6
+
+
+def test_sharded_optimiser_on_two_processes_matches_one_process_exactly(tmp_path):
+  """``optim.shard_state`` (ZeRO-1: the gradients reduce-scattered, each device a block of the LARS momentum and of
+  the update, the whole parameters' norms summed over the blocks) on two processes, stopped at step 6 and resumed
+  from the sharded checkpoint, against one process with 4 devices: the ordered reduce-scatter and norm sums give
+  the same bits."""
+  sharded = [*PRETRAIN, '--config.optim.shard_state=True', '--config.num_steps=12', '--config.checkpoint_every_steps=6',
+             '--config.final_probe.enabled=False']
+  two, one, logs = tmp_path / 'two', tmp_path / 'one', tmp_path / 'logs'
+  job([*sharded, f'--workdir={two}', '--config.max_steps_per_run=6'], logs, 'sharded_two_first', processes=2).check()
+  job([*sharded, f'--workdir={two}'], logs, 'sharded_two', processes=2).check()
+  job([*sharded, f'--workdir={one}'], logs, 'sharded_one', devices=4).check()
+  assert 'Resumed from' in (logs / 'sharded_two0.err').read_text()
+  a, b = (params(w, 12) for w in (two, one))
+  diff, opt_diff = (max_abs_difference(a[k], b[k]) for k in ('params', 'opt_state'))
+  print(f'sharded optimiser, two processes (stopped at 6, resumed) against one: max difference {diff:.3e} in the '
+        f'parameters, {opt_diff:.3e} in the optimiser state')
+  assert diff == 0.0 and opt_diff == 0.0
+  assert max_abs_difference(a['params'], params(two, 6)['params']) > 1e-4
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

@@ -1,5 +1,6 @@
-"""Cross-device sums for code written per device (``jax.shard_map``, ``jax.pmap``): ``psum``, ``pmean`` and a
-tiled ``all_gather``, in one of three modes (``config.reductions``).
+"""Cross-device sums for code written per device (``jax.shard_map``, ``jax.pmap``): ``psum``, ``pmean``, a
+tiled ``all_gather`` and ``pmean_scatter`` (a reduce-scatter), in one of three modes (``config.reductions``); and
+:func:`leaf_norm`, the norm of a parameter of which each device may hold only a block (:func:`sharded_leaves`).
 
 - ``'native'`` (the default): ``jax.lax``'s own collectives. Their sums add the devices' values in an order the
   runtime chooses: in one process XLA:CPU adds them one way, across processes gloo another, on TPU the
@@ -21,6 +22,11 @@ reduce-scattered. The gathered copies cost devices × the summed array in memory
 tests and debugging on small models, not for speed.
 
 The mode applies while a per-device function is traced: put ``with collectives.mode(name):`` around its body.
+
+A sharded optimiser (``optim.shard_state``, :mod:`vicreg_jax.step`) gives each device a block of some
+parameters; the optimisers of :mod:`vicreg_jax.optim` take per-parameter norms with :func:`leaf_norm`, which inside
+``with collectives.sharded_leaves(axis_name, sharded):`` is the norm of the whole parameter for a sharded one (the
+devices' partial sums of squares added by :func:`psum`, so in the folded modes in device order too).
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ import functools
 from typing import Any, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 
 from vicreg_jax import errors
 
 MODES = ('native', 'ordered', 'reversed')
 _MODE = contextvars.ContextVar('vicreg_jax_reductions', default='native')
+_SHARDED = contextvars.ContextVar('vicreg_jax_sharded_leaves', default=None)
 
 
 @contextlib.contextmanager
@@ -133,3 +141,49 @@ def all_gather(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   if current_mode() == 'native':
     return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
   return _ordered_all_gather(x, axis_name, current_mode() == 'reversed')
+
+
+def pmean_scatter(x: jax.Array, axis_name: str, dim: int) -> jax.Array:
+  """This device's block along ``dim`` of ``pmean(x, axis_name)`` (blocks in device order, ``x.shape[dim]``
+  divisible by the device count): ``jax.lax.psum_scatter`` tiled, over the device count. In a folded mode every
+  device's block is gathered and added in (reverse) device order, bitwise the same as that block of
+  :func:`pmean`. Not differentiable in the folded modes (the gradients' reduction needs no gradient)."""
+  n = jax.lax.axis_size(axis_name)
+  if current_mode() == 'native':
+    return jax.lax.psum_scatter(x, axis_name, scatter_dimension=dim, tiled=True) / n
+  size = x.shape[dim] // n
+  parts = jax.lax.all_gather(x, axis_name)  # [devices, *x.shape], bitwise copies
+  blocks = jax.lax.dynamic_slice_in_dim(parts, jax.lax.axis_index(axis_name) * size, size, axis=dim + 1)
+  order = range(n)[::-1] if current_mode() == 'reversed' else range(n)
+  total = blocks[order[0]]
+  for i in order[1:]:
+    total = total + blocks[i]
+  return total / n
+
+
+@contextlib.contextmanager
+def sharded_leaves(axis_name: str, sharded: dict) -> Iterator[None]:
+  """Within the block, :func:`leaf_norm` treats the leaf at each key path of ``sharded`` (a dict from every
+  parameter's key path to whether each device of ``axis_name`` holds only a block of it) accordingly; a path
+  missing from ``sharded`` is an error there (a transform that renamed the tree would otherwise get a block's
+  norm)."""
+  token = _SHARDED.set((axis_name, dict(sharded)))
+  try:
+    yield
+  finally:
+    _SHARDED.reset(token)
+
+
+def leaf_norm(path: tuple, x: jax.Array) -> jax.Array:
+  """The Frobenius norm of the parameter (or its update) ``x`` at key path ``path`` (``jnp.linalg.norm``); for
+  a leaf that :func:`sharded_leaves` says is sharded, that of the whole array: the square root of the sum over the
+  devices (:func:`psum`) of each block's sum of squares."""
+  context = _SHARDED.get()
+  if context is None:
+    return jnp.linalg.norm(x)
+  axis_name, sharded = context
+  if path not in sharded:
+    raise KeyError(f'leaf_norm: {jax.tree_util.keystr(path)} is not a parameter of the sharded optimiser')
+  if not sharded[path]:
+    return jnp.linalg.norm(x)
+  return jnp.sqrt(psum(jnp.sum(x * x), axis_name))

@@ -1,19 +1,24 @@
-"""Compilation: the XLA options of the package's programs and JAX's persistent compilation cache.
+"""Compilation: the XLA options of the package's programs, JAX's persistent compilation cache, out of memory.
 
 :func:`jit` is ``jax.jit`` with :func:`compiler_options` (on CPU, XLA's own convolutions instead of YNNPACK's:
-1.7x the ResNet step, docs/performance.md; nothing on accelerators). :func:`configure_cache` turns on the persistent
-compilation cache where the config says (:func:`enable_cache` for a given directory), so a restart loads the
-compiled programs instead of compiling them again; :func:`cache_hits` counts the loads.
+1.7x the ResNet step, docs/performance.md; nothing on accelerators; :func:`use_default_options` when compiling for
+another backend than the default one). :func:`configure_cache` turns on the persistent compilation cache where
+the config says (:func:`enable_cache` for a given directory), so a restart loads the compiled programs instead of
+compiling them again; :func:`cache_hits` counts the loads. :func:`out_of_memory` turns XLA's out-of-memory error
+into one line with the advice.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 from absl import logging
+
+from vicreg_jax import errors
 
 # --- XLA options ----------------------------------------------------------------------------------------------
 
@@ -40,6 +45,12 @@ def compiler_options() -> Optional[dict]:
         pass
     _compiler_options['options'] = options
   return _compiler_options['options']
+
+
+def use_default_options() -> None:
+  """XLA's default options for every program jitted after this: for compiling for a backend other than the
+  default one (benchmarks/tpu_compile.py compiles for TPU on a CPU host)."""
+  _compiler_options['options'] = None
 
 
 def jit(fun: Callable, **kwargs) -> Callable:
@@ -88,3 +99,30 @@ def configure_cache(config, workdir: str) -> None:
 def cache_hits() -> int:
   """How many programs this process has loaded from the persistent compilation cache."""
   return _cache_hits['count']
+
+
+# --- out of memory --------------------------------------------------------------------------------------------
+
+_OOM = re.compile(r'RESOURCE_EXHAUSTED.*?(?:Ran out of memory|Out of memory|out of memory)', re.S)
+_USED = re.compile(r'Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) (\w+)')
+_REQUIRED = re.compile(r'required for HLO temporaries \(([\d.]+[KMGT]?i?B?)\) exceeds available (\w+) \(([\d.]+[KMGT]?i?B?)\)')
+
+
+def out_of_memory(error: BaseException, per_chip_batch: int) -> Optional[errors.ConfigError]:
+  """A one-line :class:`errors.ConfigError` for XLA's out-of-memory ``error`` (a program that does not fit the
+  accelerator's memory, found when it is compiled or run): the per-chip batch, what XLA says it needed against
+  what the chip has, and what to change; None for any other error."""
+  text = str(error)
+  if not _OOM.search(text):
+    return None
+  used, required = _USED.search(text), _REQUIRED.search(text)
+  if used:
+    need = f'compiled peak {used.group(1)} of {used.group(2)} {used.group(3)}'
+  elif required:
+    need = f'temporaries {required.group(1)} of {required.group(3)} {required.group(2)}'
+  else:
+    need = 'the program does not fit'
+  return errors.ConfigError(
+      f'out of accelerator memory at {per_chip_batch} examples per chip ({need}); set '
+      '--config.grad_accum_steps=K (the batch in K micro-batches), --config.model.remat=True, or use more chips '
+      '(benchmarks/tpu_compile.py reports the peak per chip before a run)')

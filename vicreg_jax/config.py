@@ -122,6 +122,7 @@ _SHARED = {  # keys of every job
 }
 _PRETRAIN = {
     'epochs': NONNEG_INT, 'num_steps': NONNEG_INT, 'max_steps_per_run': NONNEG_INT, 'keep_checkpoints': COUNT,
+    'keep_checkpoints_every': NONNEG_INT,
     'debug_nan_at_step': NONNEG_INT, 'spectrum_every_steps': NONNEG_INT, 'diagnostics_max_rows': COUNT,
     'compilation_cache': TEXT, 'compilation_cache_min_seconds': NONNEG, 'profile_steps': TEXT,
     'prefetch_to_device': NONNEG_INT, 'grad_accum_steps': COUNT,
@@ -139,6 +140,7 @@ _PRETRAIN = {
     'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
     'optim.schedule': Rule('str', choices=('cosine', 'cosine_epochs', 'step')), 'optim.end_lr_factor': FRACTION,
     'optim.decay_epochs': Rule('ints', 0), 'optim.decay_factor': POSITIVE, 'augment.on_device': BOOL,
+    'optim.shard_state': BOOL,
     'final_probe.enabled': BOOL, 'final_probe.labels_per_class': COUNT, 'final_probe.draws': COUNT,
     'final_probe.batch_size': COUNT, 'final_probe.max_train_examples': NONNEG_INT,
     'final_probe.max_test_examples': NONNEG_INT,
@@ -220,6 +222,9 @@ def validate(config) -> None:
     raise errors.ConfigError('config.epochs and config.num_steps are both 0: set one of them to train for any steps')
   if job == 'pretrain':
     _check_crops(values)
+  if job == 'pretrain' and values['keep_checkpoints_every'] % values['checkpoint_every_steps']:
+    raise errors.ConfigError('config.keep_checkpoints_every must be a multiple of config.checkpoint_every_steps '
+                             f"({values['checkpoint_every_steps']}): only the steps saved can be kept")
 
 
 def _check_crops(values: dict) -> None:
@@ -294,8 +299,9 @@ def _shared(job: str) -> ml_collections.ConfigDict:
   # 'validation'). test_split: the split the end-of-run probe and the evaluation jobs test on.
   # image_size: in-memory images (digits) are resized to it (evaluation jobs: 0 takes the pretraining run's).
   # tf.data: ``threadpool_size`` is the private thread pool per pipeline (0: TF's shared pool),
-  # ``shuffle_buffer`` examples (TFDS; encoded bytes when the views crop), ``prefetch`` batches; ``cache``
-  # (TFDS): keep this host's share in memory after one pass (as read: encoded or decoded).
+  # ``shuffle_buffer`` examples (TFDS: the window shuffled at once, two windows of records held), ``prefetch``
+  # batches; ``cache`` (TFDS): read this host's share of the files into memory before the first batch (its
+  # serialized records: ImageNet's train split is ~140 GB, 140 GB / hosts per host; docs/performance.md).
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', path='', train_split='train', test_split='validation',
       data_dir=ml_collections.FieldReference(None, field_type=str), val_fraction=0.0, image_size=224, channels=3,
@@ -311,6 +317,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_steps_per_run = 0     # > 0: stop this invocation after that many steps, with a checkpoint (jobs with a
                               # time limit); the same command continues from there
   c.keep_checkpoints = 3
+  # > 0: also keep every checkpoint whose step is a multiple of this (a multiple of checkpoint_every_steps), for
+  # evaluation beside or after the run; keep_checkpoints still trims the others (0: keep only the newest).
+  c.keep_checkpoints_every = 0
   c.debug_nan_at_step = 0     # tests: the loss becomes NaN at this step (0: never)
   c.spectrum_every_steps = 0  # singular-value spectra as TensorBoard images (0: with each checkpoint)
   c.diagnostics_max_rows = 1024  # the collapse diagnostics' SVD: on a subsample of this many rows of the batch
@@ -358,6 +367,11 @@ def base_config() -> ml_collections.ConfigDict:
       name='lars', base_lr=0.2, weight_decay=1e-6, momentum=0.9, eta=0.001, warmup_epochs=10, warmup_steps=0,
       warmup_start_factor=0.0, warmup_linspace=False, schedule='cosine', end_lr_factor=0.001, decay_epochs=(),
       decay_factor=0.1))
+  # shard_state: ZeRO-1 over the devices: the gradients reduce-scattered, each device holding and updating a block
+  # of the optimiser state and of the parameters, the parameters all-gathered after the update (the same update
+  # up to the order of the sums in the per-parameter norms; vicreg_jax/step.py). Checkpoints are the same either
+  # way.
+  c.optim.shard_state = False
   view1, view2 = imagenet_views()
   # on_device: the host does only the geometric part of each view (crop, affine, shift, flip) and sends uint8
   # (a quarter of float32's host-to-device traffic); the colour part (jitter, grayscale, blur, solarize,
@@ -378,12 +392,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def imagenet_config() -> ml_collections.ConfigDict:
   """The ImageNet runs (configs/imagenet*.py): the paper's recipe in bfloat16, a progress line every 100 steps,
-  a checkpoint every 2500, a shuffle buffer of 50,000 encoded images."""
+  a checkpoint every 2500, a shuffle buffer of 50,000 encoded images, the optimiser state sharded over the
+  devices (``optim.shard_state``: the same step up to float summation order, 1/devices of the state per chip)."""
   c = base_config()
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500
   c.model.dtype = 'bfloat16'
   c.data.shuffle_buffer = 50_000
+  c.optim.shard_state = True  # ZeRO-1: each chip keeps 1/chips of the optimiser state (docs/performance.md)
   return c
 
 

@@ -422,8 +422,14 @@ def embedding_std(z: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
 
   VICReg's variance hinge holds it near 1; a collapsing run drives it towards 0. A dimension of zero variance
   (identical rows) contributes 0 with gradient 0, where ``jnp.std``'s square root would give 0 · inf = NaN.
+  With ``axis_name`` the batch is not gathered: the global mean, then the global sum of squared deviations from
+  it, are two sums of [D] vectors over the replicas (the same two passes as ``jnp.var`` on the whole batch).
   """
-  z = gather_batch(z.astype(jnp.float32), axis_name)
-  var = jnp.var(z, axis=0)
+  z = z.astype(jnp.float32)
+  n = z.shape[0] if axis_name is None else z.shape[0] * jax.lax.psum(1, axis_name)
+  total = jnp.sum(z, axis=0)
+  mean = (total if axis_name is None else collectives.psum(total, axis_name)) / n
+  squares = jnp.sum((z - mean)**2, axis=0)
+  var = (squares if axis_name is None else collectives.psum(squares, axis_name)) / n
   positive = var > 0
   return jnp.mean(jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0))

@@ -3,6 +3,10 @@
 LARS in the official VICReg order; LARC as NVIDIA apex (SwAV); SGD with momentum as PyTorch's (SimSiam); Adam with
 PyTorch's coupled L2 weight decay (W-MSE); AdamW for small demos; the warmup-cosine and warmup-step schedules; and
 :func:`frozen_for`, which keeps a group of parameters out of the optimiser for its first steps (SwAV's prototypes).
+
+Every optimiser here works on blocks of parameters too (``optim.shard_state``: each device updates a block of
+every parameter it can split): all of them are elementwise but for the per-parameter norms of LARS and LARC, which
+are :func:`vicreg_jax.collectives.leaf_norm`'s, the whole parameter's norm when each device holds a block.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vicreg_jax import errors
+from vicreg_jax import collectives, errors
 
 
 def lr_schedule(base_lr: float, global_batch: int, total_steps: int, warmup_steps: int,
@@ -103,9 +107,25 @@ def lars(learning_rate: optax.ScalarOrSchedule,
   official SimCLR's ``LARSOptimizer(classic_momentum=True)`` (and ``optax.lars``'s order).
   """
   scaling = [optax.masked(optax.add_decayed_weights(weight_decay), exclude_bias_and_norm),
-             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0), exclude_bias_and_norm)]
+             optax.masked(scale_by_trust_ratio(eta), exclude_bias_and_norm)]
   momentum_then_lr = [optax.trace(decay=momentum, nesterov=False), optax.scale_by_learning_rate(learning_rate)]
   return optax.chain(*scaling, *(momentum_then_lr[::-1] if lr_in_momentum else momentum_then_lr))
+
+
+def scale_by_trust_ratio(trust: float) -> optax.GradientTransformation:
+  """Each update ``u`` times ``trust·‖p‖/‖u‖`` of its parameter ``p`` (1 where either norm is 0):
+  ``optax.scale_by_trust_ratio(trust_coefficient=trust, eps=0.0)``, with the norms of
+  :func:`collectives.leaf_norm` (whole-parameter norms when each device holds a block)."""
+
+  def scale(path, u, p):
+    p_norm, u_norm = collectives.leaf_norm(path, p), collectives.leaf_norm(path, u)
+    ratio = trust * p_norm / u_norm
+    return u * jnp.where((p_norm == 0.0) | (u_norm == 0.0), jnp.array(1.0, p.dtype), ratio)
+
+  def update(updates, state, params=None):
+    return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> optax.GradientTransformation:
@@ -147,13 +167,13 @@ def larc(learning_rate: optax.ScalarOrSchedule,
 def _larc_scaling(weight_decay: float, trust: float, eps: float) -> optax.GradientTransformation:
   """LARC's per-parameter rescaling of the gradient, weight decay included (see :func:`larc`)."""
 
-  def rescale(g, p):
-    p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+  def rescale(path, g, p):
+    p_norm, g_norm = collectives.leaf_norm(path, p), collectives.leaf_norm(path, g)
     adaptive = trust * p_norm / (g_norm + p_norm * weight_decay + eps)
     return jnp.where((p_norm != 0) & (g_norm != 0), (g + weight_decay * p) * adaptive, g)
 
   def update(updates, state, params=None):
-    return jax.tree.map(rescale, updates, params), state
+    return jax.tree_util.tree_map_with_path(rescale, updates, params), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

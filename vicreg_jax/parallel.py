@@ -10,7 +10,7 @@ batches ahead on the devices. Starting the processes is :mod:`vicreg_jax.distrib
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -22,9 +22,14 @@ from vicreg_jax import errors
 AXIS = 'data'
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh named ``'data'`` over all devices of all processes (process by process)."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+def make_mesh(devices: Optional[Sequence] = None) -> Mesh:
+  """A 1-D mesh named ``'data'`` over ``devices`` (None: all devices of all processes), in the order
+  ``jax.make_mesh`` chooses for the hardware's topology (on TPU a ring through the torus's links, so a
+  collective's neighbours are physical neighbours; on CPU and GPU the devices' own order). A process's devices
+  need not be neighbours in it: :func:`jax.make_array_from_process_local_data` maps its rows to wherever its
+  devices are."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -50,10 +50,10 @@ def train_examples(config: ml_collections.ConfigDict) -> int:
   return sources.get(config.data).num_examples(config.data, config.data.train_split)
 
 
-def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(total steps, warmup steps, steps per epoch) of a pretraining config: epochs over its training split,
-  unless ``config.num_steps`` is set."""
-  per_epoch = steps_per_epoch(config, train_examples(config))
+def schedule_steps(config: ml_collections.ConfigDict, num_examples: Optional[int] = None) -> tuple[int, int, int]:
+  """(total steps, warmup steps, steps per epoch) of a pretraining config: epochs over its training split
+  (``num_examples`` examples; None: counted in the dataset), unless ``config.num_steps`` is set."""
+  per_epoch = steps_per_epoch(config, train_examples(config) if num_examples is None else num_examples)
   total = config.num_steps or int(config.epochs * per_epoch)
   warmup = config.optim.warmup_steps or int(config.optim.warmup_epochs * per_epoch)
   return total, min(warmup, total), per_epoch

@@ -284,6 +284,97 @@ def _poisoned(loss, metrics, step, nan_at_step: int):
   return loss, dict(metrics, loss=loss)
 
 
+# --- the optimiser update, replicated or sharded (``optim.shard_state``, ZeRO-1) ------------------------------
+
+def shard_dim(shape: tuple, devices: int) -> Optional[int]:
+  """The dimension along which the sharded optimiser splits an array of ``shape`` over ``devices``: the largest
+  that ``devices`` divides (the first of equals: the major one, whose blocks keep the minor dimensions' layout),
+  or None when none does or there is one device (the array stays whole on every device)."""
+  best = None
+  for d, size in enumerate(shape):
+    if size and size % devices == 0 and (best is None or size > shape[best]):
+      best = d
+  return best if devices > 1 else None
+
+
+def _leaf_spec(x, devices: int) -> P:
+  """``P()``, or ``'data'`` at :func:`shard_dim`'s dimension of ``x``."""
+  d = shard_dim(x.shape, devices)
+  return P() if d is None else P(*([None] * d), parallel.AXIS)
+
+
+def state_specs(config, state, devices: int):
+  """The :class:`TrainState` of PartitionSpecs the train step takes and returns ``state`` (arrays or
+  ShapeDtypeStructs) in on ``devices`` devices: replicated, but with ``optim.shard_state`` every array of the
+  optimiser state split along :func:`shard_dim` (its parameter's shape: the state's arrays have their parameter's
+  shape, so a checkpoint does not depend on the device count or the key)."""
+  specs = jax.tree.map(lambda _: P(), state)
+  if config.optim.shard_state:
+    specs = specs.replace(opt_state=jax.tree.map(lambda x: _leaf_spec(x, devices), state.opt_state))
+  return specs
+
+
+def state_shardings(config, mesh, abstract_state):
+  """The NamedSharding of every leaf of the trainer's :class:`TrainState` (:func:`state_specs` on ``mesh``):
+  the layout of the initial state, of a restored one and of the train step's."""
+  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
+                      state_specs(config, abstract_state, mesh.devices.size),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _apply_gradients(tx, grads, opt_state, params, loss, axis: str, shard: bool, kept=None):
+  """``(params, opt_state, finite)`` after one optimiser step on this device's gradients ``grads``: averaged
+  over the devices (:func:`collectives.pmean`) and applied to the whole state, or with ``shard`` (ZeRO-1)
+  reduce-scattered (:func:`collectives.pmean_scatter`) along :func:`shard_dim`, this device's block of the
+  optimiser state and of the parameters updated (norms of whole parameters: :func:`collectives.sharded_leaves`),
+  and the parameters all-gathered; arrays :func:`shard_dim` cannot split are averaged and updated whole on every
+  device. ``finite``: the loss and every averaged gradient entry finite (on every device); when it is False the
+  optimiser state comes back unchanged and the parameters are ``kept`` (None: ``params``; chosen on the blocks,
+  before the all-gather, so the choice reads and writes 1/devices of them)."""
+  kept = params if kept is None else kept
+  if not shard:
+    grads = collectives.pmean(grads, axis)
+    finite = all_finite(loss, grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    return (_if_finite(finite, optax.apply_updates(params, updates), kept),
+            _if_finite(finite, new_opt_state, opt_state), finite)
+  n, index = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  dims = [shard_dim(p.shape, n) for _, p in leaves]
+
+  def block(x, d):
+    return x if d is None else jax.lax.dynamic_slice_in_dim(x, index * (x.shape[d] // n), x.shape[d] // n, axis=d)
+
+  local_grads = treedef.unflatten([collectives.pmean(g, axis) if d is None else collectives.pmean_scatter(g, axis, d)
+                                   for g, d in zip(treedef.flatten_up_to(grads), dims)])
+  local_params = treedef.unflatten([block(p, d) for (_, p), d in zip(leaves, dims)])
+  finite = jax.lax.pmin(all_finite(loss, local_grads).astype(jnp.int32), axis) > 0
+  with collectives.sharded_leaves(axis, {path: d is not None for (path, _), d in zip(leaves, dims)}):
+    updates, new_opt_state = tx.update(local_grads, opt_state, local_params)
+  kept = treedef.unflatten([block(p, d) for p, d in zip(treedef.flatten_up_to(kept), dims)])
+  new = treedef.flatten_up_to(_if_finite(finite, optax.apply_updates(local_params, updates), kept))
+  params = treedef.unflatten([x if d is None else jax.lax.all_gather(x, axis, axis=d, tiled=True)
+                              for x, d in zip(new, dims)])
+  return params, _if_finite(finite, new_opt_state, opt_state), finite
+
+
+def _if_finite(finite, new, old):
+  """``new`` where the step is finite, else ``old`` (leaf by leaf)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def _over_devices(per_device, config, mesh):
+  """``(state, batch) -> per_device(state, batch)`` under ``shard_map``: the state laid out by
+  :func:`state_specs`, the batch split over ``'data'``; returns the state, replicated metrics and the sharded
+  rows of view 1's representations and embeddings."""
+  def sharded(state: TrainState, batch):
+    specs = state_specs(config, state, mesh.devices.size)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(parallel.AXIS)),
+                         out_specs=(specs, P(), P(parallel.AXIS)), check_vma=False)(state, batch)
+
+  return sharded
+
+
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None), total_steps: Optional[int] = None):
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
@@ -292,9 +383,10 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   (``augment.small_crops``) the small crops of ``batch['small']`` [n, crops, h, w, C]; one pass per view, or
   with ``model.views_together`` the backbone once per resolution group and the heads once over all crops
   (:func:`_online_views`). The EMA target runs where the method has one; the objective (``config.method``)
-  gathers what it needs from all devices; gradients are averaged; the state stays replicated. Then the method's
-  state moves on (EMA target, SwAV's queue of the two views) and the online probe (if any) trains on view 1's
-  stop-gradient representations. A non-finite loss or gradient moves only the step counter
+  gathers what it needs from all devices; gradients are averaged and applied (:func:`_apply_gradients`); the
+  state stays replicated but for the optimiser state's blocks with ``optim.shard_state`` (:func:`state_specs`).
+  Then the method's state moves on (EMA target, SwAV's queue of the two views) and the online probe (if any)
+  trains on view 1's stop-gradient representations. A non-finite loss or gradient moves only the step counter
   (``metrics['finite']``). View 1's representations and embeddings come back sharded, for the collapse
   diagnostics (and ``embedding_std`` is view 1's): the small crops enter only the loss. With
   ``config.augment.on_device`` the crops are the host's geometric part only (uint8) and each device applies
@@ -341,10 +433,8 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     else:
       grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
                                                             make_views, remat, together)
-    grads = collectives.pmean(grads, axis)
-    finite = all_finite(metrics['loss'], grads)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state, finite = _apply_gradients(tx, grads, state.opt_state, params, metrics['loss'], axis,
+                                                 config.optim.shard_state, kept=state.params)
     metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
     extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
     if method.ema_target:
@@ -354,14 +444,13 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
           head, probe_tx, probe_params, probe_opt_state, h1, batch['label'])
-    new_state = keep_if_finite(finite, TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                              opt_state=opt_state, probe_params=probe_params,
+    new_state = keep_if_finite(finite, TrainState(step=state.step + 1, params=state.params, batch_stats=batch_stats,
+                                              opt_state=state.opt_state, probe_params=probe_params,
                                               probe_opt_state=probe_opt_state, extra=extra), state)
+    new_state = new_state.replace(params=params, opt_state=opt_state)  # _apply_gradients kept them if not finite
     return new_state, dict(metrics, finite=finite), (h1, views.z[0])
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(), P(axis)),
-                          check_vma=False)
-  return compilation.jit(sharded, donate_argnums=0)
+  return compilation.jit(_over_devices(per_device, config, mesh), donate_argnums=0)
 
 
 def collapse_metrics(h, z) -> tuple[dict, tuple]:

@@ -21,7 +21,8 @@ from vicreg_jax.evaluate import diagnostics
 from vicreg_jax.evaluate import summary as end_of_run
 from vicreg_jax.loop import due
 from vicreg_jax.metrics import IntervalMean
-from vicreg_jax.step import TrainState, build_model, init_state, make_diagnostics, make_probe, make_train_step
+from vicreg_jax.step import (TrainState, build_model, init_state, make_diagnostics, make_probe, make_train_step,
+                             state_shardings)
 
 
 # --- the loop's periodic actions ------------------------------------------------------------------------------
@@ -91,11 +92,14 @@ class SpectrumImage:
 # --- the run --------------------------------------------------------------------------------------------------
 
 def _initial_state(config, tx, online, mesh, mngr, workdir: str) -> TrainState:
-  """A fresh replicated state, or that of the newest checkpoint in ``mngr`` (:func:`checkpoints.restore_newest`:
-  a damaged one set aside, any other reading error retried for ``restore_retry_seconds`` and then the end of
-  the run, the checkpoints left where they are). A checkpoint of another model is :class:`errors.WorkdirError`."""
+  """A fresh state laid out as the train step takes it (:func:`vicreg_jax.step.state_shardings`: replicated, the
+  optimiser state split over the devices with ``optim.shard_state``), or that of the newest checkpoint in
+  ``mngr`` in the same layout, whichever layout saved it (:func:`checkpoints.restore_newest`: a damaged one set
+  aside, any other reading error retried for ``restore_retry_seconds`` and then the end of the run, the
+  checkpoints left where they are). A checkpoint of another model is :class:`errors.WorkdirError`."""
   init = functools.partial(init_state, config, build_model(config, None), tx, online_probe=online)
-  state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+  key = jax.random.key(config.seed)
+  state = jax.jit(init, out_shardings=state_shardings(config, mesh, jax.eval_shape(init, key)))(key)
   restored = checkpoints.restore_newest(
       mngr, state, workdir, config.restore_retry_seconds,
       check=lambda step: checkpoints.check_same_model(str(mngr.directory), step, state, workdir))
@@ -134,7 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps, warmup_steps, epoch_steps = runs.schedule_steps(config)
   tx, schedule = methods.make_optimizer(config, total_steps, warmup_steps, epoch_steps)
   online = make_probe(config, sources.get(config.data).num_classes(config.data))
-  mngr = checkpoints.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  mngr = checkpoints.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
+                             config.keep_checkpoints_every)
   state = _initial_state(config, tx, online, mesh, mngr, workdir)
   runs.save_config(workdir, config)
   start_step = int(state.step)
@@ -159,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 guard=guard, preemption=preemption, checkpoint=checkpoint,
                                 derive=lambda hz: diagnose(*hz), profile=loop.Profile(config.profile_steps,
                                                                                       workdir))
+  except jax.errors.JaxRuntimeError as e:  # XLA's out of memory: one line with the advice
+    raise compilation.out_of_memory(e, config.batch_size // mesh.devices.size) or e
   finally:
     preemption.close()
     writer.flush()

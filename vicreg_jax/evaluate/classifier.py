@@ -433,9 +433,12 @@ def _run(config, tag: str, writer, mngr, steps_per_epoch: int, epoch_test, preem
   metrics = loop.StepMetrics(writer, config.metrics_every_steps, config.log_every_steps, total, prefix=f'{tag}/')
   actions = [metrics, _Progress(tag, config.log_every_steps, total, steps_per_epoch, config.epochs, metrics, start),
              epoch_test]
-  state, preempted = loop.run(step_fn, state, batches, actions, start, total, guard=guard, preemption=preemption,
-                              checkpoint=loop.Checkpoint(mngr, config.checkpoint_every_steps, total, guard,
-                                                         at_stop=False))
+  try:
+    state, preempted = loop.run(step_fn, state, batches, actions, start, total, guard=guard, preemption=preemption,
+                                checkpoint=loop.Checkpoint(mngr, config.checkpoint_every_steps, total, guard,
+                                                           at_stop=False))
+  except jax.errors.JaxRuntimeError as e:  # XLA's out of memory: one line with the advice
+    raise compilation.out_of_memory(e, config.batch_size // jax.device_count()) or e
   if preempted:
     message = (f'Stopped at step {int(state.step)} of {total} of the head of checkpoint {tag[len("ckpt"):]} '
                f'(preempted (SIGTERM)); its state saved in {mngr.directory}; the same command continues from there.')
