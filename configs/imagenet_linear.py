@@ -17,7 +17,12 @@ vicreg_jax/evaluate/protocols.py; in short (frozen backbone in float32, BatchNor
   swav          SGD lr 0.3, wd 1e-6, batch 256, 100 epochs, cosine, best                     75.3% (multi-crop)
   wmse          Adam 1e-2 → 1e-6 exponential, wd 5e-6, batch 1000, 500 epochs, cached features   (ImageNet-100 only)
 
-Evaluates every checkpoint as it lands (``--config.checkpoints=latest`` skips to the newest).
+Cadence (``checkpoints='latest'``): one evaluation (a head trained for tens of epochs on frozen ResNet-50 features)
+takes far longer than the pretraining run takes between checkpoints (2500 steps), so each time the job is free it
+evaluates the newest checkpoint, polling every ``poll_seconds`` (60) for one newer than every step it has
+evaluated: never an older one, and always the final one. ``--config.checkpoints=all`` instead evaluates every
+checkpoint still on disk, oldest first: after the run, the ones configs/imagenet.py keeps
+(``keep_checkpoints_every``: every 20 epochs).
 """
 
 from vicreg_jax.config import eval_job_config
@@ -25,6 +30,7 @@ from vicreg_jax.config import eval_job_config
 
 def get_config(method='auto'):
   c = eval_job_config()
+  c.checkpoints = 'latest'  # see the docstring's cadence
   if method != 'auto':  # 'auto' is the default: the pretraining run's method
     c.protocol = method
   return c

@@ -279,3 +279,43 @@ def test_pretraining_and_both_evaluation_jobs_run_through_the_loop(monkeypatch, 
   linear.run(linear_config(pre, checkpoints='final'), str(tmp_path / 'lin'))
   linear.run(linear_config(pre, 'digits_semi', checkpoints='final'), str(tmp_path / 'ft'), finetune=True)
   assert len(seen) == 3, seen
+
+
+# --- what the pretraining run keeps -----------------------------------------------------------------------------
+
+def _save_steps(mngr, steps) -> None:
+  import jax.numpy as jnp
+  for step in steps:
+    checkpoints.save(mngr, step, {'w': jnp.full((3,), step, jnp.float32)})
+    mngr.wait_until_finished()
+
+
+@pytest.mark.parametrize('keep_every, first, second', [
+    (4, [4, 8, 9, 10], [4, 8, 12, 13, 14]),
+    (0, [9, 10], [13, 14]),
+])
+def test_keep_checkpoints_every_keeps_the_multiples_and_keep_checkpoints_trims_the_rest(tmp_path, keep_every, first,
+                                                                                       second):
+  """A real orbax manager keeping the newest 2: with ``keep_every`` 4 every multiple of 4 stays too, also across
+  a restart (a new manager on the same directory, as a resumed run makes)."""
+  directory = tmp_path / 'checkpoints'
+  mngr = checkpoints.manager(str(directory), 2, keep_every=keep_every)
+  _save_steps(mngr, range(1, 11))
+  assert checkpoints.steps(mngr) == first
+  mngr.close()
+  mngr = checkpoints.manager(str(directory), 2, keep_every=keep_every)
+  _save_steps(mngr, range(11, 15))
+  assert checkpoints.steps(mngr) == second == sorted(int(p.name) for p in directory.iterdir())
+  mngr.close()
+
+
+def test_keep_checkpoints_every_is_a_multiple_of_the_checkpoint_period():
+  """configs/imagenet.py keeps every 20th epoch's checkpoint; a period the saves never hit is one line."""
+  from vicreg_jax import config as schema
+  imagenet = load_config('imagenet')
+  assert imagenet.keep_checkpoints_every == 20 * 625 and imagenet.keep_checkpoints_every % 2500 == 0
+  schema.validate(imagenet)
+  assert load_config('imagenet_linear').checkpoints == 'latest'
+  with pytest.raises(errors.ConfigError, match=r'^config.keep_checkpoints_every must be a multiple of '
+                                               r'config.checkpoint_every_steps \(2500\)'):
+    schema.validate(tiny_digits(checkpoint_every_steps=2500, keep_checkpoints_every=6250))

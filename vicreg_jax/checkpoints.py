@@ -42,7 +42,8 @@ _DAMAGE_CODES = ('NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS', 'INVALID_ARGUMENT', '
 
 class CheckpointReadError(errors.UserError):
   """A checkpoint that looks intact could not be read within ``restore_retry_seconds``: the job stops and every
-  checkpoint stays where it is."""
+  checkpoint stays where it is. Exit status 1: storage that failed may come back, so a supervisor restarts."""
+  status = 1
 
 
 class InspectionError(Exception):
@@ -51,14 +52,20 @@ class InspectionError(Exception):
 
 # --- writing and listing --------------------------------------------------------------------------------------
 
-def manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints.
+def manager(directory: str, keep: int, keep_every: int = 0) -> ocp.CheckpointManager:
+  """An orbax manager writing to ``directory`` (created), keeping the newest ``keep`` checkpoints and, with
+  ``keep_every`` > 0, every one whose step is a multiple of ``keep_every`` (for the evaluation jobs); each save
+  deletes the checkpoints neither rule keeps, those of earlier runs in ``directory`` included.
 
   A save lands in a temporary directory renamed when complete, so a save cut short (a kill) never looks like
   a checkpoint; the manager deletes such leftovers when it starts. Tests can hold one save open before its
   rename (:data:`HOLD_SAVE_ENV`)."""
+  policies = [ocp.checkpoint_managers.LatestN(keep)]
+  if keep_every:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True, temporary_path_class=_held_save_class()))
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True,
+      cleanup_tmp_directories=True, temporary_path_class=_held_save_class()))
 
 
 def reader(directory: str) -> ocp.CheckpointManager:

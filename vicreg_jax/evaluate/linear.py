@@ -1,14 +1,14 @@
 """The linear-evaluation job (and, with ``finetune``, the fine-tuning job): follows a pretraining run's checkpoints
-(:mod:`vicreg_jax.evaluate.watch`) and evaluates each one as it lands.
+(:mod:`vicreg_jax.evaluate.watch`) and evaluates them as they land.
 
   python -m vicreg_jax.main --config=configs/imagenet_linear.py --workdir=EVAL --config.pretrain_workdir=PRE
 
-For every new checkpoint in ``PRE/checkpoints`` (or only the newest, ``checkpoints='latest'``, or only the
-last step's, ``'final'``) it trains a
-linear head on the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and appends top-1/top-5 to
-``EVAL/results.json`` and TensorBoard. It stops once the checkpoint of the pretraining run's last step is
-evaluated. A restart skips the checkpoints already in results.json and resumes a half-trained head from
-``EVAL/heads/<step>``. Only checkpoints orbax has finalised are listed, so a half-written one is never read.
+For every new checkpoint in ``PRE/checkpoints`` (``checkpoints='all'``; with 'latest', the newest each time the
+job is free, never one older than one evaluated; with 'final', only the last step's) it trains a linear head on
+the frozen backbone (:mod:`vicreg_jax.evaluate.classifier`) and appends top-1/top-5 to ``EVAL/results.json`` and
+TensorBoard. It stops once the checkpoint of the pretraining run's last step is evaluated ('all': and every
+checkpoint still listed). A restart skips the checkpoints already in results.json and resumes a half-trained
+head from ``EVAL/heads/<step>`` (with 'latest', while its checkpoint is still the newest). Only checkpoints orbax has finalised are listed, so a half-written one is never read.
 
 Before anything else it reads ``PRE/config.json`` and resolves the evaluation protocol
 (:func:`vicreg_jax.evaluate.protocols.resolve`: with ``protocol='auto'`` the pretraining run's method's), prints
