@@ -115,6 +115,9 @@ def pretrain_dataset(config: ml_collections.ConfigDict, start_step: int = 0, pro
   local_b = local_batch_size(config.batch_size, process_count)
   small_crops = config.augment.small_crops
   recipes, on_device = _pretrain_recipes(config.augment)
+  if not on_device and jax.default_backend() == 'tpu':
+    logging.warning('augment.on_device is off on a TPU: the colour ops run on the host CPUs, several times slower '
+                    'than on the chips (docs/performance.md); --config.augment.on_device=True moves them there.')
   cast = device_augment.to_uint8 if on_device else (lambda x: x)
   source = sources.get(config.data)
   encoded = _encoded(source, recipes)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
 
 from vicreg_jax import errors
-from vicreg_jax.data import sources, streams
+from vicreg_jax.data import file_windows, sources, streams
 from vicreg_jax.data.sources import folder
 
 
@@ -95,6 +97,46 @@ def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
   return builder.info.splits[split].num_examples
 
 
+def _share_split(split: str, process_index: int, process_count: int):
+  """This process's equal share of ``split`` (``tfds.even_splits``, the remainder dropped)."""
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+
+
+def train_share(data, split: str, process_index: int = 0, process_count: int = 1, encoded: bool = False):
+  """This process's share of a TFDS split for training: its pieces (:class:`file_windows.Pieces`: whole files
+  but at the share's two ends, from the split's file instructions), ``read(piece, offset, count)`` giving their
+  records, and ``decode(record)`` giving ``{'image', 'label'}`` (the image encoded if ``encoded``).
+
+  The records are the files' serialized examples, read with TFDS's own file adapter and decoded by the
+  dataset's features. A dataset whose files are absent (the metadata of ``tfds.testing.mock_data``) is read
+  through ``as_dataset`` as one piece of the examples it yields, decoded already (each window skips into it: for
+  tests)."""
+  decoders = {'image': tfds.decode.SkipDecoding()} if encoded else None
+  try:
+    builder = tfds_builder(data.name, data.data_dir)
+    files = builder.info.splits[_share_split(split, process_index, process_count)].file_instructions
+  except errors.DataNotFoundError:
+    files = []
+  if files and tf.io.gfile.exists(files[0].filename):
+    pieces = file_windows.Pieces(np.array([os.fspath(f.filename) for f in files]),
+                                 np.array([f.skip for f in files], np.int64), np.array([f.take for f in files], np.int64))
+    adapter = file_adapters.ADAPTER_FOR_FORMAT[builder.info.file_format]
+    features = builder.info.features
+
+    def decode(record):
+      ex = features.deserialize_example(record, decoders=decoders)
+      return {'image': ex['image'], 'label': ex['label']}
+
+    return pieces, file_windows.file_reader(pieces, adapter.make_tf_data), decode
+  share = tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
+                     process_count=process_count, decode=not encoded)
+  n = int(share.cardinality())  # what as_dataset yields (a mock's examples), else the metadata's count
+  n = n if n > 0 else max(num_examples(data.name, split, data.data_dir) // process_count, 1)
+  pieces = file_windows.Pieces(np.array(['']), np.zeros([1], np.int64), np.array([n], np.int64))
+  return pieces, lambda piece, offset, count: share.skip(offset).take(count), lambda ex: ex
+
 
 class Tfds(sources.Source):
   """A TFDS split per process (:func:`tfds_split`): images uint8, or encoded bytes for the fused decode-and-crop."""
@@ -108,31 +150,22 @@ class Tfds(sources.Source):
 
   def train_stream(self, data, split, seed, start_step, local_b, process_index, process_count, fn, indices=None,
                    encoded=False):
-    """Per process. Exactly resumable on the same number of processes: a fixed file order (TFDS shuffles
-    examples into its files when it builds a dataset), reshuffled per epoch by a buffer seeded with (seed,
-    epoch). This process's stream position p = start_step·local_b lies in epoch p // n at offset p % n; the
-    stream starts at that epoch and skips the offset (reading, not decoding, at most one epoch of this process's
-    records). A record that fails to read or decode is dropped (positions, hence seeds, are fixed before); the
-    row after a gap counts the records dropped since the previous row."""
+    """Per process, from this process's share of the split's files (:func:`train_share`), as a continuous stream
+    of shuffled windows (:mod:`vicreg_jax.data.file_windows`: a file order per epoch and process, no wait at an
+    epoch's end, a resume that skips whole files). Exactly resumable on the same number of processes: position
+    p = start_step·local_b, augmentation seeded by (seed, process, p). A record that fails to read or decode is
+    dropped (positions, hence seeds, are fixed before); the row after a gap counts the records dropped since the
+    previous row."""
     if indices is not None:
       raise ValueError('A labelled subset of a TFDS split is chosen by the split name (e.g. '
                        "'imagenet2012_subset/1pct'), not by classifier.labels_per_class.")
     start = start_step * local_b
-    base = tfds_split(data.name, split, data_dir=data.data_dir, process_index=process_index,
-                      process_count=process_count, decode=not encoded)
-    if data.cache:  # small datasets: keep this process's examples in memory after the first epoch
-      base = base.cache()
-    n = max(num_examples(data.name, split, data.data_dir) // process_count, 1)
-    first_epoch, offset = divmod(start, n)
-    seed_base = tf.constant(seed, tf.int64) * 1_000_003 + process_index * 7_919
-
-    def epoch(e):
-      return base.shuffle(data.shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
-
-    ds = tf.data.Dataset.counter(start=first_epoch, dtype=tf.int64).flat_map(epoch).skip(offset)
+    pieces, read, decode = train_share(data, split, process_index, process_count, encoded)
+    ds = file_windows.windowed_stream(pieces, read, data.shuffle_buffer, seed, process_index, start, data.cache)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
-    def example(pos, ex):
+    def example(pos, record):
+      ex = decode(record)
       image = ex['image'] if encoded else tf.image.convert_image_dtype(ex['image'], tf.float32)
       return pos, fn(tf.random.experimental.stateless_fold_in(base_seed, pos), image, ex['label'])
 
