@@ -70,18 +70,22 @@ def _single_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(opts)
 
 
-def _rate(iterator, examples_per_item: int, total: int, warmup: int = 1) -> float:
+def _rate(iterator, examples_per_item: int, total: int, warmup: int = 1) -> tuple[float, float]:
+  """Examples per second of wall time and per second of this process's CPU time (all its threads) over
+  ``total`` items of ``iterator`` after ``warmup``. With one worker thread the CPU rate is the speed of one
+  core's work, and it holds up better than the wall rate when other processes share the cores."""
   it = iter(iterator)
   for _ in range(warmup):
     next(it)
-  t0, seen = time.perf_counter(), 0
+  t0, c0, seen = time.perf_counter(), time.process_time(), 0
   for _ in range(total):
     next(it)
     seen += examples_per_item
-  return seen / (time.perf_counter() - t0)
+  return seen / (time.perf_counter() - t0), seen / (time.process_time() - c0)
 
 
-def ours_rate(root: str, n: int, epochs: int, size: int, batch: int = 16, on_device: bool = False) -> float:
+def ours_rate(root: str, n: int, epochs: int, size: int, batch: int = 16,
+              on_device: bool = False) -> tuple[float, float]:
   """(a): the training pipeline itself, from the imagenet config on an image folder; (a_dev) with
   ``on_device``: only its host part (the colour ops are left to the accelerator)."""
   import importlib.util
@@ -99,7 +103,7 @@ def ours_rate(root: str, n: int, epochs: int, size: int, batch: int = 16, on_dev
   return _rate(ds.as_numpy_iterator(), batch, epochs * n // batch)
 
 
-def unfused_rate(paths: list[str], epochs: int, size: int, batch: int = 16) -> float:
+def unfused_rate(paths: list[str], epochs: int, size: int, batch: int = 16) -> tuple[float, float]:
   """(a'): decode the whole JPEG once, then the two views crop the decoded image."""
   view1, view2 = schema.imagenet_views(size)
 
@@ -112,7 +116,7 @@ def unfused_rate(paths: list[str], epochs: int, size: int, batch: int = 16) -> f
   return _rate(_single_thread(ds).as_numpy_iterator(), batch, epochs * len(paths) // batch)
 
 
-def decode_rate(paths: list[str], epochs: int) -> float:
+def decode_rate(paths: list[str], epochs: int) -> tuple[float, float]:
   """(c): read and decode each JPEG, nothing else."""
   ds = tf.data.Dataset.from_tensor_slices(paths).repeat().map(lambda p: tf.io.decode_jpeg(tf.io.read_file(p)))
   return _rate(_single_thread(ds).as_numpy_iterator(), 1, epochs * len(paths), warmup=5)
@@ -141,6 +145,69 @@ def device_colour_ops(size: int, batch: int = 64, repeats: int = 5) -> tuple[flo
   for i in range(repeats):
     jax.block_until_ready(compiled(x1, x2, jax.random.key(i + 1)))
   return (time.perf_counter() - t0) / repeats, float(cost.get('flops', float('nan'))) / batch
+
+
+def resize_difference(paths: list[str], size: int, per_image: int = 4) -> tuple[float, float]:
+  """Mean absolute difference per pixel (0-255) of our crop-and-resize against PIL's (torchvision's
+  ``resized_crop``: crop, then an antialiased bicubic resize) on the same windows: on PIL's decoded pixels (the
+  resize alone), and from the JPEG through our decode (``decode_random_resized_crop``)."""
+  from PIL import Image
+  same, fused = [], []
+  for k, path in enumerate(paths):
+    with Image.open(path) as f:
+      pil = f.convert('RGB')
+    data, pixels = tf.io.read_file(path), np.asarray(pil)
+    for i in range(per_image):
+      seed = tf.constant([k, i], tf.int64)
+      y, x, h, w = augment.crop_window(tf.shape(pixels), seed).numpy().tolist()
+      ref = np.asarray(pil.crop((x, y, x + w, y + h)).resize((size, size), Image.BICUBIC), np.float32)
+      ours = augment.random_resized_crop(tf.image.convert_image_dtype(pixels, tf.float32), seed, size)
+      same.append(np.abs(ours.numpy() * 255 - ref).mean())
+      fused.append(np.abs(augment.decode_random_resized_crop(data, seed, size).numpy() * 255 - ref).mean())
+  return float(np.mean(same)), float(np.mean(fused))
+
+
+def stage_times(paths: list[str], size: int, repeats: int = 3) -> dict:
+  """CPU milliseconds per call of each host stage, one thread, in a tf.function on this process's CPU time:
+  decoding (whole, and the fused crop), the crop's resize (ours, tf.image.resize with and without antialias)
+  on the crops of the ImageNet recipe's windows, and each colour op on a [size, size, 3] image; an empty
+  call's overhead is subtracted."""
+  data = [tf.io.read_file(p) for p in paths]
+  seeds = [tf.constant([0, i], tf.int64) for i in range(len(data))]
+  wins = [augment.crop_window(tf.image.extract_jpeg_shape(b), s) for b, s in zip(data, seeds)]
+  crops = [tf.image.decode_and_crop_jpeg(b, w, channels=3) for b, w in zip(data, wins)]
+
+  def timed(fn, args):
+    f = tf.function(fn, reduce_retracing=True, autograph=False)
+    for a in args[:3]:
+      f(*a)
+    t0 = time.process_time()
+    for _ in range(repeats):
+      for a in args:
+        f(*a)
+    return (time.process_time() - t0) / (repeats * len(args)) * 1e3
+
+  def tf_resize(c, antialias):
+    return tf.image.resize(tf.image.convert_image_dtype(c, tf.float32), (size, size), 'bicubic', antialias=antialias)
+
+  image, seed = tf.random.stateless_uniform([size, size, 3], seed=[1, 2]), tf.constant([1, 2], tf.int64)
+  view2 = schema.imagenet_views(size)[1]
+  colour = dict(flip=lambda x, s: tf.image.flip_left_right(x), jitter=lambda x, s: augment.color_jitter(x, s),
+                brightness=lambda x, s: augment._jitter_brightness(x, s, 0.4),
+                contrast=lambda x, s: augment._jitter_contrast(x, s, 0.4),
+                saturation=lambda x, s: augment._jitter_saturation(x, s, 0.2, True),
+                hue=lambda x, s: augment._jitter_hue(x, s, 0.1, True), grayscale=lambda x, s: augment._grayscale(x),
+                blur=lambda x, s: augment.gaussian_blur(x, s), solarize=lambda x, s: augment.solarize(x),
+                normalize=lambda x, s: augment.normalize(x, view2['mean'], view2['std']))
+  empty = timed(lambda x: x, [(c,) for c in crops])
+  times = {'decode (whole)': timed(lambda b: tf.io.decode_jpeg(b, channels=3), [(b,) for b in data]),
+           'decode (crop window)': timed(lambda b, w: tf.image.decode_and_crop_jpeg(b, w, channels=3),
+                                         list(zip(data, wins))),
+           'resize (ours)': timed(lambda c: augment._resize(c, size, 'bicubic', 3), [(c,) for c in crops]),
+           'resize (tf.image, antialias)': timed(lambda c: tf_resize(c, True), [(c,) for c in crops]),
+           'resize (tf.image, no antialias)': timed(lambda c: tf_resize(c, False), [(c,) for c in crops])}
+  times.update({name: timed(fn, [(image, seed)] * len(data)) for name, fn in colour.items()})
+  return {name: t - empty for name, t in times.items()}
 
 
 # --- (b): the official recipe's operations with PIL (or torchvision) ------------------------------------------
@@ -232,7 +299,7 @@ def _pil_views(size: int):
   return _pil_view(size, 1.0, 0.0), _pil_view(size, 0.1, 0.2), 'PIL'
 
 
-def reference_rate(paths: list[str], epochs: int, size: int) -> tuple[float, str]:
+def reference_rate(paths: list[str], epochs: int, size: int) -> tuple[tuple[float, float], str]:
   """(b): open and decode with PIL, two views of the official recipe (one thread; the official code's loader)."""
   from PIL import Image
   random.seed(0)
@@ -248,36 +315,65 @@ def reference_rate(paths: list[str], epochs: int, size: int) -> tuple[float, str
   return _rate(items(), 1, epochs * len(paths), warmup=2), kind
 
 
+def _print_rates(root: str, paths: list[str], args) -> None:
+  """(c), then ``args.rounds`` rounds of (a), (a_dev), (a'), (b) in turn, each as wall and CPU rates; the
+  ratios of every round and the median CPU ratios over the rounds."""
+  c = decode_rate(paths, args.epochs)
+  print(f'(c)  decode only (tf.io.decode_jpeg):          {c[0]:8.1f} images/s   (CPU: {c[1]:8.1f})')
+  ratios = []
+  for k in range(args.rounds):
+    a = ours_rate(root, args.num_images, args.epochs, args.size)
+    print(f'(a)  ours: fused decode+crop, two views:        {a[0]:8.1f} images/s   (CPU: {a[1]:8.1f})')
+    a_dev = ours_rate(root, args.num_images, args.epochs, args.size, on_device=True)
+    print(f'(a_dev) ours, host part with colour ops on the accelerator: {a_dev[0]:8.1f} images/s   '
+          f'(CPU: {a_dev[1]:8.1f})')
+    a2 = unfused_rate(paths, args.epochs, args.size)
+    print(f"(a') ours without fusion (decode, then crop):  {a2[0]:8.1f} images/s   (CPU: {a2[1]:8.1f})")
+    b, kind = reference_rate(paths, args.epochs, args.size)
+    print(f'(b)  reference ({kind}), two views:            {b[0]:8.1f} images/s   (CPU: {b[1]:8.1f})')
+    for i, clock in enumerate(('wall', 'CPU')):
+      print(f'round {k + 1}, {clock}: a/b = {a[i] / b[i]:.2f}   a/c = {a[i] / c[i]:.2f}   '
+            f'a_dev/b = {a_dev[i] / b[i]:.2f}   a_dev/c = {a_dev[i] / c[i]:.2f}')
+    ratios.append((a[1] / b[1], a_dev[1] / b[1]))
+  med = np.median(np.array(ratios), 0)
+  print(f'median over {args.rounds} rounds (CPU time): a/b = {med[0]:.2f}   a_dev/b = {med[1]:.2f}')
+
+
+def _print_device_ops(size: int) -> None:
+  """The device colour ops' time on this CPU and their FLOPs against a ResNet-50 step (information)."""
+  seconds, flops = device_colour_ops(size)
+  print(f'device colour ops (jax.jit on this CPU, one thread), both views of 64 images at {size}: '
+        f'{seconds * 1e3:.0f} ms per batch ({64 / seconds:.1f} images/s), {flops / 1e6:.0f} MFLOP per image '
+        f'(XLA cost analysis).')
+  resnet50 = 2 * 3 * 4.1e9  # two views, forward + backward ~ 3 x the published 4.1 GFLOP forward at 224
+  print(f'On an accelerator they run inside the train step, next to a ResNet-50 training step of about '
+        f'{resnet50 / 1e9:.0f} GFLOP per image (2 views x 3 x 4.1 GFLOP at 224): {flops / resnet50:.2%} of its '
+        'FLOPs, so negligible there (estimated from FLOP counts; no accelerator time was measured here).')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--num_images', type=int, default=200)
   parser.add_argument('--epochs', type=int, default=2)
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--rounds', type=int, default=1, help='rounds of (a), (a_dev), (a\'), (b) in turn')
+  parser.add_argument('--stages', action='store_true', help='also the CPU time of each host stage')
+  parser.add_argument('--no_device_ops', action='store_true', help='skip timing the device colour ops')
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as root:
     paths = make_images(root, args.num_images)
     mean_kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
     print(f'{args.num_images} JPEGs of 500x375 (mean {mean_kb:.0f} kB), two views at {args.size}, one thread each, '
-          f'{args.epochs} epochs')
-    c = decode_rate(paths, args.epochs)
-    print(f'(c)  decode only (tf.io.decode_jpeg):          {c:8.1f} images/s')
-    a = ours_rate(root, args.num_images, args.epochs, args.size)
-    print(f'(a)  ours: fused decode+crop, two views:        {a:8.1f} images/s')
-    a_dev = ours_rate(root, args.num_images, args.epochs, args.size, on_device=True)
-    print(f'(a_dev) ours, host part with colour ops on the accelerator: {a_dev:8.1f} images/s')
-    a2 = unfused_rate(paths, args.epochs, args.size)
-    print(f"(a') ours without fusion (decode, then crop):  {a2:8.1f} images/s")
-    b, kind = reference_rate(paths, args.epochs, args.size)
-    print(f'(b)  reference ({kind}), two views:            {b:8.1f} images/s')
-    print(f'a/b = {a / b:.2f}   a/c = {a / c:.2f}   a_dev/b = {a_dev / b:.2f}   a_dev/c = {a_dev / c:.2f}')
-    seconds, flops = device_colour_ops(args.size)
-    print(f'device colour ops (jax.jit on this CPU, one thread), both views of 64 images at {args.size}: '
-          f'{seconds * 1e3:.0f} ms per batch ({64 / seconds:.1f} images/s), {flops / 1e6:.0f} MFLOP per image '
-          f'(XLA cost analysis).')
-    resnet50 = 2 * 3 * 4.1e9  # two views, forward + backward ~ 3 x the published 4.1 GFLOP forward at 224
-    print(f'On an accelerator they run inside the train step, next to a ResNet-50 training step of about '
-          f'{resnet50 / 1e9:.0f} GFLOP per image (2 views x 3 x 4.1 GFLOP at 224): {flops / resnet50:.2%} of its '
-          'FLOPs, so negligible there (estimated from FLOP counts; no accelerator time was measured here).')
+          f'{args.epochs} epochs; rates per second of wall time and of this process\'s CPU time')
+    _print_rates(root, paths, args)
+    same, fused = resize_difference(paths[:25], args.size)
+    print(f'crop-and-resize against PIL\'s on the same windows, mean absolute difference per pixel (0-255): '
+          f'{same:.3f} on PIL\'s decoded pixels, {fused:.3f} from the JPEG through our decode')
+    if args.stages:
+      for name, ms in stage_times(paths[:40], args.size).items():
+        print(f'  {name:32s} {ms:6.3f} ms CPU per call')
+    if not args.no_device_ops:
+      _print_device_ops(args.size)
 
 
 if __name__ == '__main__':

@@ -251,3 +251,70 @@ def test_noise_and_cutout_in_a_view_recipe():
   assert 0.35 < np.mean(cut == 9) < 0.65 and set(cut) <= {0, 9}  # half the views have the square (noise ≠ 0)
   kept = views[cut == 0] - 0.5
   assert abs(kept.std() - 0.1) < 0.005 and abs(kept.mean()) < 0.005  # N(0, 0.1²), not clipped
+
+
+@pytest.mark.parametrize('method', ['bicubic', 'bilinear'])
+def test_banded_resize_equals_tf_image_resize(method):
+  """The block-banded resize gives tf.image.resize(antialias=True)'s values (to float rounding): shrinking,
+  enlarging, one axis each way, a 1-pixel side, an output side that is no multiple of the block, uint8 or float."""
+  for k, (h, w, size) in enumerate([(277, 301, 224), (40, 30, 48), (300, 50, 96), (1, 7, 30), (17, 500, 224)]):
+    u8 = tf.cast(tf.random.stateless_uniform((h, w, 3), seed=[k, 3], maxval=256, dtype=tf.int32), tf.uint8)
+    ref = tf.clip_by_value(tf.image.resize(tf.image.convert_image_dtype(u8, tf.float32), (size, size), method,
+                                           antialias=True), 0.0, 1.0).numpy()
+    for crop in (u8, tf.image.convert_image_dtype(u8, tf.float32)):
+      out = augment._resize(crop, size, method, 3)
+      assert out.shape == (size, size, 3) and out.dtype == tf.float32
+      np.testing.assert_allclose(out.numpy(), ref, atol=1e-4, err_msg=f'{h}x{w}->{size} {crop.dtype}')
+
+
+def test_crop_then_resize_is_pils_on_the_same_window():
+  """A view's crop and resize against PIL's (torchvision's resized_crop: crop, then an antialiased bicubic
+  resize) on the same windows, mean absolute difference per pixel (0-255): on PIL's decoded pixels under half a
+  level (PIL rounds to uint8 between its two passes); from the JPEG under 1.5 levels (tf's default IDCT,
+  INTEGER_FAST, differs from PIL's by about 1 level)."""
+  from PIL import Image
+  import io
+  smooth = tf.image.resize(tf.random.stateless_uniform((12, 16, 3), seed=[2, 2], maxval=255.0), (375, 500),
+                           'bicubic')
+  noisy = smooth + tf.random.stateless_normal((375, 500, 3), seed=[3, 3], stddev=8.0)
+  jpeg = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(noisy, 0, 255), tf.uint8), quality=90)
+  pil = Image.open(io.BytesIO(jpeg.numpy())).convert('RGB')
+  pixels = np.asarray(pil)
+  for i in range(6):
+    seed = tf.constant([i, 5], tf.int64)
+    y, x, h, w = augment.crop_window(tf.constant([375, 500, 3]), seed).numpy().tolist()
+    ref = np.asarray(pil.crop((x, y, x + w, y + h)).resize((224, 224), Image.BICUBIC), np.float32)
+    same_pixels = augment._resize(tf.constant(pixels[y:y + h, x:x + w]), 224, 'bicubic', 3).numpy() * 255
+    from_jpeg = augment.decode_random_resized_crop(jpeg, seed, 224).numpy() * 255
+    assert np.abs(same_pixels - ref).mean() < 0.5 and np.abs(from_jpeg - ref).mean() < 1.5, (i, h, w)
+
+
+def test_crop_windows_rows_equal_crop_window():
+  """crop_windows (all views at once, each with its scale and ratio) gives crop_window's window for each seed."""
+  seeds = [tf.constant([i, 7], tf.int64) for i in range(6)]
+  scales = [(0.08, 1.0), (0.14, 1.0), (0.05, 0.14), (0.08, 1.0), (0.9, 1.0), (0.5, 0.6)]
+  ratios = [(3 / 4, 4 / 3), (3 / 4, 4 / 3), (3 / 4, 4 / 3), (0.5, 2.0), (3 / 4, 4 / 3), (1.0, 1.0)]
+  for shape in ([375, 500, 3], [12, 400, 3], [64, 64, 3]):
+    rows = augment.crop_windows(tf.constant(shape), seeds, scales, ratios).numpy()
+    for row, seed, scale, ratio in zip(rows, seeds, scales, ratios):
+      np.testing.assert_array_equal(row, augment.crop_window(tf.constant(shape), seed, scale, ratio).numpy())
+
+
+def test_banded_blur_equals_the_depthwise_convolution():
+  """gaussian_blur (banded matrix products) equals reflect padding and two depthwise convolutions with the same
+  taps, for 10%-of-the-side and σ-sized kernels, one or three channels, a radius of side - 1."""
+  for k, (shape, fraction) in enumerate([((64, 48, 3), 0.1), ((17, 33, 1), 0.1), ((96, 96, 3), 0.0),
+                                         ((5, 9, 3), 0.0)]):
+    image = tf.random.stateless_uniform(shape, seed=[k, 8])
+    radius = recipes.blur_radius(shape[0], fraction, 2.0)
+    for i in range(2):
+      seed = tf.constant([i, k], tf.int64)
+      s = tf.random.stateless_uniform((), seed=seed, minval=0.1, maxval=2.0)
+      taps = tf.exp(-0.5 * (tf.range(-radius, radius + 1, dtype=tf.float32) / s)**2)
+      taps /= tf.reduce_sum(taps)
+      c = shape[-1]
+      x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='REFLECT')
+      x = tf.nn.depthwise_conv2d(x, tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, c, 1]), [1] * 4, 'VALID')
+      x = tf.nn.depthwise_conv2d(x, tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, c, 1]), [1] * 4, 'VALID')
+      np.testing.assert_allclose(augment.gaussian_blur(image, seed, kernel_fraction=fraction).numpy(), x[0].numpy(),
+                                 atol=1e-5, err_msg=str(shape))

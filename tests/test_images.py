@@ -236,3 +236,16 @@ def test_tfds_records_that_fail_to_decode_are_dropped_and_counted(folder):
       dropped, gap = dropped + [gap], 0
   assert sum(dropped[:24]) >= len(bad)
   assert np.concatenate([b[streams.UNREADABLE] for b in batches]).tolist() == dropped[:24]
+
+
+def test_host_colour_ops_on_a_tpu_warn_once_at_start(folder):
+  """augment.on_device off with a TPU backend: one warning when the dataset is built (none with it on, none on
+  other backends)."""
+  for backend, on_device, warned in [('tpu', False, 1), ('tpu', True, 0), ('cpu', False, 0)]:
+    config = _config(folder[0])
+    config.augment.on_device = on_device
+    with mock.patch.object(pipeline.jax, 'default_backend', return_value=backend), \
+         mock.patch.object(pipeline.logging, 'warning') as warning:
+      pipeline.pretrain_dataset(config)
+    calls = [c for c in warning.call_args_list if 'augment.on_device' in str(c.args[0])]
+    assert len(calls) == warned, (backend, on_device, warning.call_args_list)

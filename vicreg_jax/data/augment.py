@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from vicreg_jax import errors
@@ -40,9 +41,19 @@ def _maybe(seed, p: float, fn, image):
   return tf.cond(_coin(seed, p), lambda: fn(image), lambda: image)
 
 
+def _pairs(pairs, batch: tuple) -> tuple:
+  """``pairs`` (one (lo, hi) pair, or an array [..., 2] of them) as float64 arrays lo, hi, log lo, log hi,
+  min, max, each [..., 1] broadcast to ``batch`` + (1,); the logs by Python's ``math.log`` (torchvision's)."""
+  p = np.broadcast_to(np.asarray(pairs, np.float64), batch + (2,))
+  logs = np.vectorize(math.log)(p)
+  cols = (p[..., 0], p[..., 1], logs[..., 0], logs[..., 1], p.min(-1), p.max(-1))
+  return tuple(tf.constant(np.asarray(c, np.float64)[..., None]) for c in cols)
+
+
 def crop_window_from_uniforms(shape, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """torchvision's ``RandomResizedCrop.get_params`` as a function of its random draws ``u`` (float [22] in
-  [0, 1)): the window ``[y, x, h, w]`` (int32) for an image of ``shape`` [H, W, ...].
+  """torchvision's ``RandomResizedCrop.get_params`` as a function of its random draws ``u`` (float [..., 22] in
+  [0, 1)): the window ``[..., 4]`` = ``[y, x, h, w]`` (int32) for an image of ``shape`` [H, W, ...]; ``scale``
+  and ``ratio`` are one pair or one pair per window ([..., 2]).
 
   Ten tries t = 0…9: target area ``H·W·U(scale)`` (``u[t]``), aspect ratio ``exp(U(log ratio))`` (``u[10 + t]``),
   ``w = round(sqrt(area·ratio))``, ``h = round(sqrt(area/ratio))`` (round half to even, as Python's); the
@@ -55,22 +66,24 @@ def crop_window_from_uniforms(shape, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
   height, width = shape[0], shape[1]
   hf, wf = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
   u = tf.cast(u, tf.float64)
-  area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[:10])
-  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[10:20])
+  batch = tuple(u.shape[:-1])
+  s_lo, s_hi, _, _, _, _ = _pairs(scale, batch)
+  _, _, log_lo, log_hi, r_min, r_max = _pairs(ratio, batch)
+  area = hf * wf * (s_lo + (s_hi - s_lo) * u[..., :10])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[..., 10:20])
   w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
   h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
   fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # 0 when none fits (then unused)
-  h_t, w_t = h[first], w[first]
-  y = tf.cast(tf.floor(u[20] * tf.cast(height - h_t + 1, tf.float64)), tf.int32)
-  x = tf.cast(tf.floor(u[21] * tf.cast(width - w_t + 1, tf.float64)), tf.int32)
-  found = tf.stack([y, x, h_t, w_t])
+  first = tf.one_hot(tf.argmax(tf.cast(fits, tf.int32), -1), 10, dtype=tf.int32)  # try 0 when none fits (unused)
+  h_t, w_t = tf.reduce_sum(h * first, -1), tf.reduce_sum(w * first, -1)
+  y = tf.cast(tf.floor(u[..., 20] * tf.cast(height - h_t + 1, tf.float64)), tf.int32)
+  x = tf.cast(tf.floor(u[..., 21] * tf.cast(width - w_t + 1, tf.float64)), tf.int32)
+  found = tf.stack([y, x, h_t, w_t], -1)
   in_ratio = wf / hf  # torchvision's fallback: clamp the aspect ratio, keep the limiting side whole, centre
-  fh = tf.where(in_ratio < min(ratio), tf.cast(tf.round(wf / min(ratio)), tf.int32), height)
-  fw = tf.where(in_ratio > max(ratio), tf.cast(tf.round(hf * max(ratio)), tf.int32), width)
-  fallback = tf.stack([(height - fh) // 2, (width - fw) // 2, fh, fw])
-  return tf.where(tf.reduce_any(fits), found, fallback)
+  fh = tf.where(in_ratio < r_min[..., 0], tf.cast(tf.round(wf / r_min[..., 0]), tf.int32), height)
+  fw = tf.where(in_ratio > r_max[..., 0], tf.cast(tf.round(hf * r_max[..., 0]), tf.int32), width)
+  fallback = tf.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], -1)
+  return tf.where(tf.reduce_any(fits, -1, keepdims=True), found, fallback)
 
 
 def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -80,9 +93,76 @@ def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   return crop_window_from_uniforms(shape, u, scale, ratio)
 
 
+def crop_windows(shape, seeds, scales, ratios):
+  """:func:`crop_window` for several ``seeds`` (with their ``scales`` and ``ratios`` pairs) at once: int32 [k, 4],
+  row i equal to ``crop_window(shape, seeds[i], scales[i], ratios[i])`` (one vectorised computation)."""
+  u = tf.stack([tf.random.stateless_uniform([22], seed=seed, dtype=tf.float64) for seed in seeds])
+  return crop_window_from_uniforms(shape, u, np.asarray(scales, np.float64), np.asarray(ratios, np.float64))
+
+
+def _keys_cubic(x):
+  """Keys' cubic convolution kernel with a = -0.5 (PIL's and tf.image's bicubic), support [-2, 2]."""
+  x = tf.abs(x)
+  outer = tf.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0)
+  return tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0, outer)
+
+
+def _triangle(x):
+  """The bilinear (tent) kernel, support [-1, 1]."""
+  return tf.maximum(1.0 - tf.abs(x), 0.0)
+
+
+# Antialiased resampling kernels (PIL's ImagingResample filters, tf.image's antialias kernels): kernel, support.
+_KERNELS = {'bicubic': (_keys_cubic, 2.0), 'bilinear': (_triangle, 1.0)}
+_BAND = 16  # output pixels per block of the banded resampling matrix (fastest of 8-56 on one CPU thread)
+
+
+def _band_weights(n_in, n_out: int, method: str, factor: float):
+  """The antialiased resampling of an axis of ``n_in`` pixels to ``n_out`` with ``method``'s kernel, as PIL
+  computes it: output pixel j centred at c = (j + 0.5)·s (s = n_in/n_out) reads the inputs i in
+  [floor(c - r + 0.5), floor(c + r + 0.5)) clipped to the axis, r = support·max(s, 1), with weights
+  kernel((i - c + 0.5)/max(s, 1)) normalised to sum ``factor``. As a block-banded matrix: per block of
+  :data:`_BAND` outputs (the last one padded with zero rows) the positions ``idx`` [nb, L] it reads (clipped to
+  the axis) and the weights ``w`` [nb, _BAND, L] (zero outside each output's span), computed in float64 (so
+  eager and graph execution, whose float32 kernels may round differently, give the same float32 weights)."""
+  kernel, support = _KERNELS[method]
+  nb = -(-n_out // _BAND)
+  scale = tf.cast(n_in, tf.float64) / n_out
+  stretch = tf.maximum(scale, 1.0)
+  radius = support * stretch
+  centre = (tf.range(nb * _BAND, dtype=tf.float64) + 0.5) * scale
+  lo = tf.maximum(tf.cast(tf.floor(centre - radius + 0.5), tf.int32), 0)
+  hi = tf.minimum(tf.cast(tf.floor(centre + radius + 0.5), tf.int32), n_in)
+  length = tf.cast(tf.math.ceil(_BAND * scale + 2.0 * radius), tf.int32) + 2  # covers every span in a block
+  pos = tf.reshape(lo, [nb, _BAND])[:, :1] + tf.range(length)[None, :]
+  at = pos[:, None, :]  # [nb, 1, L]
+  w = kernel((tf.cast(at, tf.float64) - tf.reshape(centre, [nb, _BAND, 1]) + 0.5) / stretch)
+  w = tf.where((at >= tf.reshape(lo, [nb, _BAND, 1])) & (at < tf.reshape(hi, [nb, _BAND, 1])), w, 0.0)
+  w = tf.math.divide_no_nan(w * factor, tf.reduce_sum(w, -1, keepdims=True))  # padded rows: all zero
+  return tf.minimum(pos, n_in - 1), tf.cast(w, tf.float32)
+
+
+def _resample_rows(x, n_out: int, method: str, factor: float = 1.0):
+  """``x`` [n, m] (uint8 or float) resampled along its first axis to float32 [``n_out``, m]
+  (:func:`_band_weights`: one gather and one batched matrix product)."""
+  idx, w = _band_weights(tf.shape(x)[0], n_out, method, factor)
+  return tf.reshape(w @ tf.cast(tf.gather(x, idx), tf.float32), [-1, tf.shape(x)[1]])[:n_out]
+
+
 def _resize(crop, size: int, method: str, channels):
-  """``crop`` resized to ``size``×``size``, antialiased when shrinking (as PIL, which torchvision resizes with)."""
-  out = tf.image.resize(crop, (size, size), method=method, antialias=True)
+  """``crop`` (float32 in [0, 1], or uint8) resized to ``size``×``size`` as float32 in [0, 1], antialiased when
+  shrinking (as PIL, which torchvision resizes with). Bicubic and bilinear: separable block-banded matrix
+  products (:func:`_band_weights`; tf.image.resize's values to float rounding, in about 0.6 of its time on one
+  CPU thread with TensorFlow's oneDNN kernels); other methods: ``tf.image.resize``."""
+  if method not in _KERNELS:
+    out = tf.image.resize(tf.image.convert_image_dtype(crop, tf.float32), (size, size), method=method,
+                          antialias=True)
+  else:
+    h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+    y = _resample_rows(tf.reshape(crop, [h, w * channels]), size, method)  # rows first: [size, w·C]
+    y = tf.reshape(tf.transpose(tf.reshape(y, [size, w, channels]), [1, 0, 2]), [w, size * channels])
+    out = _resample_rows(y, size, method, 1 / 255 if crop.dtype == tf.uint8 else 1.0)  # [size (x), size (y)·C]
+    out = tf.transpose(tf.reshape(out, [size, size, channels]), [1, 0, 2])
   out.set_shape([size, size, channels])
   return tf.clip_by_value(out, 0.0, 1.0)
 
@@ -109,11 +189,12 @@ def decode(image_bytes, channels: int = 3):
   return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def decode_crops(image_bytes, windows, channels: int = 3) -> list:
+def decode_crops(image_bytes, windows, channels: int = 3, dtype=tf.float32) -> list:
   """The crops ``windows(shape) -> [k, 4]`` (``[y, x, h, w]`` rows, from the image's [H, W, ...] shape) of
-  encoded image bytes, float32 in [0, 1]. JPEG: only the union of the windows is decoded (the header gives the
-  shape; ``decode_and_crop_jpeg``), so every crop is cut from one partial decode (a truncated JPEG raises only
-  if the union reaches past its end). Other formats are decoded whole."""
+  encoded image bytes, float32 in [0, 1] (``dtype`` uint8: as decoded, 0-255). JPEG: only the union of the
+  windows is decoded (the header gives the shape; ``decode_and_crop_jpeg``), so every crop is cut from one
+  partial decode (a truncated JPEG raises only if the union reaches past its end). Other formats are decoded
+  whole."""
 
   def jpeg():
     wins = windows(tf.image.extract_jpeg_shape(image_bytes))
@@ -128,7 +209,7 @@ def decode_crops(image_bytes, windows, channels: int = 3) -> list:
   # Cropped while still uint8: a large PNG is converted to float only inside its windows (4x less memory).
   image, wins = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   image.set_shape([None, None, channels])
-  return [tf.image.convert_image_dtype(_crop(image, wins[i]), tf.float32) for i in range(wins.shape[0])]
+  return [tf.image.convert_image_dtype(_crop(image, wins[i]), dtype) for i in range(wins.shape[0])]
 
 
 def decode_random_resized_crop(image_bytes, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -139,7 +220,7 @@ def decode_random_resized_crop(image_bytes, seed, size: int, scale=(0.08, 1.0), 
   (``decode_and_crop_jpeg``). Other formats are decoded whole, then cropped. Same ``seed``, same window as
   :func:`random_resized_crop` on the decoded image.
   """
-  [crop] = decode_crops(image_bytes, lambda shape: crop_window(shape, seed, scale, ratio)[None], channels)
+  [crop] = decode_crops(image_bytes, lambda shape: crop_window(shape, seed, scale, ratio)[None], channels, tf.uint8)
   return _resize(crop, size, method, channels)
 
 
@@ -193,22 +274,36 @@ def _jitter_hue(x, seed, hue, rgb: bool):
   return tf.clip_by_value(tf.image.adjust_hue(x, _uniform(seed, -hue, hue)), 0.0, 1.0) if rgb else x
 
 
+def _blur_rows(x, k, radius: int):
+  """``x`` [n, m] convolved along its first axis with the taps ``k`` [2·radius + 1], reflect padding (mirror
+  without repeating the edge, as ``tf.pad``'s REFLECT; radius < n): one gather and one batched matrix product
+  per block of :data:`_BAND` rows, as :func:`_resample_rows`."""
+  n, length = tf.shape(x)[0], _BAND + 2 * radius
+  nb = (n + _BAND - 1) // _BAND
+  pos = tf.abs(tf.range(nb)[:, None] * _BAND + tf.range(length)[None, :] - radius)
+  pos = tf.clip_by_value(tf.where(pos > n - 1, 2 * (n - 1) - pos, pos), 0, n - 1)  # reflected (padding rows: any)
+  lag = tf.range(length)[None, :] - tf.range(_BAND)[:, None]  # [BAND, L]: tap t - j of output j
+  w = tf.where((lag >= 0) & (lag <= 2 * radius), tf.gather(k, tf.clip_by_value(lag, 0, 2 * radius)), 0.0)
+  return tf.reshape(w @ tf.gather(x, pos), [-1, tf.shape(x)[1]])[:n]
+
+
 def gaussian_blur(image, seed, sigma=(0.1, 2.0), kernel_fraction: float = 0.1):
   """Separable Gaussian blur, σ ~ U[sigma] pixels, reflect padding, kernel side 2r + 1 with
   r = :func:`recipes.blur_radius`: about ``kernel_fraction`` of the image side, or for ``kernel_fraction`` 0
-  ceil(3·sigma[1]) pixels whatever the side (PIL's ``GaussianBlur(radius=σ)``, as SwAV and W-MSE)."""
+  ceil(3·sigma[1]) pixels whatever the side (PIL's ``GaussianBlur(radius=σ)``, as SwAV and W-MSE). Each pass
+  is a banded matrix product (:func:`_blur_rows`), not a depthwise convolution: TensorFlow's CPU depthwise
+  convolution is about 7× slower without oneDNN, which TensorFlow enables only on some CPUs."""
   radius = blur_radius(image.shape[0], kernel_fraction, sigma[1])
   s = _uniform(seed, sigma[0], sigma[1])
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
   k = tf.exp(-0.5 * (x / s)**2)
   k /= tf.reduce_sum(k)
-  c = image.shape[-1]
-  kh = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
-  kw = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
-  x4 = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='REFLECT')
-  x4 = tf.nn.depthwise_conv2d(x4, kh, [1, 1, 1, 1], 'VALID')
-  x4 = tf.nn.depthwise_conv2d(x4, kw, [1, 1, 1, 1], 'VALID')
-  return x4[0]
+  h, w, c = tf.shape(image)[0], tf.shape(image)[1], image.shape[-1]
+  out = _blur_rows(tf.reshape(image, [h, w * c]), k, radius)  # down the columns
+  out = _blur_rows(tf.reshape(tf.transpose(tf.reshape(out, [h, w, c]), [1, 0, 2]), [w, h * c]), k, radius)
+  out = tf.transpose(tf.reshape(out, [w, h, c]), [1, 0, 2])
+  out.set_shape(image.shape)
+  return out
 
 
 def solarize(image, threshold: float = 0.5):
@@ -371,8 +466,8 @@ def augment_views(image_bytes, seeds, recipes, channels: int = 3):
     whole = decode(image_bytes, channels)
     return [augment_view(whole, seed, r, channels) for seed, r in zip(seeds, rs)]
   subs = [tf.random.experimental.stateless_split(seed, 10) for seed in seeds]
-  crops = decode_crops(image_bytes, lambda shape: tf.stack([crop_window(shape, s[_CROP], r['crop_scale'],
-                                                                        r['crop_ratio']) for s, r in zip(subs, rs)]),
-                       channels)
+  crops = decode_crops(image_bytes, lambda shape: crop_windows(shape, [s[_CROP] for s in subs],
+                                                               [r['crop_scale'] for r in rs],
+                                                               [r['crop_ratio'] for r in rs]), channels, tf.uint8)
   return [_after_crop(_resize(crop, r['crop_size'], r['crop_method'], channels), s, r)
           for crop, s, r in zip(crops, subs, rs)]
