@@ -80,7 +80,7 @@ def test_a_config_without_steps_is_refused():
 
 
 @pytest.mark.slow
-def test_wrong_values_on_the_command_line_end_in_one_line_with_exit_1(tmp_path):
+def test_wrong_values_on_the_command_line_end_in_one_line_with_exit_2(tmp_path):
   """Every numeric and enumerated key of both jobs, through the real command line (forked from one process,
   tests/cli_harness.py): one wrong number (below its range: negative, or zero where it divides) or an unknown
   name each; a wrong type for a few (the flag parser's path, the same for every key)."""
@@ -102,11 +102,11 @@ def test_wrong_values_on_the_command_line_end_in_one_line_with_exit_1(tmp_path):
   for case in cases:
     r = results[case['name']]
     lines = r['stderr'].strip().splitlines()
-    assert r['code'] == 1 and 'Traceback' not in r['stderr'], (case, r['stderr'][-2000:])
+    assert r['code'] == 2 and 'Traceback' not in r['stderr'], (case, r['stderr'][-2000:])
     assert lines[-1].startswith('error: ') and sum(ln.startswith('error') for ln in lines) == 1, (case, lines[-5:])
     assert case['key'].split('.')[-1] in lines[-1], (case, lines[-1])
   assert not (tmp_path / 'never').exists()  # refused before any work
-  print(f'{len(cases)} command lines, each refused in one line naming its key, exit 1')
+  print(f'{len(cases)} command lines, each refused in one line naming its key, exit 2')
 
 
 def test_one_schema_shared_keys_mean_the_same_in_every_job():

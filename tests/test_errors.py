@@ -1,5 +1,5 @@
-"""A user's mistake ends in one line on stderr and a non-zero exit status, before any work; a bug keeps its
-traceback. Every case is the real command line (forked from one process that paid for the imports once:
+"""A user's mistake ends in one line on stderr and exit status 2, before any work; a bug keeps its traceback and
+exits 1. Every case is the real command line (forked from one process that paid for the imports once:
 tests/cli_harness.py), with 2 simulated devices."""
 
 import json
@@ -51,9 +51,9 @@ def results(tmp_path_factory):
 
 
 def one_line(result) -> str:
-  """The error line of a run that failed the way a user's mistake must: non-zero status, no traceback, one
-  'error:' line, last."""
-  assert result['code'] != 0, result
+  """The error line of a run that failed the way a user's mistake must: status 2, no traceback, one 'error:'
+  line, last."""
+  assert result['code'] == 2, result
   assert 'Traceback' not in result['stderr'], result['stderr'][-3000:]
   lines = result['stderr'].strip().splitlines()
   assert lines[-1].startswith('error: '), lines[-5:]
@@ -86,4 +86,4 @@ def test_the_checkpoint_case_had_a_checkpoint_to_refuse(results):
 
 def test_a_bug_keeps_its_traceback(results):
   r = results['bug']
-  assert r['code'] != 0 and 'Traceback' in r['stderr'] and 'ValueError: a programming error' in r['stderr']
+  assert r['code'] == 1 and 'Traceback' in r['stderr'] and 'ValueError: a programming error' in r['stderr']

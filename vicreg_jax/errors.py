@@ -3,7 +3,9 @@ non-zero exit status; any other exception is a bug and keeps its traceback."""
 
 
 class UserError(Exception):
-  """A mistake in the command, the config, the data or the workdir; the message says what to do."""
+  """A mistake in the command, the config, the data or the workdir; the message says what to do. ``status``:
+  the command line's exit status (2: running the same command again cannot help; a supervisor stops)."""
+  status = 2
 
 
 class ConfigError(UserError, ValueError):

@@ -1,9 +1,16 @@
 """Command line: ``python -m vicreg_jax.main --config=configs/digits.py --workdir=runs/digits``.
 
-``--config`` defaults to configs/digits.py; ``--config.key=value`` overrides any key. Errors a user can cause
-(unknown config key, missing config file or dataset, a batch size that does not split over devices) end in
-one line on stderr and a non-zero exit status (:mod:`vicreg_jax.errors`); a bug keeps its traceback. SIGTERM
-(preemption) stops pretraining, or the evaluation job's head training, with a checkpoint and exit status 0.
+``--config`` defaults to configs/digits.py; ``--config.key=value`` overrides any key. Exit statuses, which a
+supervisor (launch/supervise.sh) acts on:
+
+- 0: the job finished, or SIGTERM (preemption, maintenance) stopped pretraining or the evaluation job's head
+  training with a checkpoint (``summary.json`` in the workdir tells a finished pretraining run apart).
+- 2: a user's mistake (unknown config key, missing config file or dataset, a batch size that does not split
+  over devices, a bad command line: :class:`vicreg_jax.errors.UserError`), as one line on stderr; running the
+  same command again gives the same error.
+- 1: anything else: a bug (with its traceback), a multi-process run that could not start or lost a process,
+  a checkpoint that storage would not give back within ``restore_retry_seconds`` (one line); running the same
+  command again may succeed.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ JOBS = {
 }
 
 
-def fail(msg: str, status: int = 1):
-  """Ends the program with one line on stderr (one process of several: at once, so the others stop too)."""
+def fail(msg: str, status: int = 2):
+  """Ends the program with one line on stderr and ``status`` (2: a user's mistake; 1: a failure that may not
+  recur); one process of several ends at once, so the others stop too."""
   logging.flush()
   print(f'error: {msg}', file=sys.stderr, flush=True)
   if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
@@ -76,18 +84,18 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
                            _HEARTBEAT_TIMEOUT.value)
   except distributed.DistributedStartError as e:
-    fail(str(e))
+    fail(str(e), 1)
   module, function = JOBS[config.job]  # validate() checked the name
   try:
     getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
   except errors.UserError as e:  # a user's mistake: one line; anything else is a bug and keeps its traceback
-    fail(str(e))
+    fail(str(e), e.status)
   except Exception as e:
     if (reason := distributed.lost_peer(e)) is not None:  # a collective lost its peer (CPU collectives raise)
-      fail(reason)
+      fail(reason, 1)
     if jax.process_count() > 1:  # a bug or I/O error on this process: the others wait in a collective for it
       traceback.print_exc()
-      fail(f'{type(e).__name__} on process {jax.process_index()}: {e}')
+      fail(f'{type(e).__name__} on process {jax.process_index()}: {e}', 1)
     raise
 
 
