@@ -77,14 +77,11 @@ def get_config():
   # views' colour keys where they differ from its default. Keep this line after the views' colour lines.
   c.augment.small_view.update({k: v for k, v in c.augment.view1.items()
                                if k not in ('crop_size', 'crop_scale') and v != c.augment.small_view[k]})
-  # Memory on a v5e-16 (16 GiB per chip) at batch 4096, 256 images per chip: 2·224² + 6·96² = 155,648 pixels
-  # per image against VICReg's 100,352 at 128 per chip (batch 2048), 3.1× VICReg's activations; VICReg's step
-  # peaks at 10.6 GiB, about 7.3 of them activations (3.3: parameters, gradients and LARS state with its 8192³
-  # projector). XLA's memory analysis of the step (ResNet-50, bf16, on CPU, at 4 and 8 images per device) gives
-  # per image 0.28 GiB for 2×224, 0.43 for 2×224 + 6×96 and 0.17 for that with remat: 2 × 1.57 × 0.40 × 7.3
-  # ≈ 9 GiB of activations with remat (SwAV's state: 0.2 GiB), about 23 without. Remat (each
-  # residual block's output kept, the rest recomputed: about a third more compute) keeps the batch's BatchNorm
-  # statistics; grad_accum_steps=2 on top would halve the activations again if a chip still runs out.
+  # Memory at batch 4096, 256 images per chip, 2·224² + 6·96² pixels per image, with remat (each residual
+  # block's output kept, the rest recomputed: about a third more compute; the batch's BatchNorm statistics
+  # kept), compiled for the slice by benchmarks/tpu_compile.py: v4-32 peaks at 12.71 GiB of 32; on v5litepod-16
+  # XLA needs 16.18 GiB of temporaries of the chip's 15.75, so it does not fit there (the pre-flight refuses
+  # it); --config.grad_accum_steps=2 brings it to 7.18 GiB (BatchNorm statistics then over half the batch).
   c.model.remat = True
   # apex LARC on every parameter; warmup from 0.3 to 4.8 by np.linspace, then cosine (main_swav.py:L171-182);
   # residual BatchNorm not zero-initialised; the projector's last Linear has a bias (src/resnet50.py:L139, L209).
