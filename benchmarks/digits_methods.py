@@ -24,6 +24,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {
     'vicreg': ('configs/digits.py', []),
+    'vicreg_vit': ('configs/digits_vit.py', []),
     'barlow_twins': ('configs/digits_barlow_twins.py', []),
     'vicreg_invariance_only': ('configs/digits.py', ['--config.vicreg.std_coeff=0', '--config.vicreg.cov_coeff=0']),
 }

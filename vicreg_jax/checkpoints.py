@@ -322,11 +322,13 @@ def check_same_model(directory: str, step: int, state: Any, workdir: str) -> Non
 
 def backbone_target(directory: str, step: int, mesh) -> dict:
   """``{'params': {'backbone': …}, 'batch_stats': {'backbone': …}}``: the shapes of pretraining checkpoint
-  ``step``'s backbone (not the projector's), replicated over ``mesh``, from its metadata (this process only)."""
+  ``step``'s backbone (not the projector's), replicated over ``mesh``, from its metadata (this process only). A
+  backbone without BatchNorm (a ViT) has no ``batch_stats`` entry."""
   meta = item_metadata(directory, step)
   sharding = parallel.replicated(mesh)
   return {k: {'backbone': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                                       meta[k]['backbone'])} for k in ('params', 'batch_stats')}
+                                       meta[k]['backbone'])} for k in ('params', 'batch_stats')
+          if 'backbone' in (meta.get(k) or {})}
 
 
 def read_backbone(directory: str, step: int, mesh, retry_seconds: float) -> tuple[str, Any]:
@@ -336,6 +338,6 @@ def read_backbone(directory: str, step: int, mesh, retry_seconds: float) -> tupl
   moved by a reader)."""
   def read():
     restored = restore_subtrees(directory, step, backbone_target(directory, step, mesh))
-    return {k: restored[k]['backbone'] for k in ('params', 'batch_stats')}
+    return {k: restored[k]['backbone'] if k in restored else {} for k in ('params', 'batch_stats')}
   return read_agreed(read, directory, step, retry_seconds, 'pretraining checkpoint')
 

@@ -89,8 +89,8 @@ def _methods() -> dict:
 
 
 def _archs():
-  from vicreg_jax.models import resnet
-  return {'convnet', *resnet.ARCHS}
+  from vicreg_jax.models import resnet, vit
+  return {'convnet', *resnet.ARCHS, *vit.ARCHS}
 
 
 def _sources():
@@ -132,7 +132,8 @@ _PRETRAIN = {
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
     'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.projector_output_scale': BOOL,
     'model.projector_output_bias': BOOL, 'model.zero_init_residual': BOOL, 'model.remat': BOOL,
-    'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT,
+    'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT, 'model.num_heads': NONNEG_INT,
+    'model.pos_embed': Rule('str', choices=('sincos', 'learned')), 'model.pos_embed_size': COUNT,
     'method': Rule('str', choices=_methods),
     'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw')),
     'optim.base_lr': POSITIVE,
@@ -345,7 +346,11 @@ def base_config() -> ml_collections.ConfigDict:
       zero_init_residual=True,      # the last BatchNorm scale of every residual block starts at 0 (torchvision's
                                     # zero_init_residual: VICReg, Barlow Twins, SimSiam; BYOL, SimCLR alike; not
                                     # SwAV or W-MSE)
-      remat=False,                  # recompute each residual block's activations in the backward pass (memory)
+      remat=False,                  # recompute each residual (or Transformer) block's activations in the backward
+                                    # pass (memory)
+      # ViTs (arch vit_*): heads (0: timm's for the arch: ViT-S/16 6, MoCo v3's 12), position embedding ('sincos':
+      # MoCo v3's fixed 2-D table; 'learned': timm's, over the patch grid of a pos_embed_size image)
+      num_heads=0, pos_embed='sincos', pos_embed_size=224,
       # True: the backbone runs once per resolution group over the crops concatenated (the two views, then the
       # small crops), so its BatchNorm statistics cover every crop of the group, and projector and heads run
       # once over all crops (official SwAV and SimCLR); False: one pass per view (official VICReg)

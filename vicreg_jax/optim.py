@@ -128,9 +128,21 @@ def scale_by_trust_ratio(trust: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+# A ViT's class token and learned position embedding (vicreg_jax/models/vit.py): timm's ``no_weight_decay()``.
+EMBEDDINGS = ('cls_token', 'pos_embed')
+
+
+def decay_weights_only(params) -> optax.Params:
+  """Mask that is True for weights (ndim > 1) other than a ViT's :data:`EMBEDDINGS`: biases, norm parameters,
+  the class token and the position embedding are not decayed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and getattr(path[-1], 'key', None) not in EMBEDDINGS, params)
+
+
 def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> optax.GradientTransformation:
-  """AdamW (decoupled weight decay, scaled by the learning rate) with weight decay on weights only (ndim > 1)."""
-  return optax.adamw(learning_rate, weight_decay=weight_decay, mask=exclude_bias_and_norm)
+  """AdamW (decoupled weight decay, scaled by the learning rate) with weight decay on weights only
+  (:func:`decay_weights_only`: ndim > 1, a ViT's class token and position embedding excluded as timm's)."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_weights_only)
 
 
 def scale_bias_and_norm(factor: float) -> optax.GradientTransformation:
