@@ -18,8 +18,9 @@ a large matrix product of the same dtype on every device (the datasheet peak is 
 device kind is known). Compile time (lower + compile of the step) is reported apart; ``--cache_check`` runs the
 benchmark twice in fresh processes sharing a new persistent compilation cache and prints both compile times.
 
-``--reference`` times benchmarks/torch_reference.py (the same ResNet, stem, projector, loss and LARS; torch is
-an optional dependency, ``pip install '.[bench]'``) with all cores' threads, in the default and channels_last
+``--reference`` times benchmarks/torch_reference.py (the same ResNet, stem, projector, loss and LARS; a ViT
+``--model`` is timm's VisionTransformer of the same size; torch and timm are optional dependencies,
+``pip install '.[bench]'``) with all cores' threads, in the default and channels_last
 layouts, and prints ours / the better of the two. No TensorFlow is imported (accelerator hosts may lack it).
 """
 
@@ -51,6 +52,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='resnet18')
   p.add_argument('--stem', default='small', choices=['small', 'imagenet'])
+  p.add_argument('--num_heads', type=int, default=0, help="a ViT's heads (0: timm's for the --model)")
   p.add_argument('--image_size', type=int, default=32)
   p.add_argument('--batch', type=int, default=128, help='global batch (images)')
   p.add_argument('--projector', default='2048-2048-2048')
@@ -103,7 +105,8 @@ def _config(args):
   c.batch_size = args.batch
   c.num_steps = 1000
   c.online_probe.enabled = False
-  c.model.update(arch=args.model, stem=args.stem, projector=args.projector, dtype=args.dtype)
+  c.model.update(arch=args.model, stem=args.stem, projector=args.projector, dtype=args.dtype,
+                 num_heads=args.num_heads)
   c.model.remat = bool(args.remat)
   c.data.update(image_size=args.image_size, channels=3)
   c.method = args.method
@@ -258,7 +261,7 @@ def torch_step(args) -> dict:
     runs[layout] = torch_reference.time_step(
         arch=args.model, stem=args.stem, image_size=args.image_size, batch=args.batch,
         projector_spec=args.projector, dtype=args.dtype, channels_last=layout == 'channels_last',
-        steps=args.steps, warmup=args.warmup, device=device)['images_per_second']
+        steps=args.steps, warmup=args.warmup, device=device, num_heads=args.num_heads)['images_per_second']
   best = max(runs, key=runs.get)
   return {'torch_images_per_second': runs[best], 'torch_layout': best, 'torch_runs': runs,
           'torch_version': torch.__version__, 'torch_device': device, 'torch_threads': torch.get_num_threads()}

@@ -5,6 +5,11 @@ order (``dp = g + wd·p``, trust ratio on weights only, momentum, then the learn
 
 Written for this benchmark (torchvision is not needed); ``torch`` is an optional dependency (``pip install
 '.[bench]'``). One process: plain BatchNorm is what SyncBN computes on one device.
+
+A ViT arch (``vit_s16`` …, vicreg_jax/models/timm_weights.py's table) is timm's own ``VisionTransformer`` with
+the same patch size, width, depth and heads (``num_classes=0``: the class token after the final norm; timm's
+learned position embedding, which costs what ours does), so that ours is measured against the implementation
+users know; timm is in the ``bench`` extra too.
 """
 
 from __future__ import annotations
@@ -136,13 +141,29 @@ class LARS(torch.optim.Optimizer):
         p.add_(mu, alpha=-g['lr'])
 
 
+def vit_backbone(arch: str, image_size: int, num_heads: int = 0) -> tuple[nn.Module, int]:
+  """timm's ``VisionTransformer`` for one of our ViT names, and its representation's width."""
+  import os
+  import sys
+  from timm.models.vision_transformer import VisionTransformer
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from vicreg_jax.models import timm_weights  # numpy only
+  patch, width, depth, heads = timm_weights.ARCHS[arch]
+  return VisionTransformer(img_size=image_size, patch_size=patch, embed_dim=width, depth=depth,
+                           num_heads=num_heads or heads, num_classes=0), width
+
+
 def time_step(*, arch: str, stem: str, image_size: int, batch: int, projector_spec: str, dtype: str,
-              channels_last: bool, steps: int, warmup: int, device: str = 'cpu') -> dict:
+              channels_last: bool, steps: int, warmup: int, device: str = 'cpu', num_heads: int = 0) -> dict:
   """Seconds per VICReg step (both views through backbone and projector, loss, backward, LARS) of this
   PyTorch model, after ``warmup`` untimed steps; bf16 runs under autocast (AMP)."""
   torch.manual_seed(0)
-  backbone = ResNet(arch, stem)
-  model = nn.Sequential(backbone, projector(backbone.out_dim, projector_spec)).to(device)
+  if arch.startswith('vit_'):
+    backbone, out_dim = vit_backbone(arch, image_size, num_heads)
+  else:
+    backbone = ResNet(arch, stem)
+    out_dim = backbone.out_dim
+  model = nn.Sequential(backbone, projector(out_dim, projector_spec)).to(device)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(memory_format=fmt)
   opt = LARS(model.parameters(), lr=0.1)

@@ -173,3 +173,37 @@ def test_every_method_trains_a_vit(method):
     one, one_metrics = train_steps(config, batches, jax.devices()[:1])
     np.testing.assert_allclose(metrics['loss'], one_metrics['loss'], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state.params, one.params)
+
+
+def test_a_timm_vit_converts_into_a_workdir_the_linear_job_reads_and_back(tmp_path, capsys):
+  """A MoCo v3-style checkpoint (``module.base_encoder.`` entries, a sin-cos pos_embed, a head) → a workdir whose
+  config names the ViT and whose checkpoint the evaluation reader gives back (no batch_stats); exported again it is
+  the same state dict (no head)."""
+  import ml_collections
+  from conftest import write_folder
+  from vicreg_jax import checkpoints, convert_weights, parallel
+  from vicreg_jax.evaluate import linear
+  sd = timm_weights.random_state_dict('vit_micro4', 5, 'sincos', 16)
+  wrapped = {f'module.base_encoder.{k}': v for k, v in sd.items()}
+  wrapped['module.base_encoder.head.weight'] = np.zeros((8, 64), np.float32)
+  np.savez(tmp_path / 'moco.npz', **wrapped)
+  images = write_folder(tmp_path / 'images', {'a': 2, 'b': 2}, shape=(16, 16))
+  pre = tmp_path / 'pre'
+  status = convert_weights.main(['convert_weights', f'--torch={tmp_path / "moco.npz"}', f'--workdir={pre}',
+                                 '--config.data.source=folder', f'--config.data.data_dir={images}',
+                                 '--config.model.num_heads=4'])
+  out, err = capsys.readouterr()
+  assert status == 0, err
+  assert 'the vit_micro4 backbone of' in out and 'head left out' in out, out
+  pre_config = ml_collections.ConfigDict(linear._pretraining_config(str(pre)))
+  assert (pre_config.model.arch, pre_config.model.pos_embed, pre_config.model.pos_embed_size) == (
+      'vit_micro4', 'sincos', 16)
+  outcome, restored = checkpoints.read_backbone(str(pre / 'checkpoints'), 1, parallel.make_mesh(), 10.0)
+  assert outcome == checkpoints.READ and restored['batch_stats'] == {}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored['params']),
+               timm_weights.from_timm(sd)['params'])
+  status = convert_weights.main(['convert_weights', f'--from_workdir={pre}', f'--to_torch={tmp_path / "out.npz"}'])
+  out, err = capsys.readouterr()
+  assert status == 0 and 'timm state dict' in out, err
+  with np.load(tmp_path / 'out.npz') as z:
+    assert list(z.files) == list(sd) and all(np.array_equal(z[k], v) for k, v in sd.items())

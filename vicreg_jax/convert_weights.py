@@ -1,4 +1,4 @@
-"""Official VICReg (torchvision-named) ResNet weights ↔ a vicreg_jax pretraining workdir.
+"""Official VICReg (torchvision-named) ResNet weights, and timm-named ViTs, ↔ a vicreg_jax pretraining workdir.
 
 Into a workdir that the linear-evaluation and fine-tuning jobs read like a pretraining run's::
 
@@ -12,8 +12,12 @@ torchvision ResNet state dict without ``fc``: the official ``https://dl.fbaipubl
 (also ``resnet50x2.pth``, ``resnet200x2.pth``), or a torchvision ResNet's (``fc.*`` ignored), or a checkpoint
 that wraps one (``{'model': {'module.backbone.…', 'module.projector.…'}}``: the backbone's entries are taken; it
 is read with ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
-containers). Depth and width come from the weights (:func:`torch_weights.infer_arch`). The workdir gets what
-the evaluation jobs read:
+containers). Depth and width come from the weights (:func:`torch_weights.infer_arch`). A timm ViT state dict
+(``patch_embed.proj.weight``; also MoCo v3's checkpoints, whose ``module.base_encoder.`` entries are taken and
+heads left out) gives the ViT of its patch size, width and depth (:func:`timm_weights.infer`: a sin-cos
+``pos_embed`` is read as the fixed table); its number of heads is not in the weights: pass
+``--config.model.num_heads`` when it is not timm's (MoCo v3's ViT-S/16 has 12). The workdir gets what the
+evaluation jobs read:
 
 - ``config.json``: :func:`config.imagenet_config` (the official recipe) with ``model`` set to the weights'
   architecture, ImageNet stem, float32 (as the official evaluation; ``--config.model.dtype=bfloat16`` to run the
@@ -31,7 +35,8 @@ Back to PyTorch, the backbone of a pretraining run's checkpoint (the newest, or 
 
   python -m vicreg_jax.convert_weights --from_workdir=runs/vicreg_r50 --to_torch=vicreg_r50.pth   # or .npz
 
-loads with ``m = torchvision.models.resnet50(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)`` (strict).
+loads with ``m = torchvision.models.resnet50(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)`` (strict);
+a ViT's, into timm's ``VisionTransformer(..., num_classes=0)`` that the command prints.
 """
 
 from __future__ import annotations
@@ -47,12 +52,13 @@ from typing import Optional  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vicreg_jax import errors  # noqa: E402
-from vicreg_jax.models import torch_weights  # noqa: E402
+from vicreg_jax.models import timm_weights, torch_weights  # noqa: E402
 
 TORCH_EXTENSIONS = ('.pth', '.pt')
 DEFAULT_STEP = 1
 # Where an official training checkpoint (or another wrapper) keeps the backbone's entries.
-_PREFIXES = ('module.backbone.', 'backbone.', 'module.', 'encoder.', 'module.encoder.')
+_PREFIXES = ('module.backbone.', 'backbone.', 'module.base_encoder.', 'module.', 'encoder.', 'module.encoder.')
+_ANCHORS = ('conv1.weight', timm_weights.ANCHOR)  # a key every backbone state dict has: torchvision's, timm's
 
 
 def base_config():
@@ -110,13 +116,13 @@ def read_state_dict(path: str) -> tuple[dict, str]:
 def backbone_entries(obj, path: str = 'the file') -> tuple[dict, str]:
   """The backbone's entries of a loaded state dict or checkpoint (see :func:`read_state_dict`)."""
   for key in ('model', 'state_dict'):  # an official training checkpoint: {'epoch', 'model', 'optimizer'}
-    if isinstance(obj, dict) and 'conv1.weight' not in obj and isinstance(obj.get(key), dict):
+    if isinstance(obj, dict) and not any(a in obj for a in _ANCHORS) and isinstance(obj.get(key), dict):
       obj = obj[key]
   if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
     raise torch_weights.StateDictError(f'{path} holds a {type(obj).__name__}, not a state dict.')
   note = ''
-  if 'conv1.weight' not in obj:
-    prefix = next((p for p in _PREFIXES if p + 'conv1.weight' in obj), None)
+  if not any(a in obj for a in _ANCHORS):
+    prefix = next((p for p in _PREFIXES if any(p + a in obj for a in _ANCHORS)), None)
     if prefix is not None:
       rest = [k for k in obj if not k.startswith(prefix)]
       note = f'the entries under {prefix!r}' + (f' ({len(rest)} others left out, e.g. {rest[0]})' if rest else '')
@@ -156,12 +162,20 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
   if step < 1:
     raise errors.ConfigError(f'--step must be at least 1 (0 names the evaluation jobs\' random baseline), not {step}.')
   state_dict, note = read_state_dict(source)
-  found, width = torch_weights.infer_arch(state_dict)
+  if timm_weights.ANCHOR in state_dict:  # a timm (or MoCo v3) ViT
+    found, pos_embed, size = timm_weights.infer(state_dict)
+    width, model = 1.0, dict(arch=found, pos_embed=pos_embed, pos_embed_size=size)
+    variables = dict(timm_weights.from_timm(state_dict, found, pos_embed, size), batch_stats={})
+    tensors, head = len(timm_weights.layout(found, pos_embed, size)), 'head'
+  else:
+    found, width = torch_weights.infer_arch(state_dict)
+    model = dict(arch=found, width_multiplier=width, stem='imagenet')
+    variables = torch_weights.from_torchvision(state_dict, found, width)
+    tensors, head = len(torch_weights.layout(found, width)), 'fc'
   if arch and arch != found:
     raise torch_weights.StateDictError(f'{source} holds a {found} (×{width:g}), not the {arch} that --arch names.')
-  variables = torch_weights.from_torchvision(state_dict, found, width)
-  if any(k.startswith('fc.') for k in state_dict):
-    note = ', '.join(filter(None, [note, 'fc left out']))
+  if any(k.startswith(head + '.') for k in state_dict):
+    note = ', '.join(filter(None, [note, f'{head} left out']))
 
   workdir = runs.make_workdir(workdir)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
@@ -170,16 +184,17 @@ def convert(source: str, workdir: str, config, step: int = DEFAULT_STEP, arch: O
   if runs.read_config(workdir) is not None and not tf.io.gfile.exists(os.path.join(workdir, 'converted_from.json')):
     raise errors.WorkdirError(f'{workdir} already holds a run (config.json); pass a new --workdir (or delete it).')
   config = config.copy_and_resolve_references()  # a copy: the caller's stays as it was
-  config.model.update(arch=found, width_multiplier=width, stem='imagenet')
+  config.model.update(**model)
   config.num_steps = step
   runs.write_json(os.path.join(workdir, 'converted_from.json'), {
       'source': source, 'arch': found, 'width_multiplier': width, 'method': config.method, 'step': step, 'note': note,
-      'tensors': len(torch_weights.layout(found, width))})
+      'tensors': tensors})
   runs.save_config(workdir, config)  # before the checkpoint: a job that finds the config waits for it
   mngr = checkpoints.manager(checkpoint_dir, keep=1)
-  checkpoints.save(mngr, step, {
-      'step': np.asarray(step, np.int32),
-      'params': {'backbone': variables['params']}, 'batch_stats': {'backbone': variables['batch_stats']}})
+  item = {'step': np.asarray(step, np.int32), 'params': {'backbone': variables['params']}}
+  if variables['batch_stats']:  # a ViT has none
+    item['batch_stats'] = {'backbone': variables['batch_stats']}
+  checkpoints.save(mngr, step, item)
   mngr.wait_until_finished()
   mngr.close()
   try:  # what the evaluation jobs do first with config.json: count the training split's examples
@@ -230,6 +245,14 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> str:
   _extension(out)
   variables, config, step = read_backbone(workdir, step)
   model = config.model
+  if model.arch in timm_weights.ARCHS:
+    state_dict = timm_weights.to_timm(variables, model.arch, model.pos_embed, model.pos_embed_size)
+    write_state_dict(out, state_dict)
+    patch, width, depth, heads = timm_weights.ARCHS[model.arch]
+    return (f'Wrote {out}: the {model.arch} backbone of checkpoint {step} of {workdir} as a timm state dict '
+            f'({len(state_dict)} entries, no head); load it into timm.models.vision_transformer.VisionTransformer('
+            f'img_size={model.pos_embed_size}, patch_size={patch}, embed_dim={width}, depth={depth}, '
+            f'num_heads={model.num_heads or heads}, num_classes=0).')
   if model.arch not in torch_weights.ARCHS:
     raise errors.ConfigError(f'{workdir} trained a {model.arch}; only ResNets ({", ".join(torch_weights.ARCHS)}) '
                              'have a torchvision counterpart.')
