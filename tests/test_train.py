@@ -54,6 +54,7 @@ def test_sharded_step_equals_single_device_step(method):
   assert max(moved) > 1e-4
 
 
+@pytest.mark.slow  # 20 s: the fast tier stays under 5 minutes
 def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
   config = load_config('imagenet')
   config.model.update(arch='resnet18', width_multiplier=1 / 16, projector='64-64-64')

@@ -117,29 +117,48 @@ def test_num_heads_is_a_model_key():
 
 
 def _decayed(config, arch='vit_micro4', pos='learned'):
-  """Which of a ViT backbone's parameters each optimiser's weight decay touches: the decay of 1.0 with a zero
-  gradient and learning rate 1, read off the update (the other transforms see a zero gradient)."""
+  """Which of a ViT backbone's parameters the optimiser's weight decay touches: those whose first update from a
+  small gradient changes when the decay goes from 0 to 1."""
   config.model.update(arch=arch, pos_embed=pos, pos_embed_size=16)
   config.data.image_size = 16
   model = backbones.from_config(config.model)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))['params']
   params = {'backbone': jax.tree.map(lambda p: jnp.ones(p.shape, p.dtype), shapes)}
-  config.optim.update(weight_decay=1.0, base_lr=256.0 / config.batch_size, warmup_epochs=0)
-  tx, _ = methods.make_optimizer(config, 10, 0, 10)
-  updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(params)
-  flat = jax.tree_util.tree_flatten_with_path(updates['backbone'])[0]
-  return {'/'.join(k.key for k in path) for path, u in flat if np.any(np.asarray(u) != 0)}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+  def update(decay):
+    config.optim.update(weight_decay=decay, base_lr=256.0 / config.batch_size, warmup_epochs=0)
+    tx, _ = methods.make_optimizer(config, 10, 0, 10)
+    return jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)['backbone']
+
+  differ = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), update(0.0), update(1.0))
+  return {'/'.join(k.key for k in path) for path, d in jax.tree_util.tree_flatten_with_path(differ)[0] if d}
 
 
-def test_weight_decay_masks_on_a_vit():
-  """VICReg's LARS rule (the official ``exclude_bias_and_norm``: ndim 1) decays the class token and a learned
-  position embedding, as it would on timm's ViT; our AdamW also excludes them (timm's ``no_weight_decay``)."""
-  lars = _decayed(schema.base_config())
-  assert 'cls_token' in lars and 'pos_embed' in lars and 'block0/qkv/kernel' in lars
-  assert not any(k.endswith(('bias', 'scale')) for k in lars)
-  adamw = _decayed(schema.digits_config())
-  assert 'cls_token' not in adamw and 'pos_embed' not in adamw and 'patch_embed/kernel' in adamw
-  assert not any(k.endswith(('bias', 'scale')) for k in adamw)
+@pytest.mark.parametrize('optimiser', ['lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw'])
+def test_weight_decay_masks_on_a_vit(optimiser):
+  """What each optimiser decays on a ViT. LARS in both orders (VICReg, Barlow Twins, BYOL; SimCLR) by the official
+  VICReg rule ``exclude_bias_and_norm`` (ndim 1): the class token and a learned position embedding are decayed,
+  as they would be on timm's ViT; LARC (SwAV), SGD (SimSiam) and Adam's coupled L2 (W-MSE) decay every parameter,
+  as their official code; our AdamW also leaves the class token and position embedding out (timm's
+  ``no_weight_decay``)."""
+  config = schema.base_config()
+  config.optim.name = optimiser
+  decayed = _decayed(config)
+  every = _decayed(_with_optimiser('sgd'))
+  assert 'block0/qkv/kernel' in decayed and 'patch_embed/kernel' in decayed
+  if optimiser in ('larc', 'sgd', 'adam'):
+    assert decayed == every and 'block0/norm1/scale' in every and 'norm/bias' in every
+  else:
+    assert not any(k.endswith(('bias', 'scale')) for k in decayed)
+    embeddings = {'cls_token', 'pos_embed'} & decayed
+    assert embeddings == (set() if optimiser == 'adamw' else {'cls_token', 'pos_embed'})
+
+
+def _with_optimiser(name):
+  config = schema.base_config()
+  config.optim.name = name
+  return config
 
 
 @pytest.mark.slow
@@ -207,3 +226,28 @@ def test_a_timm_vit_converts_into_a_workdir_the_linear_job_reads_and_back(tmp_pa
   assert status == 0 and 'timm state dict' in out, err
   with np.load(tmp_path / 'out.npz') as z:
     assert list(z.files) == list(sd) and all(np.array_equal(z[k], v) for k, v in sd.items())
+
+
+def test_imagenet_vit_config_traces_its_train_step():
+  """configs/imagenet_vit.py (ViT-S/16 with 12 heads, AdamW at 1.5e-4 × 2048/256 after 40 warmup epochs) builds its
+  state and its whole train step lowers on ImageNet-shaped batches (32 px: a 2×2 grid of the sin-cos table)."""
+  from conftest import load_config
+  from vicreg_jax import parallel
+  config = load_config('imagenet_vit')
+  assert (config.model.arch, config.model.num_heads, config.optim.name, config.epochs) == ('vit_s16', 12, 'adamw', 300)
+  _, schedule = methods.make_optimizer(config, 300 * 625, 40 * 625, 625)
+  assert float(schedule(40 * 625)) == pytest.approx(1.5e-4 * 2048 / 256)
+  config.model.projector = '64-64-64'
+  config.update(batch_size=16, num_steps=2)
+  config.data.image_size = 32
+  tx, schedule = methods.make_optimizer(config, 10, 1)
+  state = jax.eval_shape(lambda k: step_lib.init_state(config, step_lib.build_model(config, None), tx, k),
+                         jax.random.key(0))
+  assert _count(state.params['backbone']) == int(GOLDEN['params_vit_s16']) - 197 * 384
+  step = step_lib.make_train_step(config, step_lib.build_model(config), tx, schedule, parallel.make_mesh(),
+                                  total_steps=10)
+  view = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.uint8 if config.augment.on_device else jnp.float32)
+  new_state, metrics, _ = step.lower(state, {'view1': view, 'view2': view,
+                                             'label': jax.ShapeDtypeStruct((16,), jnp.int32)}).out_info
+  assert {'loss', 'invariance', 'variance', 'covariance'} <= set(metrics)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
