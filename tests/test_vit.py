@@ -176,7 +176,16 @@ def test_every_method_trains_a_vit(method):
                      'simsiam': dict(predictor='16'),
                      'swav': dict(num_prototypes=12, freeze_prototypes_steps=1, queue_length=0)}.get(method, {}).items():
     config[method][key] = value
+  if method == 'swav':  # multi-crop: 2 views of 16 px and 6 crops of 8 px (a 2×2 grid) through the same ViT
+    config.augment.update(small_crops=6, on_device=True)
+    config.model.views_together = True
+    for view in (config.augment.view1, config.augment.view2):
+      view['noise_std'] = 0.0  # the uint8 transfer would clip it
+    config.augment.small_view.update(dict(config.augment.view1, crop_size=8, crop_scale=(0.2, 0.5), translate=1,
+                                          cutout_p=0.0))
+    schema.validate(config)
   batches = [b for _, b in zip(range(2), pipeline.pretrain_dataset(config).as_numpy_iterator())]
+  assert method != 'swav' or batches[0]['small'].shape[1:4] == (6, 8, 8)
   state, metrics = train_steps(config, batches)
   assert np.isfinite(metrics['loss'])
   init = step_lib.init_state(config, step_lib.build_model(config, None), methods.make_optimizer(config, 10, 2)[0],
