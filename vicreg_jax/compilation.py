@@ -49,8 +49,15 @@ def compiler_options() -> Optional[dict]:
 
 def use_default_options() -> None:
   """XLA's default options for every program jitted after this: for compiling for a backend other than the
-  default one (benchmarks/tpu_compile.py compiles for TPU on a CPU host)."""
+  default one (benchmarks/tpu_compile.py compiles for TPU on a CPU host); :func:`targets_cpu` is False after it."""
   _compiler_options['options'] = None
+  _compiler_options['other_backend'] = True
+
+
+def targets_cpu() -> bool:
+  """Whether the programs traced now will run on this CPU: the default backend is the CPU and no other backend
+  was chosen (:func:`use_default_options`). Models pick CPU-friendly forms of an op by it (vicreg_jax/models/vit.py)."""
+  return jax.default_backend() == 'cpu' and not _compiler_options.get('other_backend')
 
 
 def jit(fun: Callable, **kwargs) -> Callable:

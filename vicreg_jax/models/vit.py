@@ -4,7 +4,8 @@
 Patch embedding (a p×p convolution of stride p, with bias), a class token prepended, a position embedding added
 (fixed 2-D sin-cos, zero for the class token, as MoCo v3's ``build_2d_sincos_position_embedding``: a constant,
 not a parameter; or ``learned``, timm's, one vector per position of the ``image_size`` grid, the class token's
-included), ``depth`` pre-norm blocks (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; LayerNorm eps 1e-6;
+included), ``depth`` pre-norm blocks (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; LayerNorm eps 1e-6,
+statistics in float32;
 multi-head attention with a bias on the fused qkv projection, ``jax.nn.dot_product_attention`` with the
 softmax in float32; MLP Linear-GELU-Linear, 4× wide, with the exact erf GELU as PyTorch's ``nn.GELU``), a final
 LayerNorm; the representation is the class token's output (``global_pool='token'``).
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from vicreg_jax import errors
+from vicreg_jax import compilation, errors
 from vicreg_jax.models import timm_weights
 from vicreg_jax.models.resnet import REMAT_NAME
 
@@ -64,6 +65,30 @@ def _patch_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis (PyTorch's and Flax's: ``(x - mean) / sqrt(var + eps) · scale + bias``, the
+  biased variance), statistics in float32 whatever ``dtype``, output in ``dtype``. On CPU the two row means are
+  products with a 1/D vector (float32, highest precision): XLA:CPU's reductions along the minor axis made the
+  ViT-S/16 step 2.8× slower than this (docs/performance.md); elsewhere ``jnp.mean``."""
+  epsilon: float = LN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (d,))
+    bias = self.param('bias', nn.initializers.zeros, (d,))
+    x = x.astype(jnp.float32)
+    if compilation.targets_cpu():
+      w = jnp.full((d,), 1.0 / d, jnp.float32)
+      mean = lambda v: jnp.dot(v, w, precision=jax.lax.Precision.HIGHEST)[..., None]  # noqa: E731
+    else:
+      mean = lambda v: jnp.mean(v, axis=-1, keepdims=True)  # noqa: E731
+    centred = x - mean(x)
+    y = centred * jax.lax.rsqrt(mean(centred * centred) + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
 class Block(nn.Module):
   """A pre-norm Transformer block: ``x + proj(attention(qkv(norm1(x))))``, then ``x + fc2(gelu(fc1(norm2(x))))``."""
   num_heads: int
@@ -74,7 +99,7 @@ class Block(nn.Module):
     b, n, d = x.shape
     dense = lambda features, name, init=nn.initializers.xavier_uniform(): nn.Dense(  # noqa: E731
         features, kernel_init=init, dtype=self.dtype, name=name)
-    norm = lambda name: nn.LayerNorm(LN_EPS, dtype=self.dtype, use_fast_variance=False, name=name)  # noqa: E731
+    norm = lambda name: LayerNorm(dtype=self.dtype, name=name)  # noqa: E731
     qkv = dense(3 * d, 'qkv', _qkv_init)(norm('norm1')(x))
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)  # timm's order
     y = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)
@@ -118,7 +143,7 @@ class ViT(nn.Module):
     x = x + pos.astype(self.dtype)
     for i in range(self.depth):
       x = checkpoint_name(Block(self.num_heads, self.dtype, name=f'block{i}')(x), REMAT_NAME)
-    x = nn.LayerNorm(LN_EPS, dtype=self.dtype, use_fast_variance=False, name='norm')(x)
+    x = LayerNorm(dtype=self.dtype, name='norm')(x)
     return x[:, 0].astype(jnp.float32)
 
 
