@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -120,12 +121,19 @@ def cifar10_config(data_dir, batch: int, buffer: int):
   return config
 
 
+# The streams' iterators stay alive until the process ends: destroying one while its files sleep can deadlock in
+# tf.data's testing ``sleep`` (its cancellation waits on a lock, seen once in CI), so the command ends with
+# ``os._exit`` after printing, and tests run it as its own process.
+_ALIVE: list = []
+
+
 def batch_times(config, batches: int, step_s: float, old: bool) -> np.ndarray:
   """When each of the first ``batches`` batches of the trainer's stream arrived (s), the consumer spending
   ``step_s`` on each."""
   patch = mock.patch.object(tfds.Tfds, 'train_stream', old_train_stream) if old else contextlib.nullcontext()
   with patch:
     it = pipeline.pretrain_dataset(config).as_numpy_iterator()
+    _ALIVE.append(it)
     times = []
     for _ in range(batches):
       next(it)
@@ -139,7 +147,8 @@ def first_batch_s(config, step: int, old: bool) -> float:
   patch = mock.patch.object(tfds.Tfds, 'train_stream', old_train_stream) if old else contextlib.nullcontext()
   with patch:
     t = time.perf_counter()
-    next(pipeline.pretrain_dataset(config, step).as_numpy_iterator())
+    _ALIVE.append(pipeline.pretrain_dataset(config, step).as_numpy_iterator())
+    next(_ALIVE[-1])
   return time.perf_counter() - t
 
 
@@ -187,8 +196,12 @@ def main(argv=None):
   parser.add_argument('--step_ms', type=float, default=0.0)
   parser.add_argument('--resume', action='store_true', help="also time the first batch at step 0 and at the "
                       "epoch's last step (a resume)")
+  parser.add_argument('--json', action='store_true', help='print the figures as one JSON line')
   args = parser.parse_args(argv)
   r = measure(args)
+  if args.json:
+    print(json.dumps(r), flush=True)
+    return r
   print(f"{'old' if args.old else 'new'} stream: largest gap across an epoch boundary {r['boundary_max'] * 1e3:.1f} ms "
         f"(each boundary: {r['boundaries']} ms), median gap within an epoch {r['within_median'] * 1e3:.1f} ms, ratio "
         f"{r['ratio']:.2f} (buffer {args.buffer} = {args.buffer / args.batch:g} batches of {args.batch}, "
@@ -202,3 +215,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
   main()
+  sys.stdout.flush()
+  os._exit(0)  # without destroying the sleeping streams (see _ALIVE)

@@ -57,7 +57,8 @@ def mock_tfds_dataset(name: str, data_dir, splits: dict, num_examples: int):
 
 # The longest modules first, so that pytest-xdist (setup.cfg runs two workers) starts them at once and the
 # shorter ones fill in around them.
-_FIRST = ('test_multiprocess.py', 'test_reliability.py', 'test_notebook.py', 'test_evaluate.py', 'test_errors.py')
+_FIRST = ('test_multiprocess.py', 'test_reliability.py', 'test_notebook.py', 'test_evaluate.py', 'test_vit.py',
+          'test_errors.py')
 
 
 def pytest_collection_modifyitems(items):

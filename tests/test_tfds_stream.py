@@ -5,12 +5,16 @@ with its own file order per epoch and process, an exact resume that starts insid
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, job_env
 from vicreg_jax.data import file_windows, pipeline
 from vicreg_jax.data.sources import tfds
 
@@ -102,7 +106,14 @@ def test_no_wait_at_the_epoch_boundary():
   """benchmarks/epoch_boundary.py on a small slow-read dataset (5 ms per record read, 16 files of 8, a buffer of
   8 batches, 10 ms per step): the old stream waits at each boundary for its buffer to refill; the windowed one does not. Relative
   figures with generous slack (a loaded machine): the new boundary gap is under half the old one."""
-  args = ['--files=16', '--per_file=8', '--batch=8', '--buffer=64', '--epochs=3', '--delay_ms=5', '--step_ms=10']
-  new = epoch_boundary.main(args)
-  old = epoch_boundary.main(args + ['--old'])
+  args = ['--files=16', '--per_file=8', '--batch=8', '--buffer=64', '--epochs=3', '--delay_ms=5', '--step_ms=10',
+          '--json']
+
+  def run(extra):  # its own process: the command never destroys its sleeping streams (epoch_boundary._ALIVE)
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'epoch_boundary.py'), *args, *extra],
+                       capture_output=True, text=True, timeout=300, env=job_env(1), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+  new, old = run([]), run(['--old'])
   assert new['boundary_max'] < old['boundary_max'] / 2, (new, old)
