@@ -53,6 +53,12 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) 
   return np.concatenate([np.zeros((1, dim), np.float32), table.astype(np.float32)], axis=0)
 
 
+def _sincos_like(shape) -> np.ndarray:
+  """The sin-cos table in a state dict's ``pos_embed`` shape [1, 1 + g·g, D] (a square grid)."""
+  g = int(round((shape[1] - 1)**0.5))
+  return sincos_2d(g, g, shape[2])[None]
+
+
 def _check_arch(arch: str) -> None:
   if arch not in ARCHS:
     raise errors.ConfigError(f'Unknown ViT {arch!r}; choose one of {sorted(ARCHS)}.')
@@ -134,7 +140,7 @@ def to_timm(variables: Mapping, arch: str, pos_embed: str = 'sincos', image_size
   state_dict = {}
   for tkey, shape, path, kind in entries:
     if path is None:
-      value = sincos_2d(int(round((shape[1] - 1)**0.5)), int(round((shape[1] - 1)**0.5)), shape[2])[None]
+      value = _sincos_like(shape)
     else:
       value = as_numpy(flat[path]).astype(np.float32)
       value = value.T if kind == 'linear' else value.transpose(3, 2, 0, 1) if kind == 'conv' else value
@@ -154,7 +160,7 @@ def random_state_dict(arch: str, seed: int = 0, pos_embed: str = 'learned', imag
   out = {}
   for tkey, shape, _, kind in layout(arch, pos_embed, image_size):
     if tkey == 'pos_embed' and pos_embed == 'sincos':
-      value = sincos_2d(int(round((shape[1] - 1)**0.5)), int(round((shape[1] - 1)**0.5)), shape[2])[None]
+      value = _sincos_like(shape)
     elif kind in ('linear', 'conv'):
       value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
     elif tkey == 'cls_token':
