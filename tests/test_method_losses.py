@@ -1,4 +1,4 @@
-"""The sibling methods' losses (SimCLR, W-MSE, BYOL, SimSiam, SwAV, the Table 4 regulariser) against float64
+"""The sibling methods' losses (SimCLR, W-MSE, BYOL, SimSiam, SwAV, MoCo v3, the Table 4 regulariser) against float64
 NumPy references written by explicit loops from the official code's semantics, value and gradient, and 8
 simulated devices against 1 under shard_map."""
 
@@ -155,6 +155,42 @@ def test_simsiam_without_predictor_is_the_cosine_with_a_frozen_copy():
   assert_grad(g, numeric_grad(lambda x: ref_simsiam(x, zb, za, zb), za))
 
 
+# --- MoCo v3 -------------------------------------------------------------------------------------------------
+
+def ref_moco_v3(qa, qb, ka, kb, t, ranks=1):
+  """facebookresearch/moco-v3 builder.py ``contrastive_loss(q1, k2) + contrastive_loss(q2, k1)`` on ``ranks``
+  GPUs, each holding consecutive rows: F.normalize, the GPU's queries against every gathered key ``/ T``,
+  CrossEntropyLoss (mean) towards ``arange(N) + N·rank``, ``× 2T``; DDP then averages the GPUs' losses."""
+  qa, qb, ka, kb = (np.array([_unit(r) for r in np.asarray(x, np.float64)]) for x in (qa, qb, ka, kb))
+  n = len(qa) // ranks
+
+  def contrastive(q, k, rank):
+    total = 0.0
+    for i in range(n):
+      logits = np.array([q[rank * n + i] @ k[j] / t for j in range(len(k))])
+      label = i + n * rank
+      total += -logits[label] + np.log(np.sum(np.exp(logits - logits.max()))) + logits.max()
+    return total / n * (2 * t)
+
+  return np.mean([contrastive(qa, kb, r) + contrastive(qb, ka, r) for r in range(ranks)])
+
+
+@pytest.mark.parametrize('t', [0.2, 1.0])
+def test_moco_v3_value_gradient_and_stop_gradient(t):
+  qa, qb = views(12, 5, seed=11)
+  ka, kb = views(12, 5, seed=12, noise=0.3)
+  f = lambda *x: losses.moco_v3_loss(*x, temperature=t)[0]
+  want = ref_moco_v3(qa, qb, ka, kb, t)
+  np.testing.assert_allclose(jax.jit(f)(qa, qb, ka, kb), want, rtol=1e-5)
+  np.testing.assert_allclose(want, ref_moco_v3(qa, qb, ka, kb, t, ranks=4), rtol=1e-12)  # DDP's mean = global
+  g = jax.grad(f, argnums=(0, 1, 2, 3))(qa, qb, ka, kb)
+  assert_grad(g[0], numeric_grad(lambda x: ref_moco_v3(x, qb, ka, kb, t), qa))
+  assert_grad(g[1], numeric_grad(lambda x: ref_moco_v3(qa, x, ka, kb, t), qb))
+  assert float(jnp.abs(g[2]).max()) == 0.0 and float(jnp.abs(g[3]).max()) == 0.0  # keys: no gradient
+  top1 = float(losses.moco_v3_loss(qa, qb, qb, qa, temperature=t)[1]['top1'])  # view a against k_b = q_a
+  assert top1 == 1.0  # each query's own key (itself) is its nearest
+
+
 def ref_variance_covariance(za, zb):
   za, zb = np.asarray(za, np.float64), np.asarray(zb, np.float64)
   d = za.shape[1]
@@ -234,6 +270,8 @@ def _losses_of_linear_embeddings():
       'wmse': lambda w, a, b, ax: losses.wmse_loss(a @ w, b @ w, key=key, w_size=16, w_iter=2, axis_name=ax)[0],
       'byol': lambda w, a, b, ax: losses.byol_loss(a @ w, b @ w, a @ tw, b @ tw, axis_name=ax)[0],
       'simsiam': lambda w, a, b, ax: losses.simsiam_loss(a @ w, b @ w, a @ tw, b @ tw, axis_name=ax)[0],
+      'moco_v3': lambda w, a, b, ax: losses.moco_v3_loss(a @ w, b @ w, a @ tw, b @ tw, temperature=0.2,
+                                                         axis_name=ax)[0],
       'swav': lambda w, a, b, ax: losses.swav_loss(jnp.tanh(a @ w), jnp.tanh(b @ w), axis_name=ax)[0],
       'variance_covariance': lambda w, a, b, ax: sum(losses.variance_covariance(a @ w, b @ w, axis_name=ax)),
   }

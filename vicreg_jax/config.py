@@ -135,7 +135,7 @@ _PRETRAIN = {
     'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT, 'model.num_heads': NONNEG_INT,
     'model.pos_embed': Rule('str', choices=('sincos', 'learned')), 'model.pos_embed_size': COUNT,
     'method': Rule('str', choices=_methods),
-    'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw')),
+    'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw', 'adamw_all')),
     'optim.base_lr': POSITIVE,
     'optim.weight_decay': NONNEG, 'optim.momentum': FRACTION, 'optim.eta': NONNEG, 'optim.warmup_epochs': NONNEG,
     'optim.warmup_steps': NONNEG_INT, 'optim.warmup_start_factor': FRACTION, 'optim.warmup_linspace': BOOL,
@@ -363,7 +363,8 @@ def base_config() -> ml_collections.ConfigDict:
   # name: 'lars' (VICReg, Barlow Twins, BYOL), 'lars_classic' (the learning rate inside the momentum buffer,
   # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta
   # unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter, W-MSE; momentum and eta unused)
-  # or 'adamw' (small demos; momentum and eta unused). The learning rate peaks at
+  # 'adamw' (weights decayed, not biases, norms or a ViT's embeddings; small demos, ViTs) or 'adamw_all' (every
+  # parameter decayed, torch's AdamW: MoCo v3) (AdamW: momentum and eta unused). The learning rate peaks at
   # base_lr·batch_size/256 after a linear warmup of warmup_epochs (warmup_steps > 0: that many steps instead) from
   # warmup_start_factor·peak (warmup_linspace: np.linspace(start, peak, warmup), the peak on its last step, as
   # SwAV); then schedule 'cosine' (to end_lr_factor·peak), 'cosine_epochs' (that cosine held through each epoch

@@ -260,6 +260,35 @@ def simclr_loss(z_a: jax.Array, z_b: jax.Array, *, temperature: float = 0.1,
   return loss, {'loss': loss, 'top1': (top1_a + top1_b) / 2}
 
 
+def moco_v3_loss(q_a: jax.Array, q_b: jax.Array, k_a: jax.Array, k_b: jax.Array, *, temperature: float = 1.0,
+                 axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """MoCo v3's symmetric InfoNCE (Chen, Xie & He, 2021), with the semantics of the official code
+  (facebookresearch/moco-v3@c349e6e:moco/builder.py:L63-L73, L96).
+
+  The queries ``q`` (the online predictions) and the keys ``k`` (the momentum encoder's embeddings, no gradient)
+  are L2-normalised; each query of view a is scored against every key of view b in the global batch
+  (``cos / temperature``), its positive the same example's key, and the cross-entropy is averaged over the global
+  batch and scaled by ``2·temperature``; the same for the queries of view b against the keys of view a, summed:
+  ``loss = 2τ·(mean_i CE(q_a,i; k_b) + mean_i CE(q_b,i; k_a))``. The official code scores each GPU's queries
+  against the gathered keys with labels ``arange(n) + n·rank`` and lets DDP average the GPUs' means: the same
+  global mean. ``metrics``: ``loss`` and ``top1`` (share of queries whose own key scores highest, both views).
+  """
+  q_a, q_b = (_l2_normalize(gather_batch(x.astype(jnp.float32), axis_name)) for x in (q_a, q_b))
+  k_a, k_b = (jax.lax.stop_gradient(_l2_normalize(gather_batch(x.astype(jnp.float32), axis_name)))
+              for x in (k_a, k_b))
+  n = q_a.shape[0]
+  _check_batch('moco_v3_loss', n)
+
+  def direction(q, k):
+    logits = q @ k.T / temperature
+    ce = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+    return jnp.mean(ce), jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(n))
+
+  (ce_a, top1_a), (ce_b, top1_b) = direction(q_a, k_b), direction(q_b, k_a)
+  loss = 2 * temperature * (ce_a + ce_b)
+  return loss, {'loss': loss, 'top1': (top1_a + top1_b) / 2}
+
+
 def _check_whitening(result: jax.Array, inputs: tuple, eps: float, name: str) -> None:
   """Raises a ValueError that says why and what to do when ``result`` (of whitening ``inputs`` with shrinkage
   ``eps``) is concrete and not finite; does nothing on traced values (under jit, vmap or grad)."""

@@ -73,7 +73,13 @@ class Method:
     ``bias_lr_factor`` (biases and norm parameters, ndim 1), ``fixed_predictor_lr`` (the predictor's learning
     rate stays at its peak), ``freeze_prototypes_steps``.
   heads: ``heads(config, axis_name, dtype) -> {'predictor': module, 'prototypes': module}`` (those it has).
-  ema_target: the step runs an EMA copy of the online network (``tau_base``; τ rises to 1 by cosine).
+  ema_target: the step runs an EMA copy of the online network (its decay from the section's ``ema_key``, by
+    default ``tau_base``; it rises to 1 by cosine): BYOL's target, initialised from its own key and updated after
+    the step from the updated online weights.
+  momentum_encoder: with ``ema_target``, MoCo's order instead: the copy starts equal to the online backbone and
+    projector (no predictor) and is updated inside the step, before it computes the keys, from the online weights
+    before this step's update, at the decay of this step (facebookresearch/moco-v3@c349e6e:moco/builder.py:L32-L34,
+    L57-L61, L89-L94; main_moco.py:L344-L345).
   init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
     step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
   prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).
@@ -86,6 +92,8 @@ class Method:
   trainer_keys: tuple[str, ...] = ()
   heads: Callable = _no_heads
   ema_target: bool = False
+  momentum_encoder: bool = False
+  ema_key: str = 'tau_base'
   init_extra: Callable = _no_extra
   update_extra: Callable = _keep_extra
   prepare_params: Callable = lambda params: params
@@ -130,6 +138,10 @@ def _simsiam(v: Views, *, axis_name, std_coeff=0.0, cov_coeff=0.0):
   return _regularised(loss, metrics, v, std_coeff, cov_coeff, axis_name)
 
 
+def _moco_v3(v: Views, *, axis_name, **kw):
+  return losses.moco_v3_loss(*v.p, *v.target, axis_name=axis_name, **kw)
+
+
 def _swav(v: Views, *, axis_name, **kw):
   """:func:`losses.swav_loss` of every crop's scores (the two views', then the small crops'), with the queue's
   scores against the current prototypes once the queue is full."""
@@ -165,7 +177,8 @@ def projector(config: ml_collections.ConfigDict, axis_name, dtype) -> heads.Proj
 def _predictor(hidden_bias: Optional[bool]):
   """The ``predictor`` head: an MLP with the hidden sizes of the section's ``predictor`` ('' = none) and the
   projector's output size; biases before its BatchNorms as ``hidden_bias`` says (None: as the projector's), a
-  bias on its output Linear where the section's ``predictor_output_bias`` says so (SimSiam's)."""
+  bias on its output Linear where the section's ``predictor_output_bias`` says so (SimSiam's), an affine-free
+  BatchNorm after it where ``predictor_output_bn`` says so (MoCo v3's on a ViT)."""
   def make(config, axis_name, dtype) -> dict:
     sec = config[config.method]
     if not sec.predictor:
@@ -173,8 +186,10 @@ def _predictor(hidden_bias: Optional[bool]):
     spec = f'{sec.predictor}-{heads.parse_mlp_spec(projector_spec(config))[-1]}'
     bias = config.model.projector_hidden_bias if hidden_bias is None else hidden_bias
     output_bias = 'predictor_output_bias' in sec and sec.predictor_output_bias
+    output_bn = 'predictor_output_bn' in sec and sec.predictor_output_bn
     return {'predictor': heads.Projector(spec, axis_name=axis_name, dtype=dtype, hidden_bias=bias,
-                                         batchnorm=config.model.projector_bn, output_bias=output_bias)}
+                                         batchnorm=config.model.projector_bn, output_bias=output_bias,
+                                         output_bn=output_bn)}
   return make
 
 
@@ -252,6 +267,17 @@ METHODS: dict[str, Method] = {
         defaults=dict(predictor='512', predictor_output_bias=False, fixed_predictor_lr=True, std_coeff=0.0,
                       cov_coeff=0.0),
         rules=dict(predictor=TEXT, predictor_output_bias=BOOL, fixed_predictor_lr=BOOL, **_VARIANCE_COVARIANCE)),
+    # MoCo v3 (facebookresearch/moco-v3): the predictor's hidden sizes (4096, output the projector's), an
+    # affine-free BatchNorm after it (official: on a ViT, not on a ResNet), the momentum encoder's base momentum
+    # m (cosine to 1 over the run), the InfoNCE temperature, and the ViT's patch projection kept at its random
+    # initialisation (--stop-grad-conv1: no gradient, no weight decay; ResNets have no patch projection).
+    'moco_v3': Method(
+        _moco_v3, ('top1',), trainer_keys=('predictor', 'predictor_output_bn', 'momentum', 'freeze_patch_embed'),
+        heads=_predictor(hidden_bias=False), ema_target=True, momentum_encoder=True, ema_key='momentum',
+        defaults=dict(predictor='4096', predictor_output_bn=False, momentum=0.99, temperature=1.0,
+                      freeze_patch_embed=True),
+        rules=dict(predictor=TEXT, predictor_output_bn=BOOL, momentum=FRACTION, temperature=POSITIVE,
+                   freeze_patch_embed=BOOL)),
     # SwAV (facebookresearch/swav): prototypes, softmax temperature, Sinkhorn-Knopp ε and iterations, prototypes
     # frozen for the first steps, and a queue of the last queue_length embeddings per crop (0: none; official
     # 3840 for batch 256) filled from queue_start_step.
@@ -300,6 +326,7 @@ _OPTIMIZERS = {
     'sgd': lambda o, lr: optim.sgd(lr, weight_decay=o.weight_decay, momentum=o.momentum),
     'adam': lambda o, lr: optim.adam(lr, weight_decay=o.weight_decay),
     'adamw': lambda o, lr: optim.adamw(lr, weight_decay=o.weight_decay),
+    'adamw_all': lambda o, lr: optim.adamw_all(lr, weight_decay=o.weight_decay),
 }
 
 
@@ -352,10 +379,11 @@ def _method_optimizer(config, sec: dict, schedule) -> optax.GradientTransformati
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                    steps_per_epoch: Optional[int] = None):
   """``(optimizer, schedule)``: ``config.optim.name`` ('lars', the official VICReg / Barlow Twins / BYOL
-  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; or 'adamw') on
-  :func:`lr_schedule`, with the method's treatment of its predictor and of biases and norm parameters
-  (:func:`_method_optimizer`), of its prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay,
-  momentum or update for that many first steps, as the official ``p.grad = None``; their schedule still follows
+  optimiser; 'lars_classic', SimCLR's; 'larc', SwAV's; 'sgd', SimSiam's; 'adam', W-MSE's; 'adamw'; or
+  'adamw_all', MoCo v3's) on :func:`lr_schedule`, with the method's treatment of its predictor and of biases and
+  norm parameters (:func:`_method_optimizer`), of a ViT's patch projection (``freeze_patch_embed``: MoCo v3's, no
+  update at all), of its prototypes (``freeze_prototypes_steps``: SwAV's get no gradient, decay, momentum or
+  update for that many first steps, as the official ``p.grad = None``; their schedule still follows
   the step count) and Barlow Twins' ``official_gradient_world_size`` W: the official code all-reduces the
   cross-correlation without a gradient, so each of W GPUs back-propagates only its own share and DDP averages,
   giving 1/W of the exact gradient; the gradients are scaled so. Under LARS that is the same as a W× larger weight
@@ -364,6 +392,12 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_s
   sec = section(config)
   schedule = lr_schedule(config, total_steps, warmup_steps, steps_per_epoch)
   tx = _method_optimizer(config, sec, schedule)
+  if sec.get('freeze_patch_embed') and config.model.arch.startswith('vit'):
+    # As requires_grad=False: no update, no decay, no optimiser state that changes.
+    tx = optax.multi_transform({'trained': tx, 'fixed': optax.set_to_zero()},
+                               lambda params: {k: _group(v, 'patch_embed', 'fixed', 'trained') if k == 'backbone'
+                                               else jax.tree.map(lambda _: 'trained', v)
+                                               for k, v in params.items()})
   frozen = sec.get('freeze_prototypes_steps')
   if frozen:
     late = _method_optimizer(config, sec, lambda count: schedule(count + frozen))

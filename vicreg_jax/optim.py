@@ -145,6 +145,12 @@ def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1e-4) -> 
   return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_weights_only)
 
 
+def adamw_all(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1) -> optax.GradientTransformation:
+  """AdamW with weight decay on every parameter it updates: ``torch.optim.AdamW(model.parameters())``, MoCo v3's
+  (facebookresearch/moco-v3@c349e6e:main_moco.py:L229-L230; biases, norms and the class token decayed too)."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
 def scale_bias_and_norm(factor: float) -> optax.GradientTransformation:
   """Multiplies the final updates of biases and norm parameters (ndim == 1) by ``factor``: after
   :func:`lars`, whose learning rate is its last factor, the same as a learning rate ``factor·lr`` for them (the

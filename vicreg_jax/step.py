@@ -28,8 +28,8 @@ class TrainState:
   opt_state: Any
   probe_params: Any = None     # the online linear probe ({} when disabled)
   probe_opt_state: Any = None
-  extra: Any = None            # the method's state: 'target' (BYOL's EMA network: params, batch_stats), SwAV's
-                               # 'queue' and 'queue_count'; {} for methods without
+  extra: Any = None            # the method's state: 'target' (BYOL's EMA network, MoCo v3's momentum encoder:
+                               # params, batch_stats), SwAV's 'queue' and 'queue_count'; {} for methods without
 
 
 def make_probe(config, num_classes: int):
@@ -54,7 +54,8 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
   """The initial state: the model from ``rng``, its optimiser state, the online probe's, and the method's state
-  (BYOL's target network initialised from its own key, as the official code does)."""
+  (BYOL's target network initialised from its own key, as the official code does; MoCo v3's momentum encoder a
+  copy of the online backbone and projector, as the official ``param_m.data.copy_(param_b.data)``)."""
   x = jnp.zeros(input_shape(config), jnp.float32)
   (h, _, _), variables = model.init_with_output(rng, x, train=False, heads=True)
   params = variables['params']
@@ -65,12 +66,20 @@ def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
     probe_opt_state = probe_tx.init(probe_params)
   method = methods.get(config)
   extra = dict(method.init_extra(config))
-  if method.ema_target:
+  if method.momentum_encoder:
+    extra['target'] = jax.tree.map(jnp.copy, {'params': _encoder(params),
+                                              'batch_stats': _encoder(variables['batch_stats'])})
+  elif method.ema_target:
     target = model.init(jax.random.fold_in(rng, 2), x, train=False, heads=True)
     extra['target'] = {'params': target['params'], 'batch_stats': target['batch_stats']}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
                     opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state,
                     extra=extra)
+
+
+def _encoder(tree: dict) -> dict:
+  """The backbone's and projector's entries of a variables tree (a momentum encoder has no predictor)."""
+  return {k: v for k, v in tree.items() if k in ('backbone', 'projector')}
 
 
 def _colour_ops(config):
@@ -269,9 +278,11 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
 
 
 def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int):
-  """BYOL's target after step ``step`` and its decay τ (:func:`methods.ema_decay`): parameters
-  ``τ·target + (1 - τ)·online`` (the updated online ones), BatchNorm statistics from its own forward pass."""
+  """The EMA target after a decay at step ``step``, and the decay τ (:func:`methods.ema_decay`): parameters
+  ``τ·target + (1 - τ)·online`` (BYOL: the updated online ones, after the step; MoCo v3: this step's, before its
+  update, and only the target's entries), BatchNorm statistics ``batch_stats``."""
   tau = methods.ema_decay(tau_base, step, total_steps)
+  params = {k: params[k] for k in target['params']}
   return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
           'batch_stats': batch_stats}, tau
 
@@ -418,9 +429,12 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       batch = colour_ops(batch, state.step)
     params = method.prepare_params(state.params)
     extra = {k: v for k, v in state.extra.items() if k != 'target'}
-    target, target_stats = None, None
+    target, target_stats, ema = None, None, state.extra.get('target')
+    if method.momentum_encoder:  # MoCo: the momentum update first, from this step's online weights
+      ema, ema_decay = _ema_update(ema, params, ema['batch_stats'], section[method.ema_key], state.step,
+                                   total_steps)
     if method.ema_target:
-      target, target_stats = _target_embeddings(model, state.extra['target'], batch, together)
+      target, target_stats = _target_embeddings(model, ema, batch, together)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
 
     def objective(views):
@@ -437,9 +451,11 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
                                                  config.optim.shard_state, kept=state.params)
     metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
     extra = dict(method.update_extra(extra, views, state.step, axis_name=axis, **section))
-    if method.ema_target:
-      extra['target'], metrics['ema_decay'] = _ema_update(state.extra['target'], params, target_stats,
-                                                          section['tau_base'], state.step, total_steps)
+    if method.momentum_encoder:
+      extra['target'], metrics['ema_decay'] = dict(ema, batch_stats=target_stats), ema_decay
+    elif method.ema_target:
+      extra['target'], metrics['ema_decay'] = _ema_update(ema, params, target_stats, section[method.ema_key],
+                                                          state.step, total_steps)
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(
