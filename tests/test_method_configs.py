@@ -44,7 +44,8 @@ def test_the_swav_imagenet_config_runs_on_mocked_tfds(tmp_path, mock_tfds):
   assert set(methods.get(config).heads(config, None, None)) <= set(state['params'])
 
 
-@pytest.mark.parametrize('name', ['imagenet_wmse', 'imagenet_simclr', 'imagenet_byol', 'imagenet_simsiam'])
+@pytest.mark.parametrize('name', ['imagenet_wmse', 'imagenet_simclr', 'imagenet_byol', 'imagenet_simsiam',
+                                  'imagenet_moco_v3_r50'])
 def test_method_imagenet_configs_trace_their_train_step(name, tmp_path, mock_tfds):
   """Each method's ImageNet config builds its model, heads, optimiser and state, and its whole train step
   traces (every head's shape and the loss fit together) on ImageNet-shaped batches."""

@@ -237,6 +237,38 @@ def test_byol_on_two_processes_matches_one_process(tmp_path):
   assert max_abs_difference(a["extra"]["target"]["params"], params(two, 6)["extra"]["target"]["params"]) > 1e-6
 
 
+def test_moco_v3_on_two_processes_matches_one_process_killed_and_resumed(tmp_path):
+  """MoCo v3's momentum encoder (moved inside the step, before the keys) and predictor: two processes run straight
+  through, against one process killed (SIGKILL) after its checkpoint at step 6 and resumed by the same command.
+  Equal to the bit in the parameters, the momentum encoder and the optimiser state: the two-process step is the
+  one-process step, and nothing of the state is lost or changed by the kill and the restore."""
+  pretrain = [a for a in PRETRAIN if not a.startswith('--config.grad_accum_steps')]  # no micro-batches with an EMA
+  moco = ['--config=configs/digits_moco_v3.py', *pretrain, '--config.moco_v3.predictor=32',
+          '--config.model.projector=32-16', '--config.checkpoint_every_steps=6', '--config.final_probe.enabled=False',
+          '--config.num_steps=12', '--config.log_every_steps=1']
+  two, one, logs = tmp_path / 'two', tmp_path / 'one', tmp_path / 'logs'
+  straight = job([*moco, f'--workdir={two}'], logs, 'moco_two', processes=2)
+  killed = job([*moco, f'--workdir={one}'], logs, 'moco_killed', devices=4)
+  deadline = time.time() + 600
+  while not ((one / 'checkpoints' / '6').is_dir() and '] step 8/' in killed.stderr()):
+    assert killed.procs[0].poll() is None and time.time() < deadline, killed.stderr()[-3000:]
+    time.sleep(0.05)
+  killed.kill()
+  killed.wait()
+  assert not (one / 'checkpoints' / '12').exists()
+  job([*moco, f'--workdir={one}'], logs, 'moco_resumed', devices=4).check()
+  straight.check()
+  assert 'Resumed from' in (logs / 'moco_resumed0.err').read_text()
+  a, b = (params(w, 12) for w in (two, one))
+  diffs = {k: max_abs_difference(a[k], b[k]) for k in ('params', 'batch_stats', 'opt_state', 'extra')}
+  print(f'MoCo v3, two processes against one process killed after step 6 and resumed: max differences {diffs}')
+  assert max(diffs.values()) == 0.0, diffs
+  encoder = a['extra']['target']['params']
+  assert set(encoder) == {'backbone', 'projector'} and 'predictor' in a['params']
+  assert max_abs_difference(encoder, {k: a['params'][k] for k in encoder}) > 1e-4  # it trails the online network
+  assert max_abs_difference(encoder, params(two, 6)['extra']['target']['params']) > 1e-6  # and moved since step 6
+
+
 def test_sharded_optimiser_on_two_processes_matches_one_process_exactly(tmp_path):
   """``optim.shard_state`` (ZeRO-1: the gradients reduce-scattered, each device a block of the LARS momentum and of
   the update, the whole parameters' norms summed over the blocks) on two processes, stopped at step 6 and resumed

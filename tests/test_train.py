@@ -26,13 +26,14 @@ def restore_params(workdir, step):
 
 
 TINY_HEADS = {'wmse.projector': '32-16', 'wmse.w_size': 32, 'byol.predictor': '32', 'simsiam.predictor': '16',
-              'swav.num_prototypes': 12, 'swav.freeze_prototypes_steps': 1, 'swav.queue_length': 64}
+              'swav.num_prototypes': 12, 'swav.freeze_prototypes_steps': 1, 'swav.queue_length': 64,
+              'moco_v3.predictor': '32'}
 
 
-@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins', 'byol', 'swav'])
+@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins', 'byol', 'swav', 'moco_v3'])
 def test_sharded_step_equals_single_device_step(method):
   """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch;
-  BYOL's EMA target and SwAV's queue (full at the second step) included."""
+  BYOL's EMA target, MoCo v3's momentum encoder and SwAV's queue (full at the second step) included."""
   config = tiny_digits(num_steps=10, method=method, **TINY_HEADS)
   ds = pipeline.pretrain_dataset(config)
   host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
