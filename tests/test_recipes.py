@@ -12,7 +12,10 @@ from conftest import REPO, load_config
 from vicreg_jax import methods
 
 CONFIGS = {'vicreg': 'imagenet', 'barlow_twins': 'imagenet_barlow_twins', 'byol': 'imagenet_byol',
-           'simclr': 'imagenet_simclr', 'simsiam': 'imagenet_simsiam', 'swav': 'imagenet_swav', 'wmse': 'imagenet_wmse'}
+           'simclr': 'imagenet_simclr', 'simsiam': 'imagenet_simsiam', 'swav': 'imagenet_swav', 'wmse': 'imagenet_wmse',
+           'moco_v3': 'imagenet_moco_v3'}
+# Recipes beside a method's main one (checked for their docstring tables and figures; their values in their tests).
+VARIANTS = {'moco_v3_r50': 'imagenet_moco_v3_r50'}
 
 # The official views (crop size, scale and resize; flip; jitter and its p; grayscale; blur p and σ; solarize p):
 # VICReg facebookresearch/vicreg augmentations.py:L37-82 (Barlow Twins main.py:L290-320 and BYOL
@@ -30,6 +33,9 @@ VIEWS = {
     'simsiam': (dict(_STRONG, jitter=(0.4, 0.4, 0.4, 0.1), crop_scale=(0.2, 1.0), crop_method='bilinear'),) * 2,
     'swav': (dict(_STRONG, crop_scale=(0.14, 1.0), crop_method='bilinear'),) * 2,
     'wmse': (dict(_STRONG, crop_scale=(0.08, 1.0), crop_method='bicubic'),) * 2,
+    # MoCo v3 (main_moco.py:L262-285): BYOL's views, torchvision's bilinear crop.
+    'moco_v3': (dict(_VICREG_VIEW, crop_method='bilinear', blur_p=1.0, solarize_p=0.0),
+                dict(_VICREG_VIEW, crop_method='bilinear', blur_p=0.1, solarize_p=0.2)),
 }
 
 # Optimiser, peak learning rate (after warmup), warmup, end of the cosine, epochs, global batch.
@@ -47,6 +53,8 @@ OPTIM = {
     'swav': dict(peak=4.8, weight_decay=1e-6, eta=1e-3, warmup_epochs=10, end_lr_factor=1e-3, epochs=800,
                  batch=4096),
     'wmse': dict(peak=2e-3, weight_decay=1e-6, epochs=240, batch=512),
+    'moco_v3': dict(name='adamw_all', peak=2.4e-3, weight_decay=0.1, warmup_epochs=40, end_lr_factor=0.0, epochs=300,
+                    batch=4096),
 }
 
 # The heads: projector sizes, biases before its hidden BatchNorms, an affine-free output BatchNorm; the method's
@@ -65,7 +73,10 @@ HEADS = {
              dict(num_prototypes=3000, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
                   freeze_prototypes_steps=313, queue_length=0)),
     'wmse': (dict(projector_hidden_bias=True), dict(projector='1024-128', w_size=256, w_iter=1, eps=0.0)),
+    'moco_v3': (dict(projector='4096-4096-256', projector_hidden_bias=False, projector_output_bn=True),
+                dict(predictor='4096', predictor_output_bn=True, momentum=0.99, temperature=0.2)),
 }
+ARCHS = {'moco_v3': 'vit_s16'}  # the others: ResNet-50
 
 
 def _subset(recipe, expected: dict) -> dict:
@@ -100,7 +111,7 @@ def test_each_imagenet_config_takes_its_methods_heads(method):
   model, section = HEADS[method]
   assert {k: c.model[k] for k in model} == model
   assert {k: c[method][k] for k in section} == section
-  assert c.model.arch == 'resnet50'
+  assert c.model.arch == ARCHS.get(method, 'resnet50')
 
 
 # --- the docstring tables ------------------------------------------------------------------------------------------
@@ -129,11 +140,11 @@ def table(doc: str) -> dict:
   return rows
 
 
-@pytest.mark.parametrize('method', sorted(CONFIGS))
+@pytest.mark.parametrize('method', sorted({**CONFIGS, **VARIANTS}))
 def test_each_imagenet_config_docstring_tables_the_official_recipe_with_sources(method):
   """The table names the repository and commit it was read at, has every row, a source (FILE:Lnn or the paper)
   in every official cell, and every note its rows point to (a row that differs says why in a note)."""
-  doc = (REPO / 'configs' / f'{CONFIGS[method]}.py').read_text().split('"""')[1]
+  doc = (REPO / 'configs' / f'{({**CONFIGS, **VARIANTS})[method]}.py').read_text().split('"""')[1]
   assert re.search(r'Official code: [\w-]+/[\w.-]+@[0-9a-f]{7,40}\b', doc), 'no repository@commit'
   rows = table(doc)
   row_names = [r.split(' (')[0] for r in rows]
@@ -150,14 +161,14 @@ def test_each_imagenet_config_docstring_tables_the_official_recipe_with_sources(
 # Barlow Twins, BYOL, SimCLR v1: their papers' Table 1 / 1 / 1 / 6; Barlow Twins' released 16-GPU run
 # README.md:L32; SimSiam README.md:L74 at 100 epochs; SwAV README.md:L29 and L35).
 FIGURES = {'vicreg': ('73.2',), 'barlow_twins': ('73.2', '73.5'), 'byol': ('74.3',), 'simclr': ('69.3',),
-           'simsiam': ('68.1',), 'swav': ('75.3', '70.1'), 'wmse': ()}
+           'simsiam': ('68.1',), 'swav': ('75.3', '70.1'), 'wmse': (), 'moco_v3': ('73.2',), 'moco_v3_r50': ('74.6',)}
 NAMES = {'vicreg': 'VICReg', 'barlow_twins': 'Barlow Twins', 'byol': 'BYOL', 'simclr': 'SimCLR',
-         'simsiam': 'SimSiam', 'swav': 'SwAV', 'wmse': 'W-MSE'}
+         'simsiam': 'SimSiam', 'swav': 'SwAV', 'wmse': 'W-MSE', 'moco_v3': 'MoCo v3'}
 
 
-@pytest.mark.parametrize('method', sorted(CONFIGS))
+@pytest.mark.parametrize('method', sorted({**CONFIGS, **VARIANTS}))
 def test_each_config_docstring_expects_its_variants_figure(method):
-  doc = (REPO / 'configs' / f'{CONFIGS[method]}.py').read_text().split('"""')[1]
+  doc = (REPO / 'configs' / f'{({**CONFIGS, **VARIANTS})[method]}.py').read_text().split('"""')[1]
   expected = doc[doc.index('Expected'):]
   assert all(f'{f}%' in expected for f in FIGURES[method])
   if not FIGURES[method]:
@@ -183,12 +194,13 @@ def test_readme_and_results_quote_each_methods_implemented_figure():
 
 @pytest.mark.parametrize('method', sorted(CONFIGS))
 def test_colour_order_and_blur_kernel_keys(method):
-  """W-MSE jitters and grays the whole image before its crop (datasets/transforms.py:L6-17); SwAV's blur kernel
-  covers ±3σ at every crop size (``blur_kernel_fraction`` 0); the others crop first with a kernel of 10%."""
+  """W-MSE jitters and grays the whole image before its crop (datasets/transforms.py:L6-17); SwAV's and MoCo v3's
+  blur kernel (PIL's) covers ±3σ at every crop size (``blur_kernel_fraction`` 0); the others crop first with a
+  kernel of 10%."""
   c = load_config(CONFIGS[method])
   for recipe in (c.augment.view1, c.augment.view2):
     assert recipe['colour_first'] is (method == 'wmse')
-    assert recipe['blur_kernel_fraction'] == (0.0 if method == 'swav' else 0.1)
+    assert recipe['blur_kernel_fraction'] == (0.0 if method in ('swav', 'moco_v3') else 0.1)
 
 
 @pytest.mark.parametrize('method', sorted(CONFIGS))
@@ -230,5 +242,5 @@ def test_backbone_and_head_keys(method):
   assert c.model.zero_init_residual is (method not in ('swav', 'wmse'))
   assert c.model.projector_output_bias is (method in ('swav', 'wmse'))
   assert (c.model.projector_output_bn, c.model.projector_output_scale) == {
-      'simclr': (True, True), 'simsiam': (True, False)}.get(method, (False, False))
+      'simclr': (True, True), 'simsiam': (True, False), 'moco_v3': (True, False)}.get(method, (False, False))
   assert c.simsiam.predictor_output_bias is (method == 'simsiam')

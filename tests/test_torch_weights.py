@@ -218,7 +218,7 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
       ([f'--torch={tmp_path / "r18.npz"}', f'--workdir={tmp_path / "w"}', f'--from_workdir={tmp_path}'], 2,
        'pass either'),
       ([f'--torch={tmp_path / "nope.npz"}', f'--workdir={tmp_path / "w"}'], 1, 'no file .*nope.npz'),
-      ([f'--torch={tmp_path / "r18.txt"}', f'--workdir={tmp_path / "w"}'], 1, "expected a .pth, .pt or .npz file"),
+      ([f'--torch={tmp_path / "r18.txt"}', f'--workdir={tmp_path / "w"}'], 1, "expected a .pth, .pth.tar, .pt or .npz file"),
       ([f'--torch={tmp_path / "r18.npz"}', f'--workdir={tmp_path / "w"}', '--arch=resnet50'], 1,
        'holds a resnet18 .*not the resnet50 that --arch names'),
       ([f'--torch={tmp_path / "r18.npz"}', f'--workdir={tmp_path / "w"}', '--config.model.nope=1'], 2,

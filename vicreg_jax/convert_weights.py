@@ -7,15 +7,16 @@ Into a workdir that the linear-evaluation and fine-tuning jobs read like a pretr
   python -m vicreg_jax.main --config=configs/imagenet_linear.py --workdir=runs/vicreg_official_linear \\
       --config.pretrain_workdir=runs/vicreg_official --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
-``--torch``: a ``.pth`` / ``.pt`` (read with PyTorch, imported only then) or ``.npz`` (numpy only) holding a
-torchvision ResNet state dict without ``fc``: the official ``https://dl.fbaipublicfiles.com/vicreg/resnet50.pth``
-(also ``resnet50x2.pth``, ``resnet200x2.pth``), or a torchvision ResNet's (``fc.*`` ignored), or a checkpoint
-that wraps one (``{'model': {'module.backbone.…', 'module.projector.…'}}``: the backbone's entries are taken; it
-is read with ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
-containers). Depth and width come from the weights (:func:`torch_weights.infer_arch`). A timm ViT state dict
-(``patch_embed.proj.weight``; also MoCo v3's checkpoints, whose ``module.base_encoder.`` entries are taken and
-heads left out) gives the ViT of its patch size, width and depth (:func:`timm_weights.infer`: a sin-cos
-``pos_embed`` is read as the fixed table); its number of heads is not in the weights: pass
+``--torch``: a ``.pth`` / ``.pth.tar`` / ``.pt`` (read with PyTorch, imported only then) or ``.npz`` (numpy only)
+holding a torchvision ResNet state dict without ``fc``: the official
+``https://dl.fbaipublicfiles.com/vicreg/resnet50.pth`` (also ``resnet50x2.pth``, ``resnet200x2.pth``), or a
+torchvision ResNet's (``fc.*`` ignored), or a checkpoint that wraps one (``{'model': {'module.backbone.…',
+'module.projector.…'}}``, or MoCo v3's ``{'state_dict': {'module.base_encoder.…', 'module.momentum_encoder.…',
+'module.predictor.…'}}``: the backbone's entries are taken, its ``fc`` projector left out; it is read with
+``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and containers). Depth and
+width come from the weights (:func:`torch_weights.infer_arch`). A timm ViT state dict (``patch_embed.proj.weight``;
+also MoCo v3's ViT checkpoints, taken the same way, heads left out) gives the ViT of its patch size, width and
+depth (:func:`timm_weights.infer`: a sin-cos ``pos_embed`` is read as the fixed table); its number of heads is not in the weights: pass
 ``--config.model.num_heads`` when it is not timm's (MoCo v3's ViT-S/16 has 12). The workdir gets what the
 evaluation jobs read:
 
@@ -81,9 +82,10 @@ def _import_torch():
 
 
 def _extension(path: str) -> str:
-  ext = os.path.splitext(path)[1].lower()
+  """'.pth', '.pt' or '.npz' (a '.pth.tar', as MoCo v3 and SimSiam name their checkpoints, is a '.pth')."""
+  ext = '.pth' if path.lower().endswith('.pth.tar') else os.path.splitext(path)[1].lower()
   if ext not in TORCH_EXTENSIONS + ('.npz',):
-    raise errors.UserError(f'{path}: expected a .pth, .pt or .npz file, not {ext or "no extension"!r}.')
+    raise errors.UserError(f'{path}: expected a .pth, .pth.tar, .pt or .npz file, not {ext or "no extension"!r}.')
   return ext
 
 

@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
   pre_config = schema.from_saved(watch.poll(
       f'{pre}/config.json (is --config.pretrain_workdir the pretraining run\'s --workdir?)',
       lambda: _pretraining_config(pre), config, config.start_timeout_seconds), origin=f'{pre}/config.json')
-  config, line = protocols.resolve(config, pre_config.method)
+  config, line = protocols.resolve(config, pre_config.method, pre_config.model.arch)
   schema.validate(config)
   print(line, flush=True)
   runs.save_config(workdir, config)

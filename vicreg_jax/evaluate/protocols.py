@@ -40,6 +40,10 @@ simsiam   apex LARC (trust 0.001, no clipping) around SGD momentum 0.9, lr 0.1 �
 swav      SGD momentum 0.9 (not Nesterov), lr 0.3, wd 1e-6, batch 256 (32 × 8 GPUs), 100 epochs, cosine per epoch to
           0, head N(0, 0.01), bilinear, best (facebookresearch/swav@06b1b7c:eval_linear.py:L62-75, L103-117,
           L170-186, L249-251, L375-376; README.md:L114)
+moco_v3   SGD momentum 0.9, lr 0.1 × B/256 (ResNet) or 3 × B/256 (ViT: CONFIG.md:L144, L174), B 1024, 90 epochs,
+          wd 0, cosine per epoch to 0, head N(0, 0.01) with zero bias, random crop + flip, resize 256 + centre 224
+          bilinear, best (facebookresearch/moco-v3@c349e6e:main_lincls.py:L49-L63, L168-L169, L196, L236-L238,
+          L271-L292, L314-L315, L498-L503); the pretraining run's ``model.arch`` picks the row
 wmse      a linear layer on cached features of un-augmented images: Adam lr 1e-2 decayed exponentially per epoch to
           1e-6 over 500 epochs, wd 5e-6 (L2), batch 1000, nn.Linear's init, the end's figures
           (htdt/self-supervised@d9662c8:eval/sgd.py:L6-25; eval/get_data.py:L4-17; datasets/imagenet.py:L18-41;
@@ -72,7 +76,7 @@ the official code downloads; ``classifier.labels_percent`` picks the row):
   released eval code's schedule, eval_experiment.py:L359-363), hk.Linear's head, global BatchNorm (not stated; the
   released code's fine-tuning mode, freeze_backbone=False, uses per-device hk.BatchNorm), last. Say so when
   quoting a figure.
-- simsiam, wmse: no semi-supervised protocol published; we use VICReg's rows.
+- simsiam, wmse, moco_v3: no semi-supervised protocol published; we use VICReg's rows.
 
 Not followed: SwAV normalises with std 0.228 for red (eval_linear.py:L104) where we use 0.229; BYOL and SimCLR
 crop the centre then resize (we resize the shorter side to 256 then crop 224: the same window up to rounding);
@@ -119,6 +123,8 @@ LINEAR: dict[str, dict[str, Any]] = {
     'simsiam': {'batch_size': 4096, 'epochs': 90, 'classifier.optimizer': 'larc', 'classifier.head_lr': 0.1,
                 'classifier.scale_lr': True, 'classifier.weight_decay': 0.0},
     'swav': {'classifier.head_lr': 0.3},
+    'moco_v3': {'batch_size': 1024, 'epochs': 90, 'classifier.head_lr': 0.1, 'classifier.scale_lr': True,
+                'classifier.weight_decay': 0.0},
     'wmse': {'batch_size': 1000, 'epochs': 500, 'classifier.optimizer': 'adam', 'classifier.head_lr': 1e-2,
              'classifier.weight_decay': 5e-6, 'classifier.lr_schedule': 'exponential',
              'classifier.lr_decay_factor': 1e-4, 'classifier.head_init': 'torch', 'classifier.report': 'last',
@@ -143,6 +149,9 @@ def _lrs(backbone: float, head: float) -> dict:
   return {'classifier.backbone_lr': backbone, 'classifier.head_lr': head}
 
 
+# What differs for a ViT backbone (the pretraining run's model.arch vit_*), on top of the method's LINEAR row.
+LINEAR_VIT: dict[str, dict[str, Any]] = {'moco_v3': {'classifier.head_lr': 3.0}}
+
 # Semi-supervised fine-tuning, by (method, percent of the labels): what differs from DEFAULTS.
 SEMI: dict[tuple[str, int], dict[str, Any]] = {
     ('vicreg', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
@@ -159,19 +168,22 @@ SEMI: dict[tuple[str, int], dict[str, Any]] = {
     ('simsiam', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
     ('wmse', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
     ('wmse', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
+    ('moco_v3', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
+    ('moco_v3', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
 }
 
 
-def table(name: str, job: str, percent: int = 100) -> dict[str, Any]:
+def table(name: str, job: str, percent: int = 100, arch: str = '') -> dict[str, Any]:
   """Every key of protocol ``name`` ('none' or a method) for ``job`` ('linear' or 'finetune'; fine-tuning on
-  ``percent`` % of the labels), or a :class:`errors.ConfigError` for a row no source defines."""
+  ``percent`` % of the labels) on a backbone ``arch`` (the pretraining run's ``model.arch``: a ViT's linear row
+  may differ, :data:`LINEAR_VIT`), or a :class:`errors.ConfigError` for a row no source defines."""
   if name == 'none':
     return dict(DEFAULTS)
   if name not in LINEAR:
     raise errors.ConfigError(f'config.protocol: no evaluation protocol for method {name!r}; known: '
                              f'{", ".join(sorted(LINEAR))}, or protocol=none with the classifier keys set')
   if job == 'linear':
-    return {**DEFAULTS, **LINEAR[name]}
+    return {**DEFAULTS, **LINEAR[name], **(LINEAR_VIT.get(name, {}) if arch.startswith('vit') else {})}
   if (name, percent) not in SEMI:
     raise errors.ConfigError(
         f'config.protocol: {name} has semi-supervised rows for 1% and 10% of the labels, not '
@@ -200,9 +212,11 @@ def _put(config, key: str, value) -> None:
   node[last] = value
 
 
-def resolve(config: ml_collections.ConfigDict, pretrain_method: Optional[str]) -> tuple[Any, str]:
+def resolve(config: ml_collections.ConfigDict, pretrain_method: Optional[str],
+            pretrain_arch: str = '') -> tuple[Any, str]:
   """``(config with every protocol key it left None filled from its protocol, one line saying which protocol
-  and which keys the config set itself)``. ``pretrain_method``: the pretraining run's method (for 'auto').
+  and which keys the config set itself)``. ``pretrain_method``: the pretraining run's method (for 'auto');
+  ``pretrain_arch``: its ``model.arch`` (a ViT's row of a method may differ).
   The result is an unlocked copy whose ``protocol`` names the table used."""
   name = config.protocol
   how = ''
@@ -211,7 +225,7 @@ def resolve(config: ml_collections.ConfigDict, pretrain_method: Optional[str]) -
       raise errors.ConfigError("config.protocol='auto' needs the pretraining run's method; name one "
                                '(--config.protocol=NAME) or use none')
     name, how = pretrain_method, ' (auto: the pretraining run\'s method)'
-  values = table(name, config.job, config.classifier.labels_percent)
+  values = table(name, config.job, config.classifier.labels_percent, pretrain_arch or '')
   out = ml_collections.ConfigDict(config.to_dict())
   explicit = []
   for key, value in values.items():
