@@ -46,6 +46,8 @@ def main(cases_path: str, results_path: str) -> None:
   import tensorflow_datasets  # noqa: F401
   import ml_collections  # noqa: F401
   import vicreg_jax.main  # noqa: F401
+  import vicreg_jax.methods  # noqa: F401  (jax, flax, optax: what the config's schema loads; no backend yet)
+  import vicreg_jax.train  # noqa: F401  (orbax, clu: what every child imports first)
   cases = json.loads(open(cases_path).read())
   results = {}
   logs = tempfile.mkdtemp(prefix='cli_harness_')

@@ -138,6 +138,7 @@ def test_a_persistent_error_that_is_not_damage_stops_and_moves_nothing(pretraine
   assert listing(work) == [2, 4] and mtimes(work) == before and not (work / 'damaged_checkpoints').exists()
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_the_command_line_exits_1_with_one_line_and_the_checkpoints_in_place(pretrained, tmp_path):
   work, _ = copy_run(pretrained, tmp_path)
   before = mtimes(work)

@@ -233,6 +233,7 @@ def test_linear_job_needs_pretrain_workdir(tmp_path):
     linear.run(load_config('digits_linear'), str(tmp_path))
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_supervised_from_scratch_needs_only_the_config(tmp_path):
   """``from_scratch``: the pretraining run's architecture, freshly initialised, trained with labels — no
   checkpoint is read (there is none), the result is 'checkpoint 0', and a restart does not train again."""
@@ -254,6 +255,7 @@ def test_supervised_from_scratch_needs_only_the_config(tmp_path):
   assert not np.allclose(a['conv0']['kernel'], b['conv0']['kernel'])
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_relative_workdirs(tmp_path, monkeypatch):
   """``--workdir=runs/x`` as the README writes it: orbax refuses relative checkpoint paths (and says so only
   once a save is in flight), so both jobs must resolve them."""

@@ -28,6 +28,7 @@ def test_the_step_imports_neither_evaluation_nor_tensorflow():
   assert not {m for m in loaded if m.startswith('vicreg_jax.evaluate')}, sorted(loaded)
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_evaluation_never_imports_the_pretraining_job():
   modules = sorted(p.stem for p in (REPO / 'vicreg_jax' / 'evaluate').glob('*.py') if p.stem != '__init__')
   assert {'classifier', 'linear', 'summary', 'probe', 'knn', 'diagnostics'} <= set(modules)

@@ -70,7 +70,7 @@ def test_method_imagenet_configs_trace_their_train_step(name, tmp_path, mock_tfd
 def test_every_method_trains_on_the_digits_config(name, tmp_path):
   """``--config=configs/digits.py --config.method=NAME`` (with a ×1/4 backbone and 3 steps): finite losses, and
   the parameters move. The other methods train on this config in test_train.py (the sharded step: Barlow Twins,
-  BYOL, SwAV; the command line: VICReg) and test_multiprocess.py (BYOL)."""
+  BYOL, SwAV, MoCo v3; the command line: VICReg) and test_multiprocess.py (MoCo v3)."""
   c = load_config('digits')
   c.update(method=name, num_steps=3, log_every_steps=1, batch_size=128)
   c.model.width_multiplier = 0.25

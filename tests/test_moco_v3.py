@@ -29,9 +29,13 @@ def _setup(config, devices=1):
   return mesh, state, step
 
 
-def test_momentum_encoder_starts_as_a_copy_of_the_backbone_and_projector():
+def test_momentum_encoder_starts_as_a_copy_and_moves_before_the_keys_from_the_weights_before_the_update():
+  """At the start the momentum encoder is the online backbone and projector (no predictor). From a state whose
+  encoder differs from the online network: after one step the encoder is ``m₀·encoder + (1 - m₀)·online`` of the
+  weights *before* the step's update, and the step's loss is the InfoNCE of the online predictions against the
+  keys of that moved encoder (not of the old one)."""
   config = tiny_digits(method='moco_v3', **TINY)
-  _, state, _ = _setup(config)
+  mesh, state, step = _setup(config)
   target = state.extra['target']
   assert set(target['params']) == {'backbone', 'projector'} and 'predictor' in state.params
   jax.tree.map(np.testing.assert_array_equal, target['params'],
@@ -43,13 +47,6 @@ def test_momentum_encoder_starts_as_a_copy_of_the_backbone_and_projector():
   assert 'bn_out' not in state.params['projector'] and 'bn_out' in state.batch_stats['projector']
   assert 'bn_out' not in state.batch_stats['predictor']  # the ResNet's predictor: no final BatchNorm
 
-
-def test_momentum_update_comes_before_the_keys_and_uses_the_weights_before_the_update():
-  """From a state whose momentum encoder differs from the online network: after one step the encoder is
-  ``m₀·encoder + (1 - m₀)·online`` of the weights *before* the step's update, and the step's loss is the InfoNCE
-  of the online predictions against the keys of that moved encoder (not of the old one)."""
-  config = tiny_digits(method='moco_v3', **TINY)
-  mesh, state, step = _setup(config)
   old = jax.tree.map(lambda p: 0.5 * p + 0.01, state.extra['target']['params'])
   state = state.replace(extra=dict(state.extra, target=dict(state.extra['target'], params=old)))
   batch = next(pipeline.pretrain_dataset(config).as_numpy_iterator())
@@ -66,23 +63,20 @@ def test_momentum_update_comes_before_the_keys_and_uses_the_weights_before_the_u
 
   model = step_lib.build_model(config, None)
 
-  def keys(params):
-    stats, out = host.extra['target']['batch_stats'], []
-    for name in ('view1', 'view2'):
-      (_, z), upd = model.apply({'params': params, 'batch_stats': stats}, batch[name], train=True,
-                                mutable=['batch_stats'])
-      stats = upd['batch_stats']
-      out.append(z)
-    return out
+  @jax.jit
+  def loss_with_keys_of(encoder):
+    """The InfoNCE of the online predictions against the keys of ``encoder``, each view a training-mode pass."""
+    out = {}
+    for role, params, stats, heads in (('q', online, host.batch_stats, True),
+                                       ('k', encoder, host.extra['target']['batch_stats'], False)):
+      for name in ('view1', 'view2'):
+        y, upd = model.apply({'params': params, 'batch_stats': stats}, batch[name], train=True, heads=heads,
+                             mutable=['batch_stats'])
+        stats = upd['batch_stats']
+        out.setdefault(role, []).append(y[2]['p'] if heads else y[1])
+    return losses.moco_v3_loss(*out['q'], *out['k'], temperature=0.2)[0]
 
-  stats, queries = host.batch_stats, []
-  for name in ('view1', 'view2'):
-    (_, _, extra), upd = model.apply({'params': online, 'batch_stats': stats}, batch[name], train=True, heads=True,
-                                     mutable=['batch_stats'])
-    stats = upd['batch_stats']
-    queries.append(extra['p'])
-  expected = losses.moco_v3_loss(*queries, *keys(moved), temperature=0.2)[0]
-  stale = losses.moco_v3_loss(*queries, *keys(old), temperature=0.2)[0]
+  expected, stale = loss_with_keys_of(moved), loss_with_keys_of(old)
   np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
   assert abs(float(stale) - float(expected)) > 1e-3  # the test tells the two orders apart
 

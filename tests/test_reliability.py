@@ -150,6 +150,7 @@ def test_a_nan_stops_the_run_at_its_step_with_the_checkpoints_intact_or_is_skipp
   assert max_abs_difference(final['params'], four['params']) > 1e-4  # the other steps trained
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path):
   work = tmp_path / 'run'
   config = tiny_digits(num_steps=8, checkpoint_every_steps=2, keep_checkpoints=10, max_steps_per_run=6)

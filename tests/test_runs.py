@@ -36,6 +36,7 @@ def test_absolute_workdir_keeps_urls(tmp_path, monkeypatch):
   assert runs.absolute_workdir('run') == str(tmp_path / 'run')
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_evaluation_jobs_never_import_the_pretraining_loop():
   code = ('import sys; import vicreg_jax.evaluate.linear, vicreg_jax.evaluate.finetune, vicreg_jax.evaluate.knn, '
           'vicreg_jax.evaluate.diagnostics; print("vicreg_jax.train" in sys.modules)')

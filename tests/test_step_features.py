@@ -76,7 +76,7 @@ def test_gradient_accumulation_errors():
     train_steps(config, [host_batch(config)])
 
 
-@pytest.mark.parametrize('arch', ['convnet', 'vit_micro4', pytest.param('resnet18', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('arch', ['convnet', *(pytest.param(a, marks=pytest.mark.slow) for a in ('vit_micro4', 'resnet18'))])
 def test_remat_gives_the_same_step(arch):
   """Recomputing the activations inside each block changes no number of the step; the compiled program does
   recompute (more FLOPs in the cost analysis) and keeps fewer bytes alive (XLA's memory analysis)."""

@@ -102,6 +102,7 @@ def test_training_batches_resume_exactly_on_real_files(data_dir):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_no_wait_at_the_epoch_boundary():
   """benchmarks/epoch_boundary.py on a small slow-read dataset (5 ms per record read, 16 files of 8, a buffer of
   8 batches, 10 ms per step): the old stream waits at each boundary for its buffer to refill; the windowed one does not. Relative

@@ -79,6 +79,7 @@ def run_cli(*args, env_extra=None, timeout=120):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
 def test_cli_missing_imagenet_is_one_line(tmp_path):
   r = run_cli('--config=configs/imagenet.py', f'--workdir={tmp_path}/run',
               env_extra={'TFDS_DATA_DIR': str(tmp_path / 'empty')}, timeout=60)
