@@ -65,18 +65,6 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: _FIRST.index(item.path.name) if item.path.name in _FIRST else len(_FIRST))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _release_compiled_programs():
-  """After each module, drop the programs JAX compiled for it: a worker runs hundreds of modules' tests in one
-  process, and their executables (8 simulated devices each) would otherwise stay in memory to the end (the
-  persistent compilation cache still serves any program compiled again)."""
-  yield
-  import gc
-  import jax
-  jax.clear_caches()
-  gc.collect()
-
-
 @pytest.fixture
 def mock_tfds():
   return mock_tfds_dataset
