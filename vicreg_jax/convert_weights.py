@@ -16,9 +16,9 @@ torchvision ResNet's (``fc.*`` ignored), or a checkpoint that wraps one (``{'mod
 ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and containers). Depth and
 width come from the weights (:func:`torch_weights.infer_arch`). A timm ViT state dict (``patch_embed.proj.weight``;
 also MoCo v3's ViT checkpoints, taken the same way, heads left out) gives the ViT of its patch size, width and
-depth (:func:`timm_weights.infer`: a sin-cos ``pos_embed`` is read as the fixed table); its number of heads is not in the weights: pass
-``--config.model.num_heads`` when it is not timm's (MoCo v3's ViT-S/16 has 12). The workdir gets what the
-evaluation jobs read:
+depth (:func:`timm_weights.infer`: a sin-cos ``pos_embed`` is read as the fixed table); its number of heads is
+not in the weights: pass ``--config.model.num_heads`` when it is not timm's (MoCo v3's ViT-S/16 has 12). The
+workdir gets what the evaluation jobs read:
 
 - ``config.json``: :func:`config.imagenet_config` (the official recipe) with ``model`` set to the weights'
   architecture, ImageNet stem, float32 (as the official evaluation; ``--config.model.dtype=bfloat16`` to run the

@@ -43,7 +43,7 @@ swav      SGD momentum 0.9 (not Nesterov), lr 0.3, wd 1e-6, batch 256 (32 × 8 G
 moco_v3   SGD momentum 0.9, lr 0.1 × B/256 (ResNet) or 3 × B/256 (ViT: CONFIG.md:L144, L174), B 1024, 90 epochs,
           wd 0, cosine per epoch to 0, head N(0, 0.01) with zero bias, random crop + flip, resize 256 + centre 224
           bilinear, best (facebookresearch/moco-v3@c349e6e:main_lincls.py:L49-L63, L168-L169, L196, L236-L238,
-          L271-L292, L314-L315, L498-L503); the pretraining run's ``model.arch`` picks the row
+          L273-L274, L290-L291, L314-L315, L499-L502); the pretraining run's ``model.arch`` picks the row
 wmse      a linear layer on cached features of un-augmented images: Adam lr 1e-2 decayed exponentially per epoch to
           1e-6 over 500 epochs, wd 5e-6 (L2), batch 1000, nn.Linear's init, the end's figures
           (htdt/self-supervised@d9662c8:eval/sgd.py:L6-25; eval/get_data.py:L4-17; datasets/imagenet.py:L18-41;
