@@ -25,6 +25,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import contextlib  # noqa: E402
+import re  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
@@ -72,12 +73,20 @@ def mock_tfds():
 
 # --- jobs as their own processes (the command line; several JAX processes on localhost) ---------------------
 
+# XLA:CPU aborts a process (SIGABRT) when its devices' threads have not all joined a collective within 40 s (its
+# default). In a job of several processes on a busy 2-core machine, one process can reach a collective that much
+# later than the other (restoring a checkpoint, compiling), so the jobs allow 10 minutes too. A lost peer still
+# ends a job soon: its collectives fail at once, and the runtime's heartbeat ends the rest.
+JOB_TIMEOUTS = ('--xla_cpu_collective_call_warn_stuck_timeout_seconds=120'
+                ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
+
+
 def job_env(devices: int, fast_compile: bool = True) -> dict:
-  """The environment of a job run as its own process with ``devices`` simulated CPU devices: not the suite's 8
-  devices, nor its long collective timeouts, but the XLA_FLAGS pytest was started with (:data:`USER_XLA_FLAGS`).
-  ``fast_compile`` (-O0) suits tiny models only: it runs the default digits model 6 times slower."""
+  """The environment of a job run as its own process with ``devices`` simulated CPU devices (not the suite's 8),
+  the XLA_FLAGS pytest was started with (:data:`USER_XLA_FLAGS`) and :data:`JOB_TIMEOUTS`. ``fast_compile``
+  (-O0) suits tiny models only: it runs the default digits model 6 times slower."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = ' '.join([USER_XLA_FLAGS, f'--xla_force_host_platform_device_count={devices}',
+  env['XLA_FLAGS'] = ' '.join([JOB_TIMEOUTS, USER_XLA_FLAGS, f'--xla_force_host_platform_device_count={devices}',
                                FAST_COMPILE if fast_compile else '']).strip()
   env['JAX_PLATFORMS'] = 'cpu'
   return env
@@ -113,6 +122,12 @@ class Job:
   def stderr(self, i: int = 0) -> str:
     return (self.logs / f'{self.name}{i}.err').read_text()
 
+  def failure(self, i: int = 0, chars: int = 4000) -> str:
+    """The end of process ``i``'s stderr for a failure message, without the list of extension modules that
+    Python's fault handler appends to a crash report (it alone would fill the message)."""
+    text = re.sub(r'(?m)^Extension modules: .*(\n[^\n]*\(total: \d+\))?$', '[extension modules]', self.stderr(i))
+    return text[-chars:]
+
   def stdout(self, i: int = 0) -> str:
     return (self.logs / f'{self.name}{i}.out').read_text()
 
@@ -126,7 +141,7 @@ class Job:
       codes = [p.wait(max(deadline - time.time(), 1)) for p in self.procs]
     except subprocess.TimeoutExpired:
       self.kill()
-      raise AssertionError(f'{self.name} still running after {timeout} s:\n' + self.stderr()[-3000:])
+      raise AssertionError(f'{self.name} still running after {timeout} s:\n' + self.failure(0, 3000))
     finally:
       for f in self.files:
         f.close()
@@ -135,7 +150,7 @@ class Job:
   def check(self, timeout: float = 600) -> 'Job':
     """Waits and asserts that every process exited 0."""
     for i, code in enumerate(self.wait(timeout)):
-      assert code == 0, f'{self.name} process {i} exited {code}:\n' + self.stderr(i)[-4000:]
+      assert code == 0, f'{self.name} process {i} exited {code}:\n' + self.failure(i)
     return self
 
   def kill(self) -> None:
