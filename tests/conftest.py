@@ -99,9 +99,79 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+class ForkedProcess:
+  """A job forked by tests/job_server.py, with the part of ``subprocess.Popen``'s interface the tests use:
+  ``pid``, ``poll``, ``wait``, ``kill``, ``send_signal``, ``returncode`` (the server, its parent, writes the exit
+  status to ``exit_path``)."""
+
+  def __init__(self, pid: int, exit_path: pathlib.Path):
+    self.pid, self.exit_path, self.returncode = pid, exit_path, None
+
+  def poll(self):
+    if self.returncode is None and self.exit_path.exists():
+      self.returncode = int(self.exit_path.read_text())
+    return self.returncode
+
+  def wait(self, timeout=None):
+    import subprocess
+    import time
+    deadline = None if timeout is None else time.time() + timeout
+    while self.poll() is None:
+      if deadline is not None and time.time() > deadline:
+        raise subprocess.TimeoutExpired(f'job {self.pid}', timeout)
+      time.sleep(0.02)
+    return self.returncode
+
+  def send_signal(self, sig) -> None:
+    if self.poll() is None:
+      os.kill(self.pid, sig)
+
+  def kill(self) -> None:
+    import signal
+    self.send_signal(signal.SIGKILL)
+
+
+# Environment variables read when a module is imported (JAX's and TensorFlow's configuration, TFDS's data
+# directory): a job whose environment differs from the job server's in one of them runs as a fresh interpreter.
+_IMPORT_TIME_ENV = ('JAX_', 'TF_', 'TFDS_', 'PYTHON', 'CUDA_', 'KERAS')
+
+
+class _JobServer:
+  """This test process's tests/job_server.py (started at the first job; one per pytest worker)."""
+  proc = None
+  env = None
+
+  @classmethod
+  def usable(cls, env: dict) -> bool:
+    if os.environ.get('VICREG_JAX_TEST_FRESH_JOBS'):
+      return False
+    if cls.proc is None or cls.proc.poll() is not None:
+      import json
+      import subprocess
+      import sys
+      cls.env = job_env(1)
+      cls.proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'job_server.py')], cwd=REPO, env=cls.env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      json.loads(cls.proc.stdout.readline())  # {'ready': pid} once the imports are done
+    keys = {k for k in set(env) | set(cls.env) if k.startswith(_IMPORT_TIME_ENV)}
+    return all(env.get(k) == cls.env.get(k) for k in keys)
+
+  @classmethod
+  def fork(cls, argv, env: dict, stdout, stderr, exit_path: pathlib.Path) -> ForkedProcess:
+    import json
+    request = {'argv': argv, 'env': env, 'cwd': str(REPO), 'stdout': str(stdout), 'stderr': str(stderr),
+               'exit': str(exit_path)}
+    cls.proc.stdin.write(json.dumps(request) + '\n')
+    cls.proc.stdin.flush()
+    return ForkedProcess(json.loads(cls.proc.stdout.readline())['pid'], exit_path)
+
+
 class Job:
   """``python -m vicreg_jax.main ARGS`` as ``processes`` JAX processes on localhost (``jax.distributed`` over a
-  free port; each with ``devices`` simulated CPU devices), stdout and stderr in files under ``logs``."""
+  free port; each with ``devices`` simulated CPU devices), stdout and stderr in files under ``logs``. Each
+  process is forked by tests/job_server.py, which has the package imported already (a fresh interpreter spends
+  ~12 s importing it), unless the job's environment changes what an import reads, or
+  ``VICREG_JAX_TEST_FRESH_JOBS=1`` is set: then each is ``python -m vicreg_jax.main`` itself."""
 
   def __init__(self, args, logs, *, processes: int = 1, devices: int = 2, name: str = 'job', env=None):
     import subprocess
@@ -110,14 +180,22 @@ class Job:
     self.logs = pathlib.Path(logs)
     self.logs.mkdir(parents=True, exist_ok=True)
     self.name, self.procs, self.files = name, [], []
+    job_environment = dict(job_env(devices), **(env or {}))
+    forked = _JobServer.usable(job_environment)
     for i in range(processes):
       dist = ([f'--coordinator_address=localhost:{port}', f'--num_processes={processes}', f'--process_id={i}']
               if processes > 1 else [])
-      out, err = (open(self.logs / f'{name}{i}.{k}', 'w') for k in ('out', 'err'))
+      out, err = (self.logs / f'{name}{i}.{k}' for k in ('out', 'err'))
+      if forked:
+        exit_path = self.logs / f'{name}{i}.exit'
+        exit_path.unlink(missing_ok=True)
+        out.write_text(''), err.write_text('')  # there from the start, as Popen's
+        self.procs.append(_JobServer.fork([*args, *dist], job_environment, out, err, exit_path))
+        continue
+      out, err = open(out, 'w'), open(err, 'w')
       self.files += [out, err]
       self.procs.append(subprocess.Popen([sys.executable, '-m', 'vicreg_jax.main', *args, *dist], cwd=REPO,
-                                         env=dict(job_env(devices), **(env or {})), stdout=out, stderr=err,
-                                         text=True))
+                                         env=job_environment, stdout=out, stderr=err, text=True))
 
   def stderr(self, i: int = 0) -> str:
     return (self.logs / f'{self.name}{i}.err').read_text()

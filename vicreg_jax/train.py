@@ -67,7 +67,7 @@ class LogMetrics:
     m = jax.device_get(out.derived()[0])
     if self.input_wait is not None:
       m['input_wait_share'] = self.input_wait.share()
-    self.writer.write_scalars(step, m)  # the writer may be asynchronous: m is not changed after this
+    self.writer.write_scalars(step, m)
     m = {**m, **self.step_metrics.last}
     wait = f'  input_wait {m["input_wait_share"]:.0%}' if self.input_wait is not None else ''
     terms = '  '.join(f'{t} {m[t]:.4f}' for t in self.terms)
@@ -145,7 +145,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
   stop_step = min(total_steps, start_step + config.max_steps_per_run) if config.max_steps_per_run else total_steps
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # Synchronous: TensorFlow's summary ops then never run in a thread of their own beside JAX's dispatch (seen
+  # here: both threads dying of one segmentation fault, a summary write beside a step's dispatch).
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=False)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
   batches = loop.InputWait(parallel.prefetch_to_device(pipeline.global_batches(

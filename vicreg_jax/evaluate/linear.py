@@ -75,7 +75,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, finetune: bool = False)
     config = _with_image_size(config, pre_config.data.image_size)
 
   results = distributed.share_from_process_0(lambda: watch.load_results(workdir))  # what is done, as process 0 sees it
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=False)  # as train.py's
   mesh, preemption, preempted = parallel.make_mesh(), loop.Preemption(), False
   try:
     if not config.from_scratch:
