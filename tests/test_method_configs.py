@@ -26,6 +26,8 @@ def shrunk(name: str, data_dir: str):
     config.wmse.update(projector='64-8', w_size=16)
   if config.method == 'swav':
     config.swav.update(num_prototypes=20, freeze_prototypes_steps=1)
+  if config.model.ghost_batch_size:  # MoCo v2's groups of 32 rows: 8 of the 16 (each over 4 of 8 devices)
+    config.model.ghost_batch_size = 8
   return config
 
 
@@ -45,7 +47,7 @@ def test_the_swav_imagenet_config_runs_on_mocked_tfds(tmp_path, mock_tfds):
 
 
 @pytest.mark.parametrize('name', ['imagenet_wmse', 'imagenet_simclr', 'imagenet_byol', 'imagenet_simsiam',
-                                  'imagenet_moco_v3_r50'])
+                                  'imagenet_moco_v3_r50', 'imagenet_moco_v2'])
 def test_method_imagenet_configs_trace_their_train_step(name, tmp_path, mock_tfds):
   """Each method's ImageNet config builds its model, heads, optimiser and state, and its whole train step
   traces (every head's shape and the loss fit together) on ImageNet-shaped batches."""
@@ -70,7 +72,7 @@ def test_method_imagenet_configs_trace_their_train_step(name, tmp_path, mock_tfd
 def test_every_method_trains_on_the_digits_config(name, tmp_path):
   """``--config=configs/digits.py --config.method=NAME`` (with a ×1/4 backbone and 3 steps): finite losses, and
   the parameters move. The other methods train on this config in test_train.py (the sharded step: Barlow Twins,
-  BYOL, SwAV, MoCo v3; the command line: VICReg) and test_multiprocess.py (MoCo v3)."""
+  BYOL, SwAV, MoCo v3, MoCo v2; the command line: VICReg) and test_multiprocess.py (MoCo v3, MoCo v2)."""
   c = load_config('digits')
   c.update(method=name, num_steps=3, log_every_steps=1, batch_size=128)
   c.model.width_multiplier = 0.25

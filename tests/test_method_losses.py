@@ -191,6 +191,43 @@ def test_moco_v3_value_gradient_and_stop_gradient(t):
   assert top1 == 1.0  # each query's own key (itself) is its nearest
 
 
+# --- MoCo v2 -------------------------------------------------------------------------------------------------
+
+def ref_moco_v2(q, k, queue, t, ranks=1):
+  """facebookresearch/moco builder.py ``forward`` + main_moco.py's criterion on ``ranks`` GPUs, each holding
+  consecutive rows: F.normalize of queries and keys, ``l_pos = q·k``, ``l_neg = q·queue`` (the queue [dim, K]:
+  its transpose here, unit keys already, used as they are), logits ``[l_pos, l_neg] / T``, CrossEntropyLoss
+  (mean) towards label 0; DDP then averages the GPUs' losses."""
+  q, k = (np.array([_unit(r) for r in np.asarray(x, np.float64)]) for x in (q, k))
+  queue = np.asarray(queue, np.float64)
+  n = len(q) // ranks
+  per_gpu = []
+  for rank in range(ranks):
+    total = 0.0
+    for i in range(rank * n, (rank + 1) * n):
+      logits = np.concatenate([[q[i] @ k[i]], queue @ q[i]]) / t
+      total += -logits[0] + np.log(np.sum(np.exp(logits - logits.max()))) + logits.max()
+    per_gpu.append(total / n)
+  return np.mean(per_gpu)
+
+
+@pytest.mark.parametrize('t', [0.07, 0.2])
+def test_moco_v2_value_gradient_and_stop_gradient(t):
+  q, k = views(12, 5, seed=13)
+  queue = np.array([_unit(r) for r in np.random.default_rng(14).normal(size=(20, 5))], np.float32)
+  f = lambda *x: losses.moco_v2_loss(*x, temperature=t)[0]
+  want = ref_moco_v2(q, k, queue, t)
+  np.testing.assert_allclose(jax.jit(f)(q, k, queue), want, rtol=1e-5)
+  np.testing.assert_allclose(want, ref_moco_v2(q, k, queue, t, ranks=4), rtol=1e-12)  # DDP's mean = global
+  g = jax.grad(f, argnums=(0, 1, 2))(q, k, queue)
+  assert_grad(g[0], numeric_grad(lambda x: ref_moco_v2(x, k, queue, t), q))
+  assert float(jnp.abs(g[1]).max()) == 0.0 and float(jnp.abs(g[2]).max()) == 0.0  # keys and queue: no gradient
+  _, metrics = losses.moco_v2_loss(q, q, queue, temperature=t)  # each query's positive is itself: cos 1
+  assert float(metrics['top1']) == 1.0
+  _, metrics = losses.moco_v2_loss(q, -q, queue, temperature=t)  # its positive the farthest: cos -1
+  assert float(metrics['top1']) == 0.0
+
+
 def ref_variance_covariance(za, zb):
   za, zb = np.asarray(za, np.float64), np.asarray(zb, np.float64)
   d = za.shape[1]
@@ -265,6 +302,7 @@ def _losses_of_linear_embeddings():
   """name -> loss(w, xa, xb, axis_name) of embeddings x @ w, one per method."""
   key = jax.random.key(3)
   tw = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32) / 3  # a fixed "target network"
+  queue = np.random.default_rng(2).normal(size=(24, 4)).astype(np.float32)  # MoCo v2's negatives
   return {
       'simclr': lambda w, a, b, ax: losses.simclr_loss(a @ w, b @ w, temperature=0.2, axis_name=ax)[0],
       'wmse': lambda w, a, b, ax: losses.wmse_loss(a @ w, b @ w, key=key, w_size=16, w_iter=2, axis_name=ax)[0],
@@ -272,6 +310,7 @@ def _losses_of_linear_embeddings():
       'simsiam': lambda w, a, b, ax: losses.simsiam_loss(a @ w, b @ w, a @ tw, b @ tw, axis_name=ax)[0],
       'moco_v3': lambda w, a, b, ax: losses.moco_v3_loss(a @ w, b @ w, a @ tw, b @ tw, temperature=0.2,
                                                          axis_name=ax)[0],
+      'moco_v2': lambda w, a, b, ax: losses.moco_v2_loss(a @ w, b @ tw, queue, temperature=0.2, axis_name=ax)[0],
       'swav': lambda w, a, b, ax: losses.swav_loss(jnp.tanh(a @ w), jnp.tanh(b @ w), axis_name=ax)[0],
       'variance_covariance': lambda w, a, b, ax: sum(losses.variance_covariance(a @ w, b @ w, axis_name=ax)),
   }

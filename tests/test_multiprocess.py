@@ -218,19 +218,28 @@ def test_checkpoint_of_two_processes_resumes_on_one_process_with_4_or_2_devices(
       params(runs['resumes']['resume2'])['params'], final), floor, motion(runs['two']))
 
 
-def test_moco_v3_and_the_sharded_optimiser_on_two_processes_match_one_process_killed_and_resumed(tmp_path):
-  """A method with extra state, MoCo v3's momentum encoder (its own parameters and BatchNorm statistics, moved
-  inside every step before the keys; BYOL's EMA target is the same state, moved after the update) and predictor,
-  with ``optim.shard_state`` (ZeRO-1: the gradients reduce-scattered, each device a block of the LARS momentum and
-  of the update, the whole parameters' norms summed over the blocks): two processes stopped at step 6 and resumed
-  from the sharded checkpoint, against one process with 4 devices killed (SIGKILL) after its step-6 checkpoint
-  and resumed by the same command. Equal to the bit in the parameters, BatchNorm statistics, optimiser state and
-  momentum encoder: the ordered reduce-scatter and norm sums make the two-process step the one-process step, and
-  nothing of the state is lost or changed by a stop, a kill or a restore."""
+# Each MoCo with its digits recipe and tiny heads. MoCo v2: ghost BatchNorm in groups of 32 rows (each spans two of
+# the 4 devices' shards of 16, across the processes), the key view shuffled over every device, a queue of 5
+# batches (its write position at the step-6 checkpoint 64, not 0).
+MOCO = {'moco_v3': ['--config=configs/digits_moco_v3.py', '--config.moco_v3.predictor=32'],
+        'moco_v2': ['--config=configs/digits_moco_v2.py', '--config.moco_v2.queue_length=320']}
+
+
+@pytest.mark.parametrize('method', sorted(MOCO))
+def test_moco_and_the_sharded_optimiser_on_two_processes_match_one_process_killed_and_resumed(tmp_path, method):
+  """A method with extra state, MoCo's momentum encoder (its own parameters and BatchNorm statistics, moved
+  inside every step before the keys; BYOL's EMA target is the same state, moved after the update) with v3's
+  predictor or v2's queue, with ``optim.shard_state`` (ZeRO-1: the gradients reduce-scattered, each device a
+  block of the LARS momentum and of the update, the whole parameters' norms summed over the blocks): two
+  processes stopped at step 6 and resumed from the sharded checkpoint, against one process with 4 devices killed
+  (SIGKILL) after its step-6 checkpoint and resumed by the same command. Equal to the bit in the parameters,
+  BatchNorm statistics, optimiser state, momentum encoder and queue: the ordered reduce-scatter and norm sums make
+  the two-process step the one-process step, and nothing of the state is lost or changed by a stop, a kill or a
+  restore."""
   pretrain = [a for a in PRETRAIN if not a.startswith('--config.grad_accum_steps')]  # no micro-batches with an EMA
-  moco = ['--config=configs/digits_moco_v3.py', *pretrain, '--config.moco_v3.predictor=32',
-          '--config.model.projector=32-16', '--config.optim.shard_state=True', '--config.checkpoint_every_steps=6',
-          '--config.final_probe.enabled=False', '--config.num_steps=12', '--config.log_every_steps=1']
+  moco = [*MOCO[method], *pretrain, '--config.model.projector=32-16', '--config.optim.shard_state=True',
+          '--config.checkpoint_every_steps=6', '--config.final_probe.enabled=False', '--config.num_steps=12',
+          '--config.log_every_steps=1']
   two, one, logs = tmp_path / 'two', tmp_path / 'one', tmp_path / 'logs'
   killed = job([*moco, f'--workdir={one}'], logs, 'moco_killed', devices=4)
   deadline = time.time() + 600
@@ -246,14 +255,17 @@ def test_moco_v3_and_the_sharded_optimiser_on_two_processes_match_one_process_ki
   assert all('Resumed from' in (logs / f'{name}0.err').read_text() for name in ('moco_resumed', 'moco_two'))
   a, b = (params(w, 12) for w in (two, one))
   diffs = {k: max_abs_difference(a[k], b[k]) for k in ('params', 'batch_stats', 'opt_state', 'extra')}
-  print(f'MoCo v3 with the sharded optimiser, two processes (stopped at 6, resumed) against one process (killed '
+  print(f'{method} with the sharded optimiser, two processes (stopped at 6, resumed) against one process (killed '
         f'after step 6, resumed): max differences {diffs}')
   assert max(diffs.values()) == 0.0, diffs
   encoder = a['extra']['target']['params']
-  assert set(encoder) == {'backbone', 'projector'} and 'predictor' in a['params']
+  assert set(encoder) == {'backbone', 'projector'} and ('predictor' in a['params']) == (method == 'moco_v3')
   assert max_abs_difference(encoder, {k: a['params'][k] for k in encoder}) > 1e-4  # it trails the online network
   assert max_abs_difference(encoder, params(two, 6)['extra']['target']['params']) > 1e-6  # and moved since step 6
   assert max_abs_difference(a['params'], params(two, 6)['params']) > 1e-4
+  if method == 'moco_v2':  # the queue: written 12 times, 64 keys at a time, into 320 rows
+    assert int(params(two, 6)['extra']['queue_ptr']) == 64 and int(a['extra']['queue_ptr']) == 128
+    assert max_abs_difference(a['extra']['queue'], params(two, 6)['extra']['queue']) > 1e-3
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

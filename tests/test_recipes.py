@@ -13,7 +13,7 @@ from vicreg_jax import methods
 
 CONFIGS = {'vicreg': 'imagenet', 'barlow_twins': 'imagenet_barlow_twins', 'byol': 'imagenet_byol',
            'simclr': 'imagenet_simclr', 'simsiam': 'imagenet_simsiam', 'swav': 'imagenet_swav', 'wmse': 'imagenet_wmse',
-           'moco_v3': 'imagenet_moco_v3'}
+           'moco_v3': 'imagenet_moco_v3', 'moco_v2': 'imagenet_moco_v2'}
 # Recipes beside a method's main one (checked for their docstring tables and figures; their values in their tests).
 VARIANTS = {'moco_v3_r50': 'imagenet_moco_v3_r50'}
 
@@ -36,6 +36,8 @@ VIEWS = {
     # MoCo v3 (main_moco.py:L262-285): BYOL's views, torchvision's bilinear crop.
     'moco_v3': (dict(_VICREG_VIEW, crop_method='bilinear', blur_p=1.0, solarize_p=0.0),
                 dict(_VICREG_VIEW, crop_method='bilinear', blur_p=0.1, solarize_p=0.2)),
+    # MoCo v2 (facebookresearch/moco main_moco.py:L330-344): SimSiam took them from it.
+    'moco_v2': (dict(_STRONG, jitter=(0.4, 0.4, 0.4, 0.1), crop_scale=(0.2, 1.0), crop_method='bilinear'),) * 2,
 }
 
 # Optimiser, peak learning rate (after warmup), warmup, end of the cosine, epochs, global batch.
@@ -55,6 +57,8 @@ OPTIM = {
     'wmse': dict(peak=2e-3, weight_decay=1e-6, epochs=240, batch=512),
     'moco_v3': dict(name='adamw_all', peak=2.4e-3, weight_decay=0.1, warmup_epochs=40, end_lr_factor=0.0, epochs=300,
                     batch=4096),
+    'moco_v2': dict(name='sgd', peak=0.03, weight_decay=1e-4, momentum=0.9, warmup_epochs=0, end_lr_factor=0.0,
+                    epochs=200, batch=256),
 }
 
 # The heads: projector sizes, biases before its hidden BatchNorms, an affine-free output BatchNorm; the method's
@@ -75,6 +79,9 @@ HEADS = {
     'wmse': (dict(projector_hidden_bias=True), dict(projector='1024-128', w_size=256, w_iter=1, eps=0.0)),
     'moco_v3': (dict(projector='4096-4096-256', projector_hidden_bias=False, projector_output_bn=True),
                 dict(predictor='4096', predictor_output_bn=True, momentum=0.99, temperature=0.2)),
+    'moco_v2': (dict(projector='2048-128', projector_hidden_bias=True, projector_bn=False, projector_output_bn=False,
+                     ghost_batch_size=32),
+                dict(momentum=0.999, temperature=0.2, queue_length=65536, shuffle_keys=True)),
 }
 ARCHS = {'moco_v3': 'vit_s16'}  # the others: ResNet-50
 
@@ -161,9 +168,10 @@ def test_each_imagenet_config_docstring_tables_the_official_recipe_with_sources(
 # Barlow Twins, BYOL, SimCLR v1: their papers' Table 1 / 1 / 1 / 6; Barlow Twins' released 16-GPU run
 # README.md:L32; SimSiam README.md:L74 at 100 epochs; SwAV README.md:L29 and L35).
 FIGURES = {'vicreg': ('73.2',), 'barlow_twins': ('73.2', '73.5'), 'byol': ('74.3',), 'simclr': ('69.3',),
-           'simsiam': ('68.1',), 'swav': ('75.3', '70.1'), 'wmse': (), 'moco_v3': ('73.2',), 'moco_v3_r50': ('74.6',)}
+           'simsiam': ('68.1',), 'swav': ('75.3', '70.1'), 'wmse': (), 'moco_v3': ('73.2',), 'moco_v3_r50': ('74.6',),
+           'moco_v2': ('67.5', '71.1')}
 NAMES = {'vicreg': 'VICReg', 'barlow_twins': 'Barlow Twins', 'byol': 'BYOL', 'simclr': 'SimCLR',
-         'simsiam': 'SimSiam', 'swav': 'SwAV', 'wmse': 'W-MSE', 'moco_v3': 'MoCo v3'}
+         'simsiam': 'SimSiam', 'swav': 'SwAV', 'wmse': 'W-MSE', 'moco_v3': 'MoCo v3', 'moco_v2': 'MoCo v2'}
 
 
 @pytest.mark.parametrize('method', sorted({**CONFIGS, **VARIANTS}))
@@ -200,7 +208,7 @@ def test_colour_order_and_blur_kernel_keys(method):
   c = load_config(CONFIGS[method])
   for recipe in (c.augment.view1, c.augment.view2):
     assert recipe['colour_first'] is (method == 'wmse')
-    assert recipe['blur_kernel_fraction'] == (0.0 if method in ('swav', 'moco_v3') else 0.1)
+    assert recipe['blur_kernel_fraction'] == (0.0 if method in ('swav', 'moco_v3', 'moco_v2') else 0.1)
 
 
 @pytest.mark.parametrize('method', sorted(CONFIGS))
@@ -226,7 +234,8 @@ def test_optimiser_and_schedule_keys(method):
   want = {'swav': dict(name='larc', warmup_start_factor=0.3 / 4.8, warmup_linspace=True, schedule='cosine'),
           'wmse': dict(name='adam', warmup_steps=500, warmup_start_factor=1 / 500, warmup_linspace=True,
                        schedule='step', decay_epochs=(190, 215), decay_factor=0.2),
-          'simsiam': dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine_epochs')}.get(
+          'simsiam': dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine_epochs'),
+          'moco_v2': dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine_epochs')}.get(
                            method, dict(warmup_steps=0, warmup_start_factor=0.0, schedule='cosine'))
   got = {k: tuple(c.optim[k]) if k == 'decay_epochs' else c.optim[k] for k in want}
   assert got == want  # 0.3 / 4.8 and 1 / 500 are the doubles nearest 0.0625 and 0.002, however written
@@ -235,12 +244,12 @@ def test_optimiser_and_schedule_keys(method):
 
 @pytest.mark.parametrize('method', sorted(CONFIGS))
 def test_backbone_and_head_keys(method):
-  """Residual BN zero-initialised except in SwAV (src/resnet50.py:L139) and W-MSE (torchvision's default); an
+  """Residual BN zero-initialised except in SwAV (src/resnet50.py:L139), W-MSE and MoCo v2 (torchvision's default); an
   output bias in SwAV's projector (src/resnet50.py:L209), W-MSE's head (model.py:L15) and SimSiam's predictor
   (simsiam/builder.py:L42); SimCLR v1's output BatchNorm with a scale, no offset (model_util.py:L118-120)."""
   c = load_config(CONFIGS[method])
-  assert c.model.zero_init_residual is (method not in ('swav', 'wmse'))
-  assert c.model.projector_output_bias is (method in ('swav', 'wmse'))
+  assert c.model.zero_init_residual is (method not in ('swav', 'wmse', 'moco_v2'))
+  assert c.model.projector_output_bias is (method in ('swav', 'wmse', 'moco_v2'))
   assert (c.model.projector_output_bn, c.model.projector_output_scale) == {
       'simclr': (True, True), 'simsiam': (True, False), 'moco_v3': (True, False)}.get(method, (False, False))
   assert c.simsiam.predictor_output_bias is (method == 'simsiam')

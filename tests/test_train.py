@@ -27,14 +27,17 @@ def restore_params(workdir, step):
 
 TINY_HEADS = {'wmse.projector': '32-16', 'wmse.w_size': 32, 'byol.predictor': '32', 'simsiam.predictor': '16',
               'swav.num_prototypes': 12, 'swav.freeze_prototypes_steps': 1, 'swav.queue_length': 64,
-              'moco_v3.predictor': '32'}
+              'moco_v3.predictor': '32', 'moco_v2.queue_length': 128}
 
 
-@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins', 'byol', 'swav', 'moco_v3'])
+@pytest.mark.parametrize('method', ['vicreg', 'barlow_twins', 'byol', 'swav', 'moco_v3', 'moco_v2'])
 def test_sharded_step_equals_single_device_step(method):
   """8 devices (SyncBN, gathered loss, averaged gradients) take the same steps as 1 device on the same batch;
-  BYOL's EMA target, MoCo v3's momentum encoder and SwAV's queue (full at the second step) included."""
-  config = tiny_digits(num_steps=10, method=method, **TINY_HEADS)
+  BYOL's EMA target, MoCo v3's momentum encoder and SwAV's queue (full at the second step) included; MoCo v2 with
+  its queue and ghost BatchNorm in groups of 16 (on 8 devices each group spans two, on 1 device four groups run
+  side by side) with the key view shuffled across the devices."""
+  ghost = {'model.ghost_batch_size': 16} if method == 'moco_v2' else {}
+  config = tiny_digits(num_steps=10, method=method, **TINY_HEADS, **ghost)
   ds = pipeline.pretrain_dataset(config)
   host_batches = [b for _, b in zip(range(2), ds.as_numpy_iterator())]
   (s1, m1), (s8, m8) = (train_steps(config, host_batches, devices)

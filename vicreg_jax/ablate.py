@@ -100,11 +100,12 @@ PAPER_ROWS = (
 )
 
 # The ImageNet linear top-1 of the variant each configs/imagenet_NAME.py implements (docs/methods.md: SimSiam at
-# its 100 epochs, SwAV with multi-crop, MoCo v3 with a ViT-S/16; its ResNet-50 reaches 74.6).
+# its 100 epochs, SwAV with multi-crop, MoCo v3 with a ViT-S/16, its ResNet-50 reaching 74.6; MoCo v2 at 200
+# epochs, 71.1 at 800).
 METHOD_ROWS = tuple(Row(m, label, m, paper=paper) for m, label, paper in (
     ('vicreg', 'VICReg', '73.2'), ('barlow_twins', 'Barlow Twins', '73.2'), ('wmse', 'W-MSE', ''),
     ('simclr', 'SimCLR', '69.3'), ('byol', 'BYOL', '74.3'), ('simsiam', 'SimSiam', '68.1'),
-    ('swav', 'SwAV', '75.3'), ('moco_v3', 'MoCo v3', '73.2')))
+    ('swav', 'SwAV', '75.3'), ('moco_v3', 'MoCo v3', '73.2'), ('moco_v2', 'MoCo v2', '67.5')))
 
 
 def load_config_file(path: str):

@@ -132,7 +132,8 @@ _PRETRAIN = {
     'model.dtype': Rule('str', choices=('float32', 'bfloat16')), 'model.projector_hidden_bias': BOOL,
     'model.projector_bn': BOOL, 'model.projector_output_bn': BOOL, 'model.projector_output_scale': BOOL,
     'model.projector_output_bias': BOOL, 'model.zero_init_residual': BOOL, 'model.remat': BOOL,
-    'model.views_together': BOOL, 'augment.small_crops': NONNEG_INT, 'model.num_heads': NONNEG_INT,
+    'model.views_together': BOOL, 'model.ghost_batch_size': NONNEG_INT, 'augment.small_crops': NONNEG_INT,
+    'model.num_heads': NONNEG_INT,
     'model.pos_embed': Rule('str', choices=('sincos', 'learned')), 'model.pos_embed_size': COUNT,
     'method': Rule('str', choices=_methods),
     'optim.name': Rule('str', choices=('lars', 'lars_classic', 'larc', 'sgd', 'adam', 'adamw', 'adamw_all')),
@@ -354,14 +355,17 @@ def base_config() -> ml_collections.ConfigDict:
       # True: the backbone runs once per resolution group over the crops concatenated (the two views, then the
       # small crops), so its BatchNorm statistics cover every crop of the group, and projector and heads run
       # once over all crops (official SwAV and SimCLR); False: one pass per view (official VICReg)
-      views_together=False))
+      views_together=False,
+      # > 0: BatchNorm statistics per group of that many rows of the global batch by position (DDP without
+      # SyncBN at that many images per GPU: MoCo v2's 32), the same on any device count; 0: over the whole batch
+      ghost_batch_size=0))
   # The self-supervised method (vicreg_jax.methods.METHODS) and, in a section named like it, its loss's
   # keyword arguments and optimiser keys (each method's record holds their defaults and what they mean).
   c.method = 'vicreg'
   for name, method in _methods().items():
     c[name] = ml_collections.ConfigDict(dict(method.defaults))
   # name: 'lars' (VICReg, Barlow Twins, BYOL), 'lars_classic' (the learning rate inside the momentum buffer,
-  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam; eta
+  # SimCLR), 'larc' (apex LARC on every parameter, SwAV; eta is its trust coefficient), 'sgd' (SimSiam, MoCo v2; eta
   # unused), 'adam' (PyTorch Adam, weight decay as coupled L2 on every parameter, W-MSE; momentum and eta unused)
   # 'adamw' (weights decayed, not biases, norms or a ViT's embeddings; small demos, ViTs) or 'adamw_all' (every
   # parameter decayed, torch's AdamW: MoCo v3) (AdamW: momentum and eta unused). The learning rate peaks at

@@ -12,7 +12,8 @@ holding a torchvision ResNet state dict without ``fc``: the official
 ``https://dl.fbaipublicfiles.com/vicreg/resnet50.pth`` (also ``resnet50x2.pth``, ``resnet200x2.pth``), or a
 torchvision ResNet's (``fc.*`` ignored), or a checkpoint that wraps one (``{'model': {'module.backbone.…',
 'module.projector.…'}}``, or MoCo v3's ``{'state_dict': {'module.base_encoder.…', 'module.momentum_encoder.…',
-'module.predictor.…'}}``: the backbone's entries are taken, its ``fc`` projector left out; it is read with
+'module.predictor.…'}}``, or MoCo v2's ``{'state_dict': {'module.encoder_q.…', 'module.encoder_k.…',
+'module.queue', …}}``: the backbone's entries are taken, its ``fc`` projector left out; it is read with
 ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and containers). Depth and
 width come from the weights (:func:`torch_weights.infer_arch`). A timm ViT state dict (``patch_embed.proj.weight``;
 also MoCo v3's ViT checkpoints, taken the same way, heads left out) gives the ViT of its patch size, width and
@@ -58,7 +59,8 @@ from vicreg_jax.models import timm_weights, torch_weights  # noqa: E402
 TORCH_EXTENSIONS = ('.pth', '.pt')
 DEFAULT_STEP = 1
 # Where an official training checkpoint (or another wrapper) keeps the backbone's entries.
-_PREFIXES = ('module.backbone.', 'backbone.', 'module.base_encoder.', 'module.', 'encoder.', 'module.encoder.')
+_PREFIXES = ('module.backbone.', 'backbone.', 'module.base_encoder.', 'module.encoder_q.', 'module.', 'encoder.',
+             'module.encoder.')
 _ANCHORS = ('conv1.weight', timm_weights.ANCHOR)  # a key every backbone state dict has: torchvision's, timm's
 
 

@@ -289,6 +289,27 @@ def moco_v3_loss(q_a: jax.Array, q_b: jax.Array, k_a: jax.Array, k_b: jax.Array,
   return loss, {'loss': loss, 'top1': (top1_a + top1_b) / 2}
 
 
+def moco_v2_loss(q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: float = 0.2,
+                 axis_name: Optional[str] = None) -> tuple[jax.Array, Metrics]:
+  """MoCo's InfoNCE against a queue (He et al., 2020; Chen et al., 2020, v2), with the semantics of the official
+  code (facebookresearch/moco@132aea9:moco/builder.py:L147-L178; main_moco.py:L291).
+
+  The queries ``q`` (the online embeddings of view 1) and the keys ``k`` (the momentum encoder's of view 2, no
+  gradient) are L2-normalised; each query's logits are its positive ``q·k`` (the same example's key) and its
+  negatives ``q·queue`` (``queue`` [K, dim]: unit keys of earlier batches, no gradient), over ``temperature``;
+  the loss is the cross-entropy towards the positive, averaged over the global batch (the official criterion
+  averages each GPU's batch and DDP averages the GPUs: the same mean). Asymmetric: one direction, as the
+  official. ``metrics``: ``loss`` and ``top1`` (share of queries whose positive scores above every negative).
+  """
+  q = _l2_normalize(gather_batch(q.astype(jnp.float32), axis_name))
+  k = jax.lax.stop_gradient(_l2_normalize(gather_batch(k.astype(jnp.float32), axis_name)))
+  queue = jax.lax.stop_gradient(queue.astype(jnp.float32))
+  logits = jnp.concatenate([jnp.sum(q * k, axis=1, keepdims=True), q @ queue.T], axis=1) / temperature
+  ce = jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
+  loss = jnp.mean(ce)
+  return loss, {'loss': loss, 'top1': jnp.mean(jnp.argmax(logits, axis=1) == 0)}
+
+
 def _check_whitening(result: jax.Array, inputs: tuple, eps: float, name: str) -> None:
   """Raises a ValueError that says why and what to do when ``result`` (of whitening ``inputs`` with shrinkage
   ``eps``) is concrete and not finite; does nothing on traced values (under jit, vmap or grad)."""

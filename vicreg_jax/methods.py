@@ -1,7 +1,8 @@
 """The self-supervised methods the trainer runs: one small record per method, chosen by ``config.method``.
 
 Four families on one train step (:mod:`vicreg_jax.train`): information maximisation (``vicreg``,
-``barlow_twins``, ``wmse``), contrastive (``simclr``), distillation (``byol``: predictor and EMA target;
+``barlow_twins``, ``wmse``), contrastive (``simclr``; ``moco_v3`` and ``moco_v2``: momentum encoders, v2's
+with a queue of negatives), distillation (``byol``: predictor and EMA target;
 ``simsiam``: predictor and stop-gradient) and clustering (``swav``: prototypes, Sinkhorn-Knopp, a queue).
 
 The step embeds both views with the backbone and projector (and the method's heads: a predictor, prototypes),
@@ -79,7 +80,13 @@ class Method:
   momentum_encoder: with ``ema_target``, MoCo's order instead: the copy starts equal to the online backbone and
     projector (no predictor) and is updated inside the step, before it computes the keys, from the online weights
     before this step's update, at the decay of this step (facebookresearch/moco-v3@c349e6e:moco/builder.py:L32-L34,
-    L57-L61, L89-L94; main_moco.py:L344-L345).
+    L57-L61, L89-L94; main_moco.py:L344-L345; facebookresearch/moco@132aea9:moco/builder.py:L53-L57, L152-L153).
+  ema_cosine: the decay rises from the section's value to 1 by cosine over the run (:func:`ema_decay`); False:
+    it stays at that value (MoCo v2's m).
+  one_way: one query view and one key view (MoCo v2): the online network runs on view 1 only and the momentum
+    encoder on view 2 only, so :class:`Views` holds ``z = (z1,)`` and ``target = (k2,)``; with the section's
+    ``shuffle_keys``, the key view's rows are permuted across the devices first (:func:`vicreg_jax.step`'s
+    ``_shuffled_keys``).
   init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
     step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
   prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).
@@ -94,6 +101,8 @@ class Method:
   ema_target: bool = False
   momentum_encoder: bool = False
   ema_key: str = 'tau_base'
+  ema_cosine: bool = True
+  one_way: bool = False
   init_extra: Callable = _no_extra
   update_extra: Callable = _keep_extra
   prepare_params: Callable = lambda params: params
@@ -140,6 +149,10 @@ def _simsiam(v: Views, *, axis_name, std_coeff=0.0, cov_coeff=0.0):
 
 def _moco_v3(v: Views, *, axis_name, **kw):
   return losses.moco_v3_loss(*v.p, *v.target, axis_name=axis_name, **kw)
+
+
+def _moco_v2(v: Views, *, axis_name, **kw):
+  return losses.moco_v2_loss(v.z[0], v.target[0], v.extra['queue'], axis_name=axis_name, **kw)
 
 
 def _swav(v: Views, *, axis_name, **kw):
@@ -223,6 +236,30 @@ def _swav_enqueue(extra, v: Views, step, *, axis_name, queue_start_step=0, **sec
           'queue_count': extra['queue_count'] + jnp.where(start, new.shape[1], 0)}
 
 
+def _moco_queue(config) -> dict:
+  """MoCo v2's queue of ``queue_length`` keys [K, dim] (the official buffer is its transpose, [dim, K]), random
+  unit vectors to start with (``normalize(randn(dim, K), dim=0)``: facebookresearch/moco@132aea9:
+  moco/builder.py:L59-L63, from the run's seed here), and the write position ``queue_ptr``. ``queue_length``
+  must be a multiple of the global batch (the official assertion, L83)."""
+  length = config.moco_v2.queue_length
+  if length % config.batch_size:
+    raise errors.ConfigError(f'moco_v2.queue_length ({length}) must be a multiple of the global batch '
+                             f'({config.batch_size}): the queue is written a whole batch at a time.')
+  dim = heads.parse_mlp_spec(projector_spec(config))[-1]
+  keys = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed), 0x717565), (length, dim), jnp.float32)
+  return {'queue': heads.l2_normalize(keys), 'queue_ptr': jnp.zeros((), jnp.int32)}
+
+
+def _moco_enqueue(extra, v: Views, step, *, axis_name, **section):
+  """The global batch's unit keys written over the queue's oldest, at ``queue_ptr`` (which moves on by the batch,
+  modulo the length): the official ``_dequeue_and_enqueue`` (facebookresearch/moco@132aea9:moco/builder.py:
+  L75-L89), after the loss."""
+  keys = jax.lax.stop_gradient(heads.l2_normalize(losses.gather_batch(v.target[0].astype(jnp.float32), axis_name)))
+  ptr = extra['queue_ptr']
+  return {'queue': jax.lax.dynamic_update_slice_in_dim(extra['queue'], keys, ptr, axis=0),
+          'queue_ptr': (ptr + keys.shape[0]) % extra['queue'].shape[0]}
+
+
 _VARIANCE_COVARIANCE = {'std_coeff': NONNEG, 'cov_coeff': NONNEG}
 
 METHODS: dict[str, Method] = {
@@ -278,6 +315,16 @@ METHODS: dict[str, Method] = {
                       freeze_patch_embed=True),
         rules=dict(predictor=TEXT, predictor_output_bn=BOOL, momentum=FRACTION, temperature=POSITIVE,
                    freeze_patch_embed=BOOL)),
+    # MoCo v2 (facebookresearch/moco, --mlp --aug-plus --cos --moco-t 0.2): no predictor; the momentum encoder's m
+    # (constant), the InfoNCE temperature, the queue's length (a multiple of the global batch), and the key view
+    # shuffled across devices before the key encoder (its BatchNorm then cannot see the queries' batch: it
+    # matters under per-group BatchNorm, model.ghost_batch_size; with SyncBN the keys are the same either way).
+    'moco_v2': Method(
+        _moco_v2, ('top1',), trainer_keys=('momentum', 'queue_length', 'shuffle_keys'), ema_target=True,
+        momentum_encoder=True, ema_key='momentum', ema_cosine=False, one_way=True, init_extra=_moco_queue,
+        update_extra=_moco_enqueue,
+        defaults=dict(momentum=0.999, temperature=0.2, queue_length=65536, shuffle_keys=True),
+        rules=dict(momentum=FRACTION, temperature=POSITIVE, queue_length=COUNT, shuffle_keys=BOOL)),
     # SwAV (facebookresearch/swav): prototypes, softmax temperature, Sinkhorn-Knopp ε and iterations, prototypes
     # frozen for the first steps, and a queue of the last queue_length embeddings per crop (0: none; official
     # 3840 for batch 256) filled from queue_start_step.
@@ -312,8 +359,11 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in section(config).items() if k not in method.trainer_keys}
 
 
-def ema_decay(tau_base: float, step, total_steps: int):
-  """BYOL's target decay at ``step``: ``1 - (1 - tau_base)·(cos(π·step/total) + 1)/2``, from tau_base to 1."""
+def ema_decay(tau_base: float, step, total_steps: int, cosine: bool = True):
+  """BYOL's target decay at ``step``: ``1 - (1 - tau_base)·(cos(π·step/total) + 1)/2``, from tau_base to 1
+  (without ``cosine``: ``tau_base`` throughout)."""
+  if not cosine:
+    return jnp.asarray(tau_base, jnp.float32)
   frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
   return 1 - (1 - tau_base) * (jnp.cos(math.pi * frac) + 1) / 2
 

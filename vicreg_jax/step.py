@@ -5,7 +5,7 @@ that have none."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from vicreg_jax import collapse, collectives, compilation, errors, losses, methods, parallel
 from vicreg_jax.data import device_augment
 from vicreg_jax.metrics import all_finite, keep_if_finite
-from vicreg_jax.models import backbones, heads, resnet
+from vicreg_jax.models import backbones, heads, norm, resnet
 
 @flax.struct.dataclass
 class TrainState:
@@ -28,8 +28,9 @@ class TrainState:
   opt_state: Any
   probe_params: Any = None     # the online linear probe ({} when disabled)
   probe_opt_state: Any = None
-  extra: Any = None            # the method's state: 'target' (BYOL's EMA network, MoCo v3's momentum encoder:
-                               # params, batch_stats), SwAV's 'queue' and 'queue_count'; {} for methods without
+  extra: Any = None            # the method's state: 'target' (BYOL's EMA network, MoCo's momentum encoder:
+                               # params, batch_stats), SwAV's 'queue' and 'queue_count', MoCo v2's 'queue' and
+                               # 'queue_ptr'; {} for methods without
 
 
 def make_probe(config, num_classes: int):
@@ -41,8 +42,11 @@ def make_probe(config, num_classes: int):
 
 def build_model(config: ml_collections.ConfigDict, axis_name: Optional[str] = parallel.AXIS) -> nn.Module:
   """Backbone + projector from ``config.model``, with the method's heads (predictor, prototypes); BatchNorm
-  statistics synchronised over ``axis_name``."""
+  statistics synchronised over ``axis_name``, or none (per call) with ``model.ghost_batch_size`` > 0: the step
+  then applies the model group by group (:func:`vicreg_jax.models.norm.ghost_apply`)."""
   dtype = backbones.DTYPES[config.model.dtype]
+  if config.model.ghost_batch_size:
+    axis_name = None
   return heads.SSLModel(backbones.from_config(config.model, axis_name), methods.projector(config, axis_name, dtype),
                         **methods.get(config).heads(config, axis_name, dtype))
 
@@ -152,35 +156,78 @@ def _probe_update(head, probe_tx, params, opt_state, h, labels):
   return optax.apply_updates(params, upd), opt_state, collectives.pmean(top1, parallel.AXIS)
 
 
-def _target_embeddings(model, target, batch, together: bool = False):
-  """The EMA target network's embeddings of both views (training-mode BatchNorm with its own statistics, as the
-  official BYOL; with ``together`` over both views at once, as the online network) and its updated statistics;
-  no gradient."""
+def _in_groups(apply: Callable, ghost: int) -> Callable:
+  """``apply(params, batch_stats, x) -> (outputs, batch_stats)`` of a model in train mode, with ``ghost`` > 0
+  under ghost BatchNorm (groups of ``ghost`` rows by global position: :func:`norm.ghost_apply`; the statistics
+  kept are the first group's), else as it is (the model's own BatchNorm, synchronised over the devices)."""
+  if not ghost:
+    return apply
+  return lambda params, batch_stats, x: norm.ghost_apply(lambda rows: apply(params, batch_stats, rows), x, ghost,
+                                                         parallel.AXIS)
+
+
+def _shuffled(apply: Callable, x, key):
+  """``apply(rows) -> (outputs, batch_stats)`` on the rows of this device after a permutation of the global batch,
+  its outputs put back in the original order: MoCo's shuffling BatchNorm (facebookresearch/moco@132aea9:
+  moco/builder.py:L91-L136, L155-L162). The permutation is ``random.permutation(key, B)`` of the global batch
+  (the same for any device count: ``key`` depends on the seed and the step); device d runs the permuted batch's
+  rows ``d·n … d·n + n - 1`` (gathered from every device, as the official ``concat_all_gather``), and each
+  device takes back its own rows of the outputs."""
+  n, me = x.shape[0], jax.lax.axis_index(parallel.AXIS)
+  rows = jax.lax.all_gather(x, parallel.AXIS, tiled=True)
+  perm = jax.random.permutation(key, rows.shape[0])
+  out, stats = apply(rows[jax.lax.dynamic_slice_in_dim(perm, me * n, n)])
+  unshuffle = jax.lax.dynamic_slice_in_dim(jnp.argsort(perm), me * n, n)
+  return jax.tree.map(lambda o: jax.lax.all_gather(o, parallel.AXIS, tiled=True)[unshuffle], out), stats
+
+
+def _target_embeddings(model, target, batch, together: bool = False, names=('view1', 'view2'), ghost: int = 0,
+                       shuffle_key=None):
+  """The EMA target network's embeddings of the views ``names`` (training-mode BatchNorm with its own statistics,
+  as the official BYOL and MoCo; with ``together`` over both views at once, as the online network; with ``ghost``
+  by groups of rows) and its updated statistics; no gradient. With ``shuffle_key`` each view's rows are shuffled
+  across the devices first (:func:`_shuffled`)."""
   stats = target['batch_stats']
   if together:
     (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats},
                               resolution_groups([batch['view1'], batch['view2']]), train=True,
                               mutable=['batch_stats'])
     return _per_crop(jax.lax.stop_gradient(z), 2, batch['view1'].shape[0]), upd['batch_stats']
-  out = []
-  for name in ('view1', 'view2'):
-    (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats}, batch[name], train=True,
+  def embed(params, batch_stats, x):
+    (_, z), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
-    stats = upd['batch_stats']
+    return z, upd['batch_stats']
+
+  embed = _in_groups(embed, ghost)
+  out = []
+  for i, name in enumerate(names):
+    if shuffle_key is None:
+      z, stats = embed(target['params'], stats, batch[name])
+    else:
+      z, stats = _shuffled(functools.partial(embed, target['params'], stats), batch[name],
+                           jax.random.fold_in(shuffle_key, i))
     out.append(jax.lax.stop_gradient(z))
   return tuple(out), stats
 
 
-def _online_views(model, params, batch_stats, batch, remat: bool = False, together: bool = False):
+def _online_views(model, params, batch_stats, batch, remat: bool = False, together: bool = False,
+                  names=('view1', 'view2'), ghost: int = 0):
   """The online network on every crop: ``((h1, h2, …), (z1, z2, …), (heads1, heads2, …), batch_stats)``, one
-  entry per crop of :func:`batch_crops`. Without ``together`` one pass per view (BatchNorm statistics per view;
-  no small crops); with it one pass over every crop (:func:`resolution_groups`: the backbone once per
-  resolution, the projector and heads once over all crops). With ``remat`` the backward pass keeps only the
-  backbone's block outputs (:data:`resnet.REMAT_NAME`) and recomputes the rest, one block at a time."""
-  def apply(params, batch_stats, x):
+  entry per crop of :func:`batch_crops`. Without ``together`` one pass per view of ``names`` (BatchNorm
+  statistics per view, with ``ghost`` per group of rows; no small crops); with it one pass over every crop
+  (:func:`resolution_groups`: the backbone once per resolution, the projector and heads once over all crops).
+  With ``remat`` the backward pass keeps only the backbone's block outputs (:data:`resnet.REMAT_NAME`) and
+  recomputes the rest, one block at a time."""
+  def outputs(params, batch_stats, x):
     (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True, heads=True,
                                      mutable=['batch_stats'])
-    return h, z, extra, upd['batch_stats']
+    return (h, z, extra), upd['batch_stats']
+
+  grouped = _in_groups(outputs, ghost)
+
+  def apply(params, batch_stats, x):
+    (h, z, extra), batch_stats = grouped(params, batch_stats, x)
+    return h, z, extra, batch_stats
 
   if remat:
     apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.save_only_these_names(resnet.REMAT_NAME))
@@ -190,7 +237,7 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False, togeth
     k, n = len(crops), batch['view1'].shape[0]
     return _per_crop(h, k, n), _per_crop(z, k, n), _per_crop(extra, k, n), batch_stats
   hs, zs, extras = [], [], []
-  for name in ('view1', 'view2'):
+  for name in names:
     h, z, extra, batch_stats = apply(params, batch_stats, batch[name])
     hs.append(h), zs.append(z), extras.append(extra)
   return tuple(hs), tuple(zs), tuple(extras), batch_stats
@@ -203,11 +250,12 @@ def _views(z, out, params, *, target, key, extra) -> methods.Views:
                        target=target, key=key, extra=extra, params=jax.lax.stop_gradient(params))
 
 
-def _gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, together: bool = False):
+def _gradients(objective, model, params, batch_stats, batch, make_views, remat: bool, together: bool = False,
+               names=('view1', 'view2'), ghost: int = 0):
   """``(grads, (metrics, batch_stats, h1, views))`` of ``objective(views) -> (loss, metrics)`` on the whole local
-  batch in one pass; ``h1``: view 1's representations."""
+  batch in one pass (the online network on the views ``names``); ``h1``: view 1's representations."""
   def loss_fn(params):
-    h, z, out, new_stats = _online_views(model, params, batch_stats, batch, remat, together)
+    h, z, out, new_stats = _online_views(model, params, batch_stats, batch, remat, together, names, ghost)
     h1 = h[0]
     views = make_views(z, out, params)
     loss, metrics = objective(views)
@@ -277,11 +325,11 @@ def _accumulated_gradients(objective, model, params, batch_stats, batch, make_vi
   return grads, (metrics, new_stats, h1, views)
 
 
-def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int):
-  """The EMA target after a decay at step ``step``, and the decay τ (:func:`methods.ema_decay`): parameters
-  ``τ·target + (1 - τ)·online`` (BYOL: the updated online ones, after the step; MoCo v3: this step's, before its
-  update, and only the target's entries), BatchNorm statistics ``batch_stats``."""
-  tau = methods.ema_decay(tau_base, step, total_steps)
+def _ema_update(target, params, batch_stats, tau_base: float, step, total_steps: int, cosine: bool = True):
+  """The EMA target after a decay at step ``step``, and the decay τ (:func:`methods.ema_decay`, rising by cosine
+  or constant): parameters ``τ·target + (1 - τ)·online`` (BYOL: the updated online ones, after the step; MoCo:
+  this step's, before its update, and only the target's entries), BatchNorm statistics ``batch_stats``."""
+  tau = methods.ema_decay(tau_base, step, total_steps, cosine)
   params = {k: params[k] for k in target['params']}
   return {'params': jax.tree.map(lambda t, o: t + (1 - tau) * (o - t), target['params'], params),
           'batch_stats': batch_stats}, tau
@@ -407,13 +455,22 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
   """
   axis = parallel.AXIS
   method, kwargs, section = methods.get(config), methods.loss_kwargs(config), methods.section(config)
-  if method.ema_target and total_steps is None:
+  if method.ema_target and method.ema_cosine and total_steps is None:
     raise ValueError(f'{config.method}: the EMA decay\'s cosine needs the run\'s length (total_steps)')
   head, probe_tx = online_probe
   colour_ops = _colour_ops(config) if config.augment.on_device else None
   nan_at_step = config.debug_nan_at_step
   reductions = collectives.check(config.reductions)
   remat, micro, together = config.model.remat, config.grad_accum_steps, config.model.views_together
+  ghost = config.model.ghost_batch_size
+  if ghost:
+    norm.check_ghost(config.batch_size, mesh.devices.size, ghost, 'model.ghost_batch_size')
+    if together or micro > 1:
+      raise errors.ConfigError('model.ghost_batch_size > 0 (BatchNorm per group of rows) runs one view at a time '
+                               'on the whole batch: it needs model.views_together=False and grad_accum_steps=1')
+  online_names = ('view1',) if method.one_way else ('view1', 'view2')  # MoCo v2: queries of view 1, keys of 2
+  target_names = ('view2',) if method.one_way else ('view1', 'view2')
+  shuffle = bool(section.get('shuffle_keys')) and ghost > 0  # SyncBN sees the whole batch: nothing to shuffle
   if config.augment.small_crops and not together:  # config.validate says so in one line first
     raise errors.ConfigError('augment.small_crops > 0 needs model.views_together=True')
   if micro > 1 and method.ema_target:
@@ -432,9 +489,11 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     target, target_stats, ema = None, None, state.extra.get('target')
     if method.momentum_encoder:  # MoCo: the momentum update first, from this step's online weights
       ema, ema_decay = _ema_update(ema, params, ema['batch_stats'], section[method.ema_key], state.step,
-                                   total_steps)
+                                   total_steps, method.ema_cosine)
     if method.ema_target:
-      target, target_stats = _target_embeddings(model, ema, batch, together)
+      shuffle_key = (jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x736875), state.step)
+                     if shuffle else None)
+      target, target_stats = _target_embeddings(model, ema, batch, together, target_names, ghost, shuffle_key)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x6d6574), state.step)
 
     def objective(views):
@@ -446,7 +505,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
           objective, model, params, state.batch_stats, batch, make_views, remat, micro, together)
     else:
       grads, (metrics, batch_stats, h1, views) = _gradients(objective, model, params, state.batch_stats, batch,
-                                                            make_views, remat, together)
+                                                            make_views, remat, together, online_names, ghost)
     params, opt_state, finite = _apply_gradients(tx, grads, state.opt_state, params, metrics['loss'], axis,
                                                  config.optim.shard_state, kept=state.params)
     metrics = dict(metrics, embedding_std=losses.embedding_std(views.z[0], axis), learning_rate=schedule(state.step))
@@ -455,7 +514,7 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
       extra['target'], metrics['ema_decay'] = dict(ema, batch_stats=target_stats), ema_decay
     elif method.ema_target:
       extra['target'], metrics['ema_decay'] = _ema_update(ema, params, target_stats, section[method.ema_key],
-                                                          state.step, total_steps)
+                                                          state.step, total_steps, method.ema_cosine)
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if head is not None:
       probe_params, probe_opt_state, metrics['online_probe_top1'] = _probe_update(

@@ -34,7 +34,7 @@ from vicreg_jax import checkpoints, collectives, compilation, distributed, error
 from vicreg_jax.data import pipeline, sources
 from vicreg_jax.evaluate import probe
 from vicreg_jax.metrics import all_finite, keep_if_finite
-from vicreg_jax.models import backbones, heads
+from vicreg_jax.models import backbones, heads, norm
 
 
 @flax.struct.dataclass
@@ -136,35 +136,16 @@ def make_optimizer(cl: ml_collections.ConfigDict, params: dict, steps_per_epoch:
 
 
 def ghost_forward(backbone: nn.Module, variables: dict, x: jax.Array, size: int, axis: str):
-  """``(h, batch_stats)`` of the backbone in train mode on this device's rows ``x`` with ghost BatchNorm: the
-  global batch in groups of ``size`` consecutive rows (by global position), each normalised by its own
-  statistics, whatever the device count (DDP without SyncBN at ``size`` images per GPU). Groups inside a device
-  run as a batch of groups; a group spread over k devices is gathered and run on each of them (each keeps its
-  rows' outputs, so the gradients summed over devices are those of the whole batch). ``batch_stats``: the first
-  group's (DDP broadcasts rank 0's buffers)."""
-  b = x.shape[0]
-  apply = functools.partial(backbone.apply, train=True, mutable=['batch_stats'])
-  if b % size == 0:  # whole groups on this device
-    h, upd = jax.vmap(lambda xs: apply(variables, xs))(x.reshape((b // size, size) + x.shape[1:]))
-    h = h.reshape((b,) + h.shape[2:])
-    first = jax.tree.map(lambda v: v[0], upd['batch_stats'])
-  else:  # size % b == 0 (checked by the caller): the group spans size // b devices
-    k, me = size // b, jax.lax.axis_index(axis)
-    rows = jax.lax.all_gather(x, axis, tiled=True)
-    group = jax.lax.dynamic_slice_in_dim(rows, (me // k) * size, size)
-    h, upd = apply(variables, group)
-    h = jax.lax.dynamic_slice_in_dim(h, (me % k) * b, b)
-    first = upd['batch_stats']
-  return h, jax.tree.map(lambda v: jax.lax.all_gather(v, axis)[0], first)
+  """``(h, batch_stats)`` of the backbone in train mode on this device's rows ``x`` with ghost BatchNorm over
+  groups of ``size`` rows by global position (:func:`vicreg_jax.models.norm.ghost_apply`); ``batch_stats``: the
+  first group's (DDP broadcasts rank 0's buffers)."""
+  def apply(rows):
+    h, upd = backbone.apply(variables, rows, train=True, mutable=['batch_stats'])
+    return h, upd['batch_stats']
+  return norm.ghost_apply(apply, x, size, axis)
 
 
-def check_ghost(batch_size: int, devices: int, size: int) -> None:
-  """One line unless ghost groups of ``size`` rows tile the per-device batch (one divides the other)."""
-  local = batch_size // devices
-  if batch_size % size or (local % size and size % local):
-    raise errors.ConfigError(
-        f'classifier.ghost_batch_size={size} must divide batch_size={batch_size}, and it or the per-device batch '
-        f'({local} on {devices} devices) must divide the other')
+check_ghost = norm.check_ghost
 
 
 def _features_of(backbone: Optional[nn.Module], finetune: bool, batchnorm: str, ghost_size: int, params: dict,

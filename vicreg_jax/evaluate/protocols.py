@@ -44,6 +44,9 @@ moco_v3   SGD momentum 0.9, lr 0.1 × B/256 (ResNet) or 3 × B/256 (ViT: CONFIG.
           wd 0, cosine per epoch to 0, head N(0, 0.01) with zero bias, random crop + flip, resize 256 + centre 224
           bilinear, best (facebookresearch/moco-v3@c349e6e:main_lincls.py:L49-L63, L168-L169, L196, L236-L238,
           L273-L274, L290-L291, L314-L315, L499-L502); the pretraining run's ``model.arch`` picks the row
+moco_v2   SGD momentum 0.9, lr 30, batch 256, 100 epochs, × 0.1 at epochs 60 and 80, wd 0, head N(0, 0.01) with zero
+          bias, random crop + flip, resize 256 + centre 224 bilinear, best (facebookresearch/moco@132aea9:
+          main_lincls.py:L57, L69, L79, L87, L92, L96, L240-L241, L354, L381-L382, L412, L604-L610; README.md:L60-L63)
 wmse      a linear layer on cached features of un-augmented images: Adam lr 1e-2 decayed exponentially per epoch to
           1e-6 over 500 epochs, wd 5e-6 (L2), batch 1000, nn.Linear's init, the end's figures
           (htdt/self-supervised@d9662c8:eval/sgd.py:L6-25; eval/get_data.py:L4-17; datasets/imagenet.py:L18-41;
@@ -76,7 +79,7 @@ the official code downloads; ``classifier.labels_percent`` picks the row):
   released eval code's schedule, eval_experiment.py:L359-363), hk.Linear's head, global BatchNorm (not stated; the
   released code's fine-tuning mode, freeze_backbone=False, uses per-device hk.BatchNorm), last. Say so when
   quoting a figure.
-- simsiam, wmse, moco_v3: no semi-supervised protocol published; we use VICReg's rows.
+- simsiam, wmse, moco_v3, moco_v2: no semi-supervised protocol published; we use VICReg's rows.
 
 Not followed: SwAV normalises with std 0.228 for red (eval_linear.py:L104) where we use 0.229; BYOL and SimCLR
 crop the centre then resize (we resize the shorter side to 256 then crop 224: the same window up to rounding);
@@ -125,6 +128,8 @@ LINEAR: dict[str, dict[str, Any]] = {
     'swav': {'classifier.head_lr': 0.3},
     'moco_v3': {'batch_size': 1024, 'epochs': 90, 'classifier.head_lr': 0.1, 'classifier.scale_lr': True,
                 'classifier.weight_decay': 0.0},
+    'moco_v2': {'classifier.head_lr': 30.0, 'classifier.weight_decay': 0.0, 'classifier.lr_schedule': 'step',
+                'classifier.lr_decay_epochs': (60, 80), 'classifier.lr_decay_factor': 0.1},
     'wmse': {'batch_size': 1000, 'epochs': 500, 'classifier.optimizer': 'adam', 'classifier.head_lr': 1e-2,
              'classifier.weight_decay': 5e-6, 'classifier.lr_schedule': 'exponential',
              'classifier.lr_decay_factor': 1e-4, 'classifier.head_init': 'torch', 'classifier.report': 'last',
@@ -170,6 +175,8 @@ SEMI: dict[tuple[str, int], dict[str, Any]] = {
     ('wmse', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
     ('moco_v3', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
     ('moco_v3', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
+    ('moco_v2', 1): dict(_VICREG_SEMI, **_lrs(0.03, 0.08)),
+    ('moco_v2', 10): dict(_VICREG_SEMI, **_lrs(0.01, 0.1)),
 }
 
 

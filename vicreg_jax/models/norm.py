@@ -65,3 +65,38 @@ class BatchNorm(nn.Module):
       y = y + bias.reshape(shape)
       args.append(bias)
     return jnp.asarray(y, canonicalize_dtype(*args, dtype=self.dtype))
+
+
+# --- ghost BatchNorm: fixed groups of rows by global position --------------------------------------------------
+
+def check_ghost(batch_size: int, devices: int, size: int, key: str = 'classifier.ghost_batch_size') -> None:
+  """One line (a ConfigError naming ``key``) unless ghost groups of ``size`` rows tile the global batch and the
+  per-device batch (one of ``size`` and the per-device batch divides the other)."""
+  from vicreg_jax import errors
+  local = batch_size // devices
+  if batch_size % size or (local % size and size % local):
+    raise errors.ConfigError(
+        f'{key}={size} must divide batch_size={batch_size}, and it or the per-device batch '
+        f'({local} on {devices} devices) must divide the other')
+
+
+def ghost_apply(apply: Callable, x: jax.Array, size: int, axis: str):
+  """``(outputs, batch_stats)`` of ``apply(rows) -> (outputs, batch_stats)`` (a network with BatchNorm in train
+  mode and without a device axis, on rows of this device's ``x``) under ghost BatchNorm: the global batch in
+  groups of ``size`` consecutive rows by global position (device ``d``'s rows are ``d·b … d·b + b - 1``), each
+  normalised by its own statistics, whatever the device count: DDP without SyncBN at ``size`` images per GPU.
+  Groups inside a device run as a batch of groups (``vmap``); a group spread over k devices is gathered and run
+  on each of them, each keeping its own rows' outputs (so the parameters' gradients, summed over the devices, are
+  those of the whole batch). ``batch_stats``: the first group's (DDP broadcasts rank 0's buffers), on every
+  device. ``size`` and the per-device batch must tile (:func:`check_ghost`)."""
+  b = x.shape[0]
+  if b % size == 0:  # whole groups on this device
+    out, stats = jax.vmap(apply)(x.reshape((b // size, size) + x.shape[1:]))
+    out = jax.tree.map(lambda v: v.reshape((b,) + v.shape[2:]), out)
+    first = jax.tree.map(lambda v: v[0], stats)
+  else:  # size % b == 0: the group spans size // b devices
+    k, me = size // b, jax.lax.axis_index(axis)
+    rows = jax.lax.all_gather(x, axis, tiled=True)
+    out, first = apply(jax.lax.dynamic_slice_in_dim(rows, (me // k) * size, size))
+    out = jax.tree.map(lambda v: jax.lax.dynamic_slice_in_dim(v, (me % k) * b, b), out)
+  return out, jax.tree.map(lambda v: jax.lax.all_gather(v, axis)[0], first)
