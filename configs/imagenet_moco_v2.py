@@ -19,8 +19,9 @@ blur                | p 0.5 on both views, σ ~ U[0.1, 2] px, PIL               
                     | (main_moco.py:L337-340; moco/loader.py:L25-35)                 |
 solarize            | none (main_moco.py:L330-344)                                   | same
 views               | the same recipe for the query and the key (moco/loader.py:L13-22) | same
-optimiser           | SGD, momentum 0.9, weight decay 1e-4 on every parameter        | same (optim.name 'sgd')
-                    | (main_moco.py:L96-107, L293-298)                               |
+colour before crop  | no: crop first (main_moco.py:L330-341)                         | same
+optimiser           | SGD, momentum 0.9 (main_moco.py:L96-98, L293-298)              | same (optim.name 'sgd')
+weight decay        | 1e-4 on every parameter (main_moco.py:L99-107, L293-298)       | same
 learning rate       | 0.03 at batch 256 (main_moco.py:L80-88; README.md:L46)         | 0.03 × batch/256
 schedule            | cosine to 0 per epoch, no warmup (--cos: main_moco.py:L179,    | same ('cosine_epochs')
                     | L381, L497-506)                                                |
@@ -40,7 +41,7 @@ loss                | InfoNCE of view 1's query: its key of view 2 against the  
 BatchNorm           | per GPU (32 images), no SyncBN; the key view shuffled across   | ghost BatchNorm over groups of 32
                     | the GPUs before the key encoder (moco/builder.py:L91-136,      | rows by global position, the key
                     | L155-162)                                                      | view permuted over the devices ³
-precision           | float32 (no autocast in main_moco.py)                          | bfloat16 ⁴
+precision           | float32 (none: no autocast in main_moco.py)                    | bfloat16 ⁴
 linear top-1        | 67.5 ± 0.1% over 5 runs (README.md:L83, L87); SGD momentum 0.9,  | configs/imagenet_linear.py
                     | lr 30, batch 256, 100 epochs, × 0.1 at epochs 60 and 80, wd 0, | (protocol moco_v2)
                     | head N(0, 0.01), bilinear, best (main_lincls.py:L57, L69, L79, |
@@ -66,10 +67,10 @@ def get_config():
   c.method = 'moco_v2'
   c.batch_size = 256
   c.epochs = 200
-  c.model.update(projector='2048-128', projector_bn=False, projector_hidden_bias=True, projector_output_bias=True,
-                 zero_init_residual=False, ghost_batch_size=32)
-  c.optim.update(name='sgd', base_lr=0.03, weight_decay=1e-4, momentum=0.9, warmup_epochs=0, end_lr_factor=0.0,
-                 schedule='cosine_epochs')
+  c.model.update(projector='2048-128', projector_bn=False, projector_output_bias=True, zero_init_residual=False,
+                 ghost_batch_size=32)  # the hidden Linear's bias: the default
+  c.optim.update(name='sgd', base_lr=0.03, weight_decay=1e-4, warmup_epochs=0, end_lr_factor=0.0,
+                 schedule='cosine_epochs')  # momentum 0.9: the default
   view = dict(c.augment.view1, crop_scale=(0.2, 1.0), crop_method='bilinear', jitter=(0.4, 0.4, 0.4, 0.1),
               blur_p=0.5, solarize_p=0.0, blur_kernel_fraction=0.0)
   c.augment.update(view1=view, view2=dict(view))

@@ -123,8 +123,9 @@ def test_one_schema_shared_keys_mean_the_same_in_every_job():
   last = lambda keys: {k.rsplit('.', 1)[-1] for k in keys if not k.startswith(recipe)}  # noqa: E731
   reused = last(set(pre) - shared) & last(set(ev) - shared)
   # final_probe's and classifier's labels_per_class: both train a linear classifier on k labels per class;
-  # online_probe's and classifier's momentum / weight_decay: an SGD's
-  assert reused == {'labels_per_class', 'momentum', 'weight_decay'}, reused
+  # online_probe's and classifier's momentum / weight_decay: an SGD's; model's and classifier's
+  # ghost_batch_size: BatchNorm per group of that many rows by global position
+  assert reused == {'labels_per_class', 'momentum', 'weight_decay', 'ghost_batch_size'}, reused
   for name, method in methods.METHODS.items():
     assert config_checks.base_config()[name].to_dict() == method.defaults
     assert set(method.rules) == set(method.defaults), name

@@ -24,6 +24,7 @@ def test_every_method_has_a_section_and_runs_from_it(name):
   c = schema.base_config()
   c.method = name
   c.wmse.w_size = 32
+  c.model.projector, c.batch_size, c.moco_v2.queue_length = '32-16', 32, 64  # MoCo v2's queue of 16-d keys
   kwargs = methods.loss_kwargs(c)
   assert set(kwargs) | set(methods.METHODS[name].trainer_keys) == set(c[name])
   loss, metrics = methods.get(c).objective(_views(name, c), axis_name=None, **kwargs)
