@@ -58,7 +58,7 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
   """The initial state: the model from ``rng``, its optimiser state, the online probe's, and the method's state
-  (BYOL's target network initialised from its own key, as the official code does; MoCo v3's momentum encoder a
+  (BYOL's target network initialised from its own key, as the official code does; MoCo's momentum encoder a
   copy of the online backbone and projector, as the official ``param_m.data.copy_(param_b.data)``)."""
   x = jnp.zeros(input_shape(config), jnp.float32)
   (h, _, _), variables = model.init_with_output(rng, x, train=False, heads=True)
@@ -72,11 +72,11 @@ def init_state(config, model, tx, rng, online_probe=(None, None)) -> TrainState:
   extra = dict(method.init_extra(config))
   if method.momentum_encoder:
     extra['target'] = jax.tree.map(jnp.copy, {'params': _encoder(params),
-                                              'batch_stats': _encoder(variables['batch_stats'])})
+                                              'batch_stats': _encoder(variables.get('batch_stats', {}))})
   elif method.ema_target:
     target = model.init(jax.random.fold_in(rng, 2), x, train=False, heads=True)
-    extra['target'] = {'params': target['params'], 'batch_stats': target['batch_stats']}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+    extra['target'] = {'params': target['params'], 'batch_stats': target.get('batch_stats', {})}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
                     opt_state=tx.init(params), probe_params=probe_params, probe_opt_state=probe_opt_state,
                     extra=extra)
 
@@ -192,11 +192,11 @@ def _target_embeddings(model, target, batch, together: bool = False, names=('vie
     (_, z), upd = model.apply({'params': target['params'], 'batch_stats': stats},
                               resolution_groups([batch['view1'], batch['view2']]), train=True,
                               mutable=['batch_stats'])
-    return _per_crop(jax.lax.stop_gradient(z), 2, batch['view1'].shape[0]), upd['batch_stats']
+    return _per_crop(jax.lax.stop_gradient(z), 2, batch['view1'].shape[0]), upd.get('batch_stats', {})
   def embed(params, batch_stats, x):
     (_, z), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
-    return z, upd['batch_stats']
+    return z, upd.get('batch_stats', {})
 
   embed = _in_groups(embed, ghost)
   out = []
@@ -221,7 +221,7 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False, togeth
   def outputs(params, batch_stats, x):
     (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True, heads=True,
                                      mutable=['batch_stats'])
-    return (h, z, extra), upd['batch_stats']
+    return (h, z, extra), upd.get('batch_stats', {})
 
   grouped = _in_groups(outputs, ghost)
 
