@@ -434,6 +434,24 @@ def _over_devices(per_device, config, mesh):
   return sharded
 
 
+def _view_plan(config, method, section: dict, devices: int) -> tuple:
+  """``(online views, target views, ghost, shuffle)`` of the step, its view keys checked: the views each network
+  runs on (MoCo v2: the queries of view 1, the keys of view 2; else both), ``model.ghost_batch_size`` (checked
+  against the batch on ``devices``) and whether the target's views are shuffled across the devices (MoCo v2
+  under ghost BatchNorm; SyncBN sees the whole batch, so there is nothing to shuffle)."""
+  if config.augment.small_crops and not config.model.views_together:  # config.validate says so first
+    raise errors.ConfigError('augment.small_crops > 0 needs model.views_together=True')
+  ghost = config.model.ghost_batch_size
+  if ghost:
+    norm.check_ghost(config.batch_size, devices, ghost, 'model.ghost_batch_size')
+    if config.model.views_together or config.grad_accum_steps > 1:
+      raise errors.ConfigError('model.ghost_batch_size > 0 (BatchNorm per group of rows) runs one view at a time '
+                               'on the whole batch: it needs model.views_together=False and grad_accum_steps=1')
+  online = ('view1',) if method.one_way else ('view1', 'view2')
+  target = ('view2',) if method.one_way else ('view1', 'view2')
+  return online, target, ghost, bool(section.get('shuffle_keys')) and ghost > 0
+
+
 def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None), total_steps: Optional[int] = None):
   """The jit-compiled global step ``(state, batch) -> (state, metrics, (h1, z1))``: ``shard_map`` over
   ``'data'``, each device one shard of the batch.
@@ -459,20 +477,9 @@ def make_train_step(config, model, tx, schedule, mesh, online_probe=(None, None)
     raise ValueError(f'{config.method}: the EMA decay\'s cosine needs the run\'s length (total_steps)')
   head, probe_tx = online_probe
   colour_ops = _colour_ops(config) if config.augment.on_device else None
-  nan_at_step = config.debug_nan_at_step
-  reductions = collectives.check(config.reductions)
+  reductions, nan_at_step = collectives.check(config.reductions), config.debug_nan_at_step
   remat, micro, together = config.model.remat, config.grad_accum_steps, config.model.views_together
-  ghost = config.model.ghost_batch_size
-  if ghost:
-    norm.check_ghost(config.batch_size, mesh.devices.size, ghost, 'model.ghost_batch_size')
-    if together or micro > 1:
-      raise errors.ConfigError('model.ghost_batch_size > 0 (BatchNorm per group of rows) runs one view at a time '
-                               'on the whole batch: it needs model.views_together=False and grad_accum_steps=1')
-  online_names = ('view1',) if method.one_way else ('view1', 'view2')  # MoCo v2: queries of view 1, keys of 2
-  target_names = ('view2',) if method.one_way else ('view1', 'view2')
-  shuffle = bool(section.get('shuffle_keys')) and ghost > 0  # SyncBN sees the whole batch: nothing to shuffle
-  if config.augment.small_crops and not together:  # config.validate says so in one line first
-    raise errors.ConfigError('augment.small_crops > 0 needs model.views_together=True')
+  online_names, target_names, ghost, shuffle = _view_plan(config, method, section, mesh.devices.size)
   if micro > 1 and method.ema_target:
     raise errors.ConfigError(f'grad_accum_steps > 1 is not supported with {config.method} (its EMA target network '
                              'runs on the whole batch); use model.remat to save memory instead')
