@@ -157,13 +157,37 @@ class _JobServer:
     return all(env.get(k) == cls.env.get(k) for k in keys)
 
   @classmethod
-  def fork(cls, argv, env: dict, stdout, stderr, exit_path: pathlib.Path) -> ForkedProcess:
+  def fork(cls, argv, env: dict, stdout, stderr, exit_path: pathlib.Path,
+           module: str = 'vicreg_jax.main') -> ForkedProcess:
     import json
-    request = {'argv': argv, 'env': env, 'cwd': str(REPO), 'stdout': str(stdout), 'stderr': str(stderr),
-               'exit': str(exit_path)}
+    request = {'module': module, 'argv': argv, 'env': env, 'cwd': str(REPO), 'stdout': str(stdout),
+               'stderr': str(stderr), 'exit': str(exit_path)}
     cls.proc.stdin.write(json.dumps(request) + '\n')
     cls.proc.stdin.flush()
     return ForkedProcess(json.loads(cls.proc.stdout.readline())['pid'], exit_path)
+
+
+def run_module(args, env: dict, timeout: float, module: str = 'vicreg_jax.main'):
+  """``subprocess.run([python, -m, module, *args], capture_output=True, text=True)`` from the checkout, forked by
+  the job server when ``env`` allows it (:class:`Job`): a ``subprocess.CompletedProcess`` with the exit status,
+  stdout and stderr; ``subprocess.TimeoutExpired`` (the job killed) after ``timeout`` seconds."""
+  import subprocess
+  import sys
+  import tempfile
+  if not _JobServer.usable(env):
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  with tempfile.TemporaryDirectory(prefix='job_') as d:
+    out, err, exit_path = (pathlib.Path(d) / k for k in ('out', 'err', 'exit'))
+    out.write_text(''), err.write_text('')
+    proc = _JobServer.fork(list(args), env, out, err, exit_path, module)
+    try:
+      code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait(30)
+      raise
+    return subprocess.CompletedProcess([module, *args], code, out.read_text(), err.read_text())
 
 
 class Job:
@@ -173,14 +197,15 @@ class Job:
   ~12 s importing it), unless the job's environment changes what an import reads, or
   ``VICREG_JAX_TEST_FRESH_JOBS=1`` is set: then each is ``python -m vicreg_jax.main`` itself."""
 
-  def __init__(self, args, logs, *, processes: int = 1, devices: int = 2, name: str = 'job', env=None):
+  def __init__(self, args, logs, *, processes: int = 1, devices: int = 2, name: str = 'job', env=None,
+               fast_compile: bool = True):
     import subprocess
     import sys
     port = free_port()
     self.logs = pathlib.Path(logs)
     self.logs.mkdir(parents=True, exist_ok=True)
     self.name, self.procs, self.files = name, [], []
-    job_environment = dict(job_env(devices), **(env or {}))
+    job_environment = dict(job_env(devices, fast_compile), **(env or {}))
     forked = _JobServer.usable(job_environment)
     for i in range(processes):
       dist = ([f'--coordinator_address=localhost:{port}', f'--num_processes={processes}', f'--process_id={i}']

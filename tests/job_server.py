@@ -1,4 +1,4 @@
-"""Starts ``python -m vicreg_jax.main ARGS`` jobs for the tests without paying for the imports each time: this
+"""Starts ``python -m vicreg_jax.main ARGS`` jobs (or another module of the package) for the tests without paying for the imports each time: this
 process imports TensorFlow, TFDS, JAX and the package once (no JAX backend, no TensorFlow runtime yet), then
 forks one child per job, which takes the job's environment, working directory, argv and log files and runs the
 command line as a fresh interpreter would: its own flags, devices (XLA_FLAGS and PJRT_NPROC are read when the
@@ -7,8 +7,8 @@ exit (non-daemon threads joined, atexit handlers run) included. A fresh ``python
 about 12 s of CPU importing what this process imports once (measured: ``import vicreg_jax.main,
 vicreg_jax.train`` 12.6 s on 2 cores); the suite starts over a hundred jobs.
 
-Protocol (one JSON object per line on stdin, one reply line on stdout): ``{"argv", "env", "cwd", "stdout",
-"stderr", "exit"}`` → ``{"pid"}``. When a child ends, its exit status (``os.waitstatus_to_exitcode``: negative
+Protocol (one JSON object per line on stdin, one reply line on stdout): ``{"module", "argv", "env", "cwd",
+"stdout", "stderr", "exit"}`` → ``{"pid"}``. When a child ends, its exit status (``os.waitstatus_to_exitcode``: negative
 for a signal, as ``subprocess.Popen.returncode``) is written to the file ``exit`` (atomically). Used by
 tests/conftest.py's :class:`Job`; the server ends when its stdin closes.
 """
@@ -35,11 +35,17 @@ def _child(request: dict) -> None:
       f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # created empty by the test
       os.dup2(f, fd)
       os.close(f)
-    from vicreg_jax import main
-    sys.argv = [main.__file__, *request['argv']]
+    module = request.get('module', 'vicreg_jax.main')
     code = 0
     try:
-      main.run()
+      if module == 'vicreg_jax.main':
+        from vicreg_jax import main
+        sys.argv = [main.__file__, *request['argv']]
+        main.run()
+      else:  # as `python -m MODULE`
+        import runpy
+        sys.argv = [module, *request['argv']]
+        runpy.run_module(module, run_name='__main__', alter_sys=True)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
       if e.code is not None and not isinstance(e.code, int):
@@ -84,7 +90,7 @@ def main() -> None:
   import tensorflow_datasets  # noqa: F401
   import vicreg_jax.main  # noqa: F401
   import vicreg_jax.train  # noqa: F401  (jax, flax, optax, orbax, clu)
-  import vicreg_jax.evaluate.linear  # noqa: F401
+  import vicreg_jax.evaluate.linear  # noqa: F401  (the evaluation jobs)
   print(json.dumps({'ready': os.getpid()}), flush=True)
   exits, buffered = {}, b''
   while True:

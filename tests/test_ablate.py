@@ -1,12 +1,10 @@
 """The ablation command: its rows' configs, its table, and a resumable end-to-end run."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, job_env
+from conftest import REPO, job_env, run_module
 from vicreg_jax import ablate, methods
 
 
@@ -47,10 +45,9 @@ def test_table_has_mean_std_and_collapse_counts():
 def test_command_runs_rows_over_seeds_and_resumes(tmp_path):
   """One row × two seeds of a tiny model, then the same command again: nothing is rerun, the tables are
   rewritten from the recorded summaries."""
-  cmd = [sys.executable, '-m', 'vicreg_jax.ablate', f'--workdir={tmp_path}', '--rows=inv_only',
-         '--seeds=0,1', '--epochs=1', '--set=model.width_multiplier=0.25', "--set=model.projector='32-32-32'",
-         '--set=batch_size=64', '--set=final_probe.draws=1']
-  first = subprocess.run(cmd, cwd=REPO, env=job_env(2), capture_output=True, text=True, timeout=600)
+  args = [f'--workdir={tmp_path}', '--rows=inv_only', '--seeds=0,1', '--epochs=1', '--set=model.width_multiplier=0.25',
+          "--set=model.projector='32-32-32'", '--set=batch_size=64', '--set=final_probe.draws=1']
+  first = run_module(args, job_env(2), timeout=600, module='vicreg_jax.ablate')
   assert first.returncode == 0, first.stderr[-3000:]
   progress = [line for line in first.stdout.splitlines() if line.startswith('[')]
   assert len(progress) == 2 and progress[-1].startswith('[2/2] inv_only seed 1: linear ')
@@ -62,7 +59,7 @@ def test_command_runs_rows_over_seeds_and_resumes(tmp_path):
   assert 'invariance only' in table and 'VICReg, λ/μ/ν' not in table  # only the rows asked for
   assert (tmp_path / 'ablation.png').stat().st_size > 10_000
 
-  again = subprocess.run(cmd, cwd=REPO, env=job_env(2), capture_output=True, text=True, timeout=300)
+  again = run_module(args, job_env(2), timeout=300, module='vicreg_jax.ablate')
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count('(done before)') == 2
   assert (tmp_path / 'ablation.md').read_text() == table

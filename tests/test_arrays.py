@@ -4,15 +4,13 @@ through the same machinery bit for bit, the ``{split}`` rule, one-line errors, a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, job_env, load_config
+from conftest import job_env, load_config, run_module
 from vicreg_jax import errors
 from vicreg_jax.data import pipeline, recipes, sources
 from vicreg_jax.data.sources import digits
@@ -161,13 +159,11 @@ def test_both_jobs_on_an_npz_from_the_command_line(tmp_path):
   path, pre, lin = str(tmp_path / 'x_{split}.npz'), tmp_path / 'pre', tmp_path / 'lin'
   source = ['--config.data.source=arrays', f'--config.data.path={path}']
   env = job_env(2)
-  run = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', '--config=configs/digits.py', *source,
-                        '--config.num_steps=4', '--config.final_probe.enabled=False', f'--workdir={pre}'],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  run = run_module(['--config=configs/digits.py', *source, '--config.num_steps=4',
+                    '--config.final_probe.enabled=False', f'--workdir={pre}'], env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
-  run = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', '--config=configs/digits_linear.py', *source,
-                        f'--config.pretrain_workdir={pre}', '--config.checkpoints=final', '--config.epochs=2',
-                        f'--workdir={lin}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  run = run_module(['--config=configs/digits_linear.py', *source, f'--config.pretrain_workdir={pre}',
+                    '--config.checkpoints=final', '--config.epochs=2', f'--workdir={lin}'], env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((lin / 'results.json').read_text())
   assert list(results) == ['4'] and 0 <= results['4']['top1'] <= 1

@@ -14,7 +14,7 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import REPO, job_env, load_config
+from conftest import REPO, job_env, load_config, run_module
 from vicreg_jax import config as config_checks
 from vicreg_jax import methods
 from vicreg_jax import errors
@@ -162,8 +162,7 @@ def test_an_old_key_on_the_command_line_names_its_new_name(tmp_path):
   for arg, new in (('--config.eval.final_probe=False', 'config.final_probe.enabled'),
                    ('--config.eval.test_split=test', 'config.data.test_split'),
                    ('--config.data.labels_per_class=5', 'config.classifier.labels_per_class')):
-    r = subprocess.run([sys.executable, '-m', 'vicreg_jax.main', arg, f'--workdir={tmp_path / "never"}'],
-                       cwd=REPO, env=job_env(1), capture_output=True, text=True, timeout=300)
+    r = run_module([arg, f'--workdir={tmp_path / "never"}'], job_env(1), timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: config.{arg[9:].split("=")[0]} is now {new}'], (
         arg, r.stderr[-2000:])
   assert not (tmp_path / 'never').exists()

@@ -3,8 +3,6 @@ semi-supervised configs on mocked TFDS, the sharded classifier step, resuming a 
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,16 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, finetune_setup, job_env, load_config, scalar_events, tiny_digits
+from conftest import REPO, Job, finetune_setup, job_env, load_config, run_module, scalar_events, tiny_digits
 from vicreg_jax import parallel, runs, train
 from vicreg_jax.evaluate import classifier, linear
 from vicreg_jax.models import backbones
 
 SIZE = 64
-
-
-def cli(*args):
-  return [sys.executable, '-m', 'vicreg_jax.main', *args]
 
 
 @pytest.mark.slow
@@ -36,20 +30,16 @@ def test_linear_job_alongside_pretraining(tmp_path):
   half = pre / 'checkpoints' / '10.orbax-checkpoint-tmp-1790000000000000'
   half.mkdir(parents=True)
   (half / '_CHECKPOINT_METADATA').write_text('{"partial')
-  env = job_env(2, fast_compile=False)  # 2 devices each (8 are tested in-process); the default digits model
-  pretrain = subprocess.Popen(
-      cli(f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
-          '--config.log_every_steps=30', '--config.final_probe.draws=1'),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  evaluate = subprocess.Popen(
-      cli('--config=configs/digits_linear.py', f'--workdir={lin}', f'--config.pretrain_workdir={pre}',
-          '--config.poll_seconds=0.5', '--config.timeout_seconds=400'),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  out_p, err_p = pretrain.communicate(timeout=500)
+  # 2 devices each (8 are tested in-process); the default digits model, compiled as a user's
+  logs = tmp_path / 'logs'
+  pretrain = Job([f'--workdir={pre}', '--config.num_steps=90', '--config.checkpoint_every_steps=30',
+                  '--config.log_every_steps=30', '--config.final_probe.draws=1'], logs, name='pretrain',
+                 fast_compile=False)
+  evaluate = Job(['--config=configs/digits_linear.py', f'--workdir={lin}', f'--config.pretrain_workdir={pre}',
+                  '--config.poll_seconds=0.5', '--config.timeout_seconds=400'], logs, name='linear', fast_compile=False)
+  pretrain.check(500)
   pretrain_done = time.time()
-  out_e, err_e = evaluate.communicate(timeout=500)
-  assert pretrain.returncode == 0, err_p[-3000:]
-  assert evaluate.returncode == 0, err_e[-3000:]
+  evaluate.check(500)
 
   results = json.loads((lin / 'results.json').read_text())
   assert sorted(results, key=int) == ['30', '60', '90']   # every checkpoint, not the half-written one
@@ -70,9 +60,8 @@ def test_linear_job_alongside_pretraining(tmp_path):
   assert [s for s, _ in events['top1']] == [30, 60, 90]
 
   # A restart finds everything done and leaves the results as they were.
-  again = subprocess.run(cli('--config=configs/digits_linear.py', f'--workdir={lin}',
-                             f'--config.pretrain_workdir={pre}'), cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+  again = run_module(['--config=configs/digits_linear.py', f'--workdir={lin}', f'--config.pretrain_workdir={pre}'],
+                     job_env(2, fast_compile=False), timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((lin / 'results.json').read_text()) == results
 

@@ -5,7 +5,6 @@ the import of official checkpoints."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, job_env, load_config, scalar_events, tiny_digits, train_steps
+from conftest import job_env, load_config, run_module, scalar_events, tiny_digits, train_steps
 from vicreg_jax import methods, runs, train
 from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
@@ -78,8 +76,7 @@ def test_imagenet_config_runs_two_steps_on_mocked_tfds(tmp_path, mock_tfds):
 
 def run_cli(*args, env_extra=None, timeout=120):
   env = dict(job_env(2), **(env_extra or {}))  # 2 devices: the command line, not the 8-device paths again
-  return subprocess.run([sys.executable, '-m', 'vicreg_jax.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return run_module(args, env, timeout)
 
 
 @pytest.mark.slow  # end to end, 10-20 s: in the slow tier so that the fast tier stays near 5 minutes
