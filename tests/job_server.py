@@ -42,8 +42,11 @@ def _child(request: dict) -> None:
         from vicreg_jax import main
         sys.argv = [main.__file__, *request['argv']]
         main.run()
-      else:  # as `python -m MODULE`
+      else:  # as `python -m MODULE`, which has not imported vicreg_jax.main: its flags would clash
         import runpy
+        from absl import flags
+        for flag in flags.FLAGS.flags_by_module_dict().get('vicreg_jax.main', []):
+          delattr(flags.FLAGS, flag.name)
         sys.argv = [module, *request['argv']]
         runpy.run_module(module, run_name='__main__', alter_sys=True)
     except SystemExit as e:
