@@ -266,6 +266,7 @@ def test_only_the_checkpoints_module_imports_orbax():
   assert re.search(r'^\s*(import orbax|from orbax[ .])', 'def f():\n  import orbax.checkpoint as ocp\n', re.M)
 
 
+@pytest.mark.slow  # three jobs end to end, 9 s: the fast tier stays under 5 minutes
 def test_pretraining_and_both_evaluation_jobs_run_through_the_loop(monkeypatch, tmp_path):
   """train.py and classifier.py call loop.run and define no step loop of their own."""
   from vicreg_jax import loop

@@ -158,6 +158,7 @@ def test_a_saved_config_is_read_through_the_schema(tmp_path):
     config_checks.from_saved(saved, origin='my/config.json')
 
 
+@pytest.mark.slow  # command lines as jobs (the job server's start): the fast tier stays under 5 minutes
 def test_an_old_key_on_the_command_line_names_its_new_name(tmp_path):
   for arg, new in (('--config.eval.final_probe=False', 'config.final_probe.enabled'),
                    ('--config.eval.test_split=test', 'config.data.test_split'),

@@ -148,6 +148,7 @@ def test_finetune_step_on_8_devices_equals_1_device():
   assert moved > 1e-5  # the backbone is trained, not frozen
 
 
+@pytest.mark.slow  # 10 s: the fast tier stays under 5 minutes
 def test_finetune_step_with_per_device_batchnorm_is_the_official_ddp_step():
   """``classifier.batchnorm='per_device'``: each of 8 devices normalises with its own 4 examples' statistics
   (DDP without SyncBN); the step equals one device computing the 8 shards separately, averaging their losses,
@@ -258,6 +259,7 @@ def test_relative_workdirs(tmp_path, monkeypatch):
   assert sorted(results, key=int) == ['1', '2'] and (tmp_path / 'runs' / 'lin' / 'heads' / '2').is_dir()
 
 
+@pytest.mark.slow  # end to end, 15 s: the fast tier stays under 5 minutes
 def test_best_epoch_is_reported_with_the_last_beside_it(tmp_path, monkeypatch):
   """``classifier.report='best'`` (official): tested after every epoch, the best epoch's top-1/top-5 reported,
   the last epoch's beside them."""

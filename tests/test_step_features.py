@@ -33,6 +33,7 @@ def duplicated_per_device(batch, devices: int, copies: int):
 
 
 @pytest.mark.parametrize('method', ['vicreg', 'swav'])
+@pytest.mark.slow  # two methods' steps three ways, 9-12 s each: the fast tier stays under 5 minutes
 def test_gradient_accumulation_equals_one_pass_when_micro_batches_have_the_batch_statistics(method):
   """4 micro-batches per device on a batch whose micro-batches all hold the same examples: BatchNorm sees the
   same statistics as in one pass, so loss, gradients and the updated parameters must be the same (the loss is
@@ -77,6 +78,7 @@ def test_gradient_accumulation_errors():
 
 
 @pytest.mark.parametrize('arch', ['convnet', *(pytest.param(a, marks=pytest.mark.slow) for a in ('vit_micro4', 'resnet18'))])
+@pytest.mark.slow  # the step twice, 10 s (convnet) or more: the fast tier stays under 5 minutes
 def test_remat_gives_the_same_step(arch):
   """Recomputing the activations inside each block changes no number of the step; the compiled program does
   recompute (more FLOPs in the cost analysis) and keeps fewer bytes alive (XLA's memory analysis)."""

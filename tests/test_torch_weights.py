@@ -163,6 +163,7 @@ def _convert(argv, capsys) -> tuple[int, str, str]:
   return status, out, err
 
 
+@pytest.mark.slow  # a linear job end to end, 9 s: the fast tier stays under 5 minutes
 def test_converted_workdir_is_read_by_the_linear_job(tmp_path, capsys):
   """The command writes a workdir (here from an .npz of a ResNet-18 state dict) that the linear-evaluation job
   accepts: its config, last step and checkpoint list, and its own restore functions give back exactly the

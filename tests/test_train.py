@@ -90,6 +90,7 @@ def test_cli_missing_imagenet_is_one_line(tmp_path):
   assert len([line for line in lines if line.startswith('error')]) == 1
 
 
+@pytest.mark.slow  # a command line as a job (the job server's start): the fast tier stays under 5 minutes
 def test_cli_unknown_config_key_is_one_line(tmp_path):
   r = run_cli('--config=configs/digits.py', '--config.model.widht=2', f'--workdir={tmp_path}')
   assert r.returncode != 0
@@ -113,6 +114,7 @@ def test_cli_digits_writes_summary_events_and_checkpoint(tmp_path):
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
 
 
+@pytest.mark.slow  # end to end, 14 s: the fast tier stays under 5 minutes
 def test_step_metrics_are_written_as_interval_means_and_the_diagnostics_at_log_steps(tmp_path):
   """Every metrics_every_steps: each step metric's mean over the steps since the last write (the learning rate
   as at the step); the collapse diagnostics every log_every_steps; compared with the same run writing every step."""
