@@ -349,6 +349,26 @@ def write_folder(root, counts: dict, shape=(6, 8), fmt='mixed', start=0):
   return root
 
 
+def convert_and_back(tmp_path, entries: dict, method: str, backbone: dict, capsys) -> tuple:
+  """An official checkpoint's ``entries`` (saved as .npz) converted by ``convert_weights`` into a workdir recording
+  ``method`` (a folder of four images as its dataset), then exported back: asserts both succeed and the export
+  holds the ``backbone`` state dict's tensors; returns (the workdir, the converter's stdout)."""
+  import numpy as np
+  from vicreg_jax import convert_weights
+  np.savez(tmp_path / 'official.npz', **entries)
+  images = write_folder(tmp_path / 'images', {'a': 2, 'b': 2}, shape=(32, 32))
+  pre, back = tmp_path / 'pre', tmp_path / 'back.npz'
+  status = convert_weights.main(['convert_weights', f'--torch={tmp_path / "official.npz"}', f'--workdir={pre}',
+                                 f'--config.method={method}', '--config.data.source=folder',
+                                 f'--config.data.data_dir={images}'])
+  out, err = capsys.readouterr()
+  assert status == 0, err
+  assert convert_weights.main(['convert_weights', f'--from_workdir={pre}', f'--to_torch={back}']) == 0
+  with np.load(back) as z:
+    assert all(np.array_equal(z[k], v) for k, v in backbone.items() if k in z.files and not k.endswith('tracked'))
+  return pre, out
+
+
 def train_steps(config, batches, devices=None):
   """The state and the last metrics after one step on each of ``batches`` (host arrays) from ``config``'s
   initial state, on a mesh of ``devices`` (default: every device), with the trainer's step and optimiser."""

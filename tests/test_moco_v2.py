@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from conftest import load_config, tiny_digits
+from conftest import convert_and_back, load_config, tiny_digits
 from vicreg_jax import errors, losses, methods, parallel
 from vicreg_jax import step as step_lib
 from vicreg_jax.data import pipeline
@@ -174,25 +174,12 @@ def test_the_linear_protocol():
 def test_an_official_checkpoint_imports_with_its_method(tmp_path, capsys):
   """MoCo v2's checkpoint layout (``state_dict`` with ``module.encoder_q.`` — its ``fc`` the MLP head —,
   ``module.encoder_k.``, ``module.queue``, ``module.queue_ptr``): the query encoder's backbone is taken."""
-  from conftest import write_folder
-  from vicreg_jax import convert_weights
   sd = torch_weights.random_state_dict('resnet18', seed=5)
   ckpt = {f'module.encoder_q.{k}': v for k, v in sd.items()}
   ckpt.update({'module.encoder_q.fc.0.weight': np.ones((512, 512), np.float32),
                'module.encoder_q.fc.2.bias': np.zeros(128, np.float32),
                'module.queue': np.ones((128, 256), np.float32), 'module.queue_ptr': np.zeros(1, np.int64)})
   ckpt.update({f'module.encoder_k.{k}': v + 1 for k, v in sd.items()})
-  np.savez(tmp_path / 'moco_v2.npz', **ckpt)
-  images = write_folder(tmp_path / 'images', {'a': 2, 'b': 2}, shape=(32, 32))
-  pre = tmp_path / 'pre'
-  status = convert_weights.main(['convert_weights', f'--torch={tmp_path / "moco_v2.npz"}', f'--workdir={pre}',
-                                 '--config.method=moco_v2', '--config.data.source=folder',
-                                 f'--config.data.data_dir={images}'])
-  out, err = capsys.readouterr()
-  assert status == 0, err
+  pre, out = convert_and_back(tmp_path, ckpt, 'moco_v2', sd, capsys)  # the query encoder's, not the key encoder's
   assert 'module.encoder_q.' in out and 'moco_v2' in out, out
   assert json.loads((pre / 'config.json').read_text())['method'] == 'moco_v2'
-  back = tmp_path / 'back.npz'
-  assert convert_weights.main(['convert_weights', f'--from_workdir={pre}', f'--to_torch={back}']) == 0
-  with np.load(back) as z:  # the query encoder's backbone, not the key encoder's
-    assert all(np.array_equal(z[k], v) for k, v in sd.items() if k in z.files and not k.endswith('tracked'))
