@@ -17,28 +17,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def _child(case: dict, out: str, err: str) -> None:
-  for fd, path in ((1, out), (2, err)):
-    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(f, fd)
-    os.close(f)
-  from vicreg_jax import main, train
+  """Becomes the case's command line (tests/job_server.py's child), its pretraining job a buggy one if asked."""
+  import job_server
+  from vicreg_jax import train
   if case.get('bug'):
     def buggy(config, workdir):
       raise ValueError('a programming error')
     train.train_and_evaluate = buggy
-  sys.argv = ['vicreg_jax.main', *case['argv']]
-  code = 0
-  try:
-    main.run()
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-  except BaseException:  # noqa: BLE001  (what the interpreter would print for an uncaught exception)
-    import traceback
-    traceback.print_exc()
-    code = 1
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)
+  job_server._child({'argv': case['argv'], 'env': dict(os.environ), 'cwd': os.getcwd(), 'stdout': out,
+                     'stderr': err})
 
 
 def main(cases_path: str, results_path: str) -> None:

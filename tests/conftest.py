@@ -25,9 +25,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import contextlib  # noqa: E402
-import re  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402

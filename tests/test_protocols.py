@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from conftest import REPO, finetune_setup, load_config
 from vicreg_jax import errors, parallel, runs
 from vicreg_jax.evaluate import classifier, linear, protocols, watch
-from vicreg_jax.models import backbones
+from vicreg_jax.models import backbones, norm
 
 METHODS = ('vicreg', 'barlow_twins', 'byol', 'simclr', 'simsiam', 'swav', 'wmse')
 
@@ -199,7 +199,7 @@ def _ghost_setup():
 def _ghost_steps(devices, size, setup, steps=1):
   backbone, head, params, stats, cl, batch = setup
   mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-  classifier.check_ghost(32, len(devices), size)
+  norm.check_ghost(32, len(devices), size)
   tx = classifier.make_optimizer(cl, params, 2, 3, 32)
   state = jax.device_put(classifier.ClassifierState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                                                     opt_state=tx.init(params)), parallel.replicated(mesh))
@@ -239,7 +239,7 @@ def test_ghost_batchnorm_is_the_same_groups_on_8_devices_as_on_1():
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(want[8][0]), jax.tree.leaves(params)))
   assert moved > 1e-4 and not np.allclose(want[4][2], want[8][2])  # it trains; the groups' size matters
   with pytest.raises(errors.ConfigError, match='ghost_batch_size=16 must divide'):
-    classifier.check_ghost(48, 8, 16)  # 6 rows per device: neither divides the other
+    norm.check_ghost(48, 8, 16)  # 6 rows per device: neither divides the other
 
 
 # --- optimisers, schedules, head init ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Method:
   one_way: one query view and one key view (MoCo v2): the online network runs on view 1 only and the momentum
     encoder on view 2 only, so :class:`Views` holds ``z = (z1,)`` and ``target = (k2,)``; with the section's
     ``shuffle_keys``, the key view's rows are permuted across the devices first (:func:`vicreg_jax.step`'s
-    ``_shuffled_keys``).
+    ``_shuffled``).
   init_extra / update_extra: the method's state (e.g. SwAV's queue), created at init and updated after every
     step from the step's :class:`Views` (``update_extra(extra, views, step, *, axis_name, **section)``).
   prepare_params: applied to the parameters before every step (SwAV: unit-norm prototypes).

@@ -193,6 +193,7 @@ def _target_embeddings(model, target, batch, together: bool = False, names=('vie
                               resolution_groups([batch['view1'], batch['view2']]), train=True,
                               mutable=['batch_stats'])
     return _per_crop(jax.lax.stop_gradient(z), 2, batch['view1'].shape[0]), upd.get('batch_stats', {})
+
   def embed(params, batch_stats, x):
     (_, z), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
@@ -218,27 +219,22 @@ def _online_views(model, params, batch_stats, batch, remat: bool = False, togeth
   (:func:`resolution_groups`: the backbone once per resolution, the projector and heads once over all crops).
   With ``remat`` the backward pass keeps only the backbone's block outputs (:data:`resnet.REMAT_NAME`) and
   recomputes the rest, one block at a time."""
-  def outputs(params, batch_stats, x):
+  def apply(params, batch_stats, x):
     (h, z, extra), upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True, heads=True,
                                      mutable=['batch_stats'])
     return (h, z, extra), upd.get('batch_stats', {})
 
-  grouped = _in_groups(outputs, ghost)
-
-  def apply(params, batch_stats, x):
-    (h, z, extra), batch_stats = grouped(params, batch_stats, x)
-    return h, z, extra, batch_stats
-
+  apply = _in_groups(apply, ghost)
   if remat:
     apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.save_only_these_names(resnet.REMAT_NAME))
   if together:
     crops = batch_crops(batch)
-    h, z, extra, batch_stats = apply(params, batch_stats, resolution_groups(crops))
+    (h, z, extra), batch_stats = apply(params, batch_stats, resolution_groups(crops))
     k, n = len(crops), batch['view1'].shape[0]
     return _per_crop(h, k, n), _per_crop(z, k, n), _per_crop(extra, k, n), batch_stats
   hs, zs, extras = [], [], []
   for name in names:
-    h, z, extra, batch_stats = apply(params, batch_stats, batch[name])
+    (h, z, extra), batch_stats = apply(params, batch_stats, batch[name])
     hs.append(h), zs.append(z), extras.append(extra)
   return tuple(hs), tuple(zs), tuple(extras), batch_stats
 

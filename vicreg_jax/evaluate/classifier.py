@@ -145,9 +145,6 @@ def ghost_forward(backbone: nn.Module, variables: dict, x: jax.Array, size: int,
   return norm.ghost_apply(apply, x, size, axis)
 
 
-check_ghost = norm.check_ghost
-
-
 def _features_of(backbone: Optional[nn.Module], finetune: bool, batchnorm: str, ghost_size: int, params: dict,
                  batch_stats, frozen, x) -> tuple[jax.Array, Any]:
   """``(representations of x, the backbone's new batch_stats)`` for :func:`make_train_step`: ``x`` itself
@@ -373,7 +370,7 @@ def train_classifier(config: ml_collections.ConfigDict, pre_config: ml_collectio
   start = int(state.step)
   batches = _train_batches(config, train_feats, indices, start, sharding)
   if finetune and cl.batchnorm == 'ghost':
-    check_ghost(config.batch_size, mesh.size, cl.ghost_batch_size)
+    norm.check_ghost(config.batch_size, mesh.size, cl.ghost_batch_size)
   train_backbone = None if train_feats is not None else backbones.from_config(
       model, parallel.AXIS if finetune and cl.batchnorm == 'sync' else None)
   train_step = make_train_step(head, train_backbone, tx, mesh, finetune, cl.batchnorm, config.reductions,

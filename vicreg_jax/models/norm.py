@@ -16,7 +16,7 @@ from flax.linen.dtypes import canonicalize_dtype
 import jax
 import jax.numpy as jnp
 
-from vicreg_jax import collectives
+from vicreg_jax import collectives, errors
 
 
 class BatchNorm(nn.Module):
@@ -72,7 +72,6 @@ class BatchNorm(nn.Module):
 def check_ghost(batch_size: int, devices: int, size: int, key: str = 'classifier.ghost_batch_size') -> None:
   """One line (a ConfigError naming ``key``) unless ghost groups of ``size`` rows tile the global batch and the
   per-device batch (one of ``size`` and the per-device batch divides the other)."""
-  from vicreg_jax import errors
   local = batch_size // devices
   if batch_size % size or (local % size and size % local):
     raise errors.ConfigError(
